@@ -1,0 +1,114 @@
+import json
+
+import pytest
+
+from workshop import builtin_data, data_loader
+from workshop.config import DataArguments
+from workshop.data_loader import IGNORE_INDEX, Collator, prompt_text, tokenize_qa, tokenize_text
+from workshop.errors import WorkshopError
+
+RECORD = {"id": "q1", "question": "Where is the tower?", "context": "The tower is in Paris.",
+          "answers": {"text": ["Paris"], "answer_start": [16]}}
+
+
+def test_prompt_format():
+    assert prompt_text(RECORD) == "Question: Where is the tower? Context: The tower is in Paris. Answer:"
+
+
+def test_answer_only_labels_mask_the_prompt(tokenizer):
+    (sample,), dropped = tokenize_qa([RECORD], tokenizer, 128, loss_on="answer")
+    prompt = tokenizer(prompt_text(RECORD), add_special_tokens=False)["input_ids"]
+    answer = tokenizer(" Paris", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert dropped == 0
+    assert sample["input_ids"] == prompt + answer
+    assert sample["labels"] == [IGNORE_INDEX] * len(prompt) + answer
+
+
+def test_sequence_labels_cover_every_token(tokenizer):
+    (sample,), _ = tokenize_qa([RECORD], tokenizer, 128, loss_on="sequence")
+    assert sample["labels"] == sample["input_ids"]
+
+
+def test_too_long_samples_are_dropped_and_counted_never_cut(tokenizer):
+    samples, dropped = tokenize_qa([RECORD], tokenizer, 5, loss_on="answer")
+    assert samples == [] and dropped == 1
+
+
+def test_collator_masks_padding_in_labels_and_attention():
+    batch = Collator(pad_token_id=0)([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
+                                      {"input_ids": [8], "labels": [8]}])
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_collator_pads_to_fixed_length_or_multiple():
+    sample = {"input_ids": [1, 2, 3], "labels": [1, 2, 3]}
+    assert Collator(0, pad_to_length=10)([sample])["input_ids"].shape == (1, 10)
+    assert Collator(0, pad_to_multiple_of=8)([sample])["input_ids"].shape == (1, 8)
+
+
+def test_text_is_concatenated_into_full_blocks(tokenizer):
+    lines = builtin_data.text_lines(20)
+    ids = [t for line in tokenizer(lines, add_special_tokens=False)["input_ids"] for t in line]
+    blocks = tokenize_text(lines, tokenizer, block_size=64)
+    assert len(blocks) == len(ids) // 64
+    assert [t for b in blocks for t in b["input_ids"]] == ids[:len(blocks) * 64]
+    assert all(b["labels"] == b["input_ids"] for b in blocks)
+
+
+def test_builtin_data_is_deterministic_and_answers_are_spans():
+    assert builtin_data.squad_records(50, seed=3) == builtin_data.squad_records(50, seed=3)
+    assert builtin_data.squad_records(5, seed=3) != builtin_data.squad_records(5, seed=4)
+    for r in builtin_data.squad_records(200, context_sentences=builtin_data.SQUAD_LIKE_SENTENCES):
+        start, text = r["answers"]["answer_start"][0], r["answers"]["text"][0]
+        assert r["context"][start:start + len(text)] == text
+    assert builtin_data.text_lines(10) == builtin_data.text_lines(10)
+
+
+def test_builtin_tokenizer_is_deterministic():
+    assert builtin_data.build_tokenizer().get_vocab() == builtin_data.build_tokenizer().get_vocab()
+
+
+def test_local_squad_files_in_every_layout(tmp_path):
+    flat = tmp_path / "flat.jsonl"
+    flat.write_text("\n".join(json.dumps(r) for r in [RECORD, dict(RECORD, id="q2")]))
+    official = tmp_path / "official.json"
+    official.write_text(json.dumps({"data": [{"title": "t", "paragraphs": [{"context": RECORD["context"], "qas": [
+        {"id": "q1", "question": RECORD["question"], "answers": [{"text": "Paris", "answer_start": 16}]}]}]}]}))
+    assert data_loader.read_squad_file(str(flat))[0] == RECORD
+    assert data_loader.read_squad_file(str(official)) == [RECORD]
+
+
+def test_local_files_through_prepare(tmp_path, tokenizer):
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join(json.dumps(dict(r, id=str(i))) for i, r in
+                               enumerate(builtin_data.squad_records(30))))
+    prepared = data_loader.prepare(DataArguments(train_file=str(train), max_seq_length=256), tokenizer, seed=0)
+    assert prepared.task == "qa" and len(prepared.train) == 27 and len(prepared.eval) == 3
+    text = tmp_path / "train.txt"
+    text.write_text("\n".join(builtin_data.text_lines(50)))
+    prepared = data_loader.prepare(DataArguments(train_file=str(text), max_seq_length=32), tokenizer, seed=0)
+    assert prepared.task == "text" and all(len(s["input_ids"]) == 32 for s in prepared.train)
+
+
+def test_hub_loading_code_on_a_local_dataset_folder(tmp_path):
+    """The same datasets.load_dataset call that reads rajpurkar/squad, pointed at a local folder."""
+    for split, seed in (("train", 0), ("validation", 1)):
+        (tmp_path / f"{split}.jsonl").write_text(
+            "\n".join(json.dumps(r) for r in builtin_data.squad_records(10, seed=seed)))
+    train, validation = data_loader.squad_from_hub(str(tmp_path))
+    assert [r["question"] for r in train] == [r["question"] for r in builtin_data.squad_records(10, seed=0)]
+    assert train[0]["answers"] == builtin_data.squad_records(1, seed=0)[0]["answers"]
+    assert len(validation) == 10
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"question": "q", "context": "c"}\n', "lacks answers"),
+    ('{"question": \n', "line 1 is not valid JSON"),
+])
+def test_malformed_local_files_name_the_problem(tmp_path, content, message):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(content)
+    with pytest.raises(WorkshopError, match=message):
+        data_loader.read_squad_file(str(bad))

@@ -1,0 +1,37 @@
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from workshop import model as models
+from workshop.config import ModelArguments
+
+
+def test_known_shapes_build_offline_with_the_published_sizes(tokenizer):
+    config = models.model_config(ModelArguments(model_name_or_path="gpt2-medium", from_config=True), tokenizer)
+    assert models.count_parameters(config) == 354_823_168  # gpt2-medium's published 355M
+    config = models.model_config(ModelArguments(model_name_or_path="bigscience/bloom-560m", from_config=True),
+                                 tokenizer)
+    assert models.count_parameters(config) == 559_214_592
+    assert models.max_positions(config) is None  # ALiBi: no position limit
+
+
+def test_tiny_model_saves_and_reloads_equal(tmp_path, tokenizer):
+    args = ModelArguments(model_name_or_path="tiny-bloom")
+    config = models.model_config(args, tokenizer)
+    model = models.build_model(args, tokenizer, config)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    for (name, a), (_, b) in zip(model.state_dict().items(), reloaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert AutoTokenizer.from_pretrained(tmp_path).get_vocab() == tokenizer.get_vocab()
+
+
+def test_local_model_folder_loads_through_from_pretrained(tmp_path, tokenizer):
+    args = ModelArguments(model_name_or_path="tiny-gpt2")
+    model = models.build_model(args, tokenizer, models.model_config(args, tokenizer))
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    local = ModelArguments(model_name_or_path=str(tmp_path))
+    loaded_tokenizer = models.load_tokenizer(local)
+    loaded = models.build_model(local, loaded_tokenizer, models.model_config(local, loaded_tokenizer))
+    assert torch.equal(loaded.transformer.wte.weight, model.transformer.wte.weight)

@@ -1,0 +1,65 @@
+"""The real entry point, end to end, on the built-in data (CPU, seconds)."""
+
+import subprocess
+import sys
+
+import torch
+from transformers import AutoModelForCausalLM
+from safetensors.torch import load_file
+
+from conftest import REPO, read_json
+
+METRIC_KEYS = [
+    "run_id", "stage", "model", "dataset", "precision", "deepspeed", "world_size", "num_nodes",
+    "per_device_train_batch_size", "gradient_accumulation_steps", "global_batch_size", "max_seq_length",
+    "train_samples", "eval_samples", "epochs", "steps_per_epoch", "total_steps", "final_train_loss",
+    "eval_loss_per_epoch", "final_eval_loss", "train_runtime_s", "time_per_epoch_s", "train_samples_per_second",
+    "eval_samples_per_second", "tokens_per_second", "mfu", "peak_gpu_allocated_gib", "peak_gpu_reserved_gib",
+    "peak_host_rss_gib", "exact_match", "f1", "dropped_too_long", "length_mean", "length_max",
+]
+
+
+def test_run_folder_is_complete(tiny_run):
+    for name in ("config.json", "metrics.json", "log_history.json", "steps.jsonl", "status.json",
+                 "model/config.json", "model/model.safetensors", "model/tokenizer.json"):
+        assert (tiny_run / name).is_file(), name
+    assert read_json(tiny_run / "status.json")["status"] == "completed"
+    config = read_json(tiny_run / "config.json")
+    assert config["training"]["precision"] == "fp32" and config["model_info"]["n_params"] > 0
+
+
+def test_metrics_table_is_filled_from_the_run(tiny_run):
+    metrics = read_json(tiny_run / "metrics.json")
+    assert [k for k in METRIC_KEYS if k not in metrics] == []
+    history = read_json(tiny_run / "log_history.json")
+    assert metrics["eval_loss_per_epoch"] == [e["eval_loss"] for e in history if "eval_loss" in e]
+    assert metrics["final_train_loss"] == [e["loss"] for e in history if "loss" in e][-1]
+    assert metrics["steps_per_epoch"] == 32 and metrics["total_steps"] == 64
+    assert metrics["peak_gpu_allocated_gib"] is None  # CPU run
+    assert 0 <= metrics["exact_match"] <= 100 and metrics["tokens_per_second"] > 0
+
+
+def test_loss_goes_down_by_a_clear_margin(tiny_run):
+    history = read_json(tiny_run / "log_history.json")
+    train_losses = [e["loss"] for e in history if "loss" in e]
+    eval_losses = [e["eval_loss"] for e in history if "eval_loss" in e]
+    assert train_losses[-1] < 0.7 * train_losses[0], train_losses
+    assert eval_losses[-1] < eval_losses[0]
+
+
+def test_saved_model_reloads_with_the_trained_weights(tiny_run):
+    reloaded = AutoModelForCausalLM.from_pretrained(tiny_run / "model")
+    saved = load_file(tiny_run / "model" / "model.safetensors")
+    for name, tensor in reloaded.state_dict().items():
+        if name in saved:
+            assert torch.equal(tensor, saved[name]), name
+    initial = AutoModelForCausalLM.from_config(reloaded.config)
+    assert not torch.equal(initial.transformer.h[0].mlp.c_fc.weight, reloaded.transformer.h[0].mlp.c_fc.weight)
+
+
+def test_console_script_reports_bad_input_in_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "workshop", "train", "--dataset_name", "nope",
+                             "--logs_root", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("error: --dataset_name nope is not known: use one of squad, wikitext, builtin, "
+                                     "builtin_text, or --train_file for local data")

@@ -1,0 +1,164 @@
+"""What the run measures while it trains: memory, useful tokens/s, MFU, time per epoch.
+
+One row per logging step goes to ``steps.jsonl`` and to the log line, for example::
+
+    step 40/96 | epoch 1.25 | loss 2.3105 | 11.2k tok/s | MFU 31.4% | GPU 6.01 GiB (peak 7.20, reserved 8.00) | host 3.1 GiB
+
+Rows are written at logging steps, where the Trainer already waits for the GPU to report the loss,
+so measuring adds no extra synchronisation. Tokens are the non-padding tokens of every rank.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import psutil
+import torch
+from transformers import Trainer, TrainerCallback
+
+from workshop.distributed import print0
+
+GIB = 1024**3
+
+# Dense peak TFLOP/s by GPU name and precision, from the vendors' data sheets (no sparsity).
+# fp32 without TF32 runs on the CUDA cores. A GPU missing here gets no MFU rather than a guess.
+PEAK_TFLOPS = {
+    "H200": {"bf16": 989, "fp16": 989, "fp32": 67},
+    "H100 80GB HBM3": {"bf16": 989, "fp16": 989, "fp32": 67},  # SXM
+    "H100 PCIe": {"bf16": 756, "fp16": 756, "fp32": 51},
+    "H100 NVL": {"bf16": 835, "fp16": 835, "fp32": 60},
+    "A100": {"bf16": 312, "fp16": 312, "fp32": 19.5},
+    "L40S": {"bf16": 362, "fp16": 362, "fp32": 91.6},
+    "A10": {"bf16": 125, "fp16": 125, "fp32": 31.2},
+    "V100": {"fp16": 125, "fp32": 15.7},
+}
+
+
+def peak_flops(gpu_name: str | None, precision: str) -> float | None:
+    """Peak FLOP/s of one GPU at this precision, or None when the GPU is not in the table."""
+    if not gpu_name:
+        return None
+    for key, peaks in PEAK_TFLOPS.items():
+        if key in gpu_name and precision in peaks:
+            return peaks[precision] * 1e12
+    return None
+
+
+class TokenCountingTrainer(Trainer):
+    """The stock Trainer, counting non-padding tokens on the device without waiting for it.
+
+    (``include_num_input_tokens_seen`` does the same count but calls ``.item()`` on every micro-batch,
+    which stalls the GPU pipeline.)
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tokens_seen = torch.zeros((), dtype=torch.int64, device=self.args.device)
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        self.tokens_seen += inputs["attention_mask"].sum()
+        return super().training_step(model, inputs, *args, **kwargs)
+
+
+def _all_ranks_sum(value: torch.Tensor) -> int:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+    return int(value.item())
+
+
+class MeasureCallback(TrainerCallback):
+    """Writes steps.jsonl, prints the log line, and keeps the per-run peaks and epoch times."""
+
+    def __init__(self, trainer: TokenCountingTrainer, steps_path, flops_per_token: float, gpu_name: str | None,
+                 precision: str, world_size: int, is_main: bool):
+        self.trainer = trainer
+        self.steps_path = steps_path
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops(gpu_name, precision)
+        self.world_size = world_size
+        self.is_main = is_main
+        self.cuda = torch.cuda.is_available()
+        self.process = psutil.Process()
+        self.epoch_times: list[float] = []
+        self.peak_host_rss = 0
+        self.eval_samples_per_second: list[float] = []
+
+    # -- helpers
+    def _memory(self) -> dict:
+        rss = self.process.memory_info().rss
+        self.peak_host_rss = max(self.peak_host_rss, rss)
+        row = {"host_rss_gib": rss / GIB, "gpu_allocated_gib": None, "gpu_reserved_gib": None,
+               "gpu_peak_allocated_gib": None, "gpu_peak_reserved_gib": None}
+        if self.cuda:
+            row.update(gpu_allocated_gib=torch.cuda.memory_allocated() / GIB,
+                       gpu_reserved_gib=torch.cuda.memory_reserved() / GIB,
+                       gpu_peak_allocated_gib=torch.cuda.max_memory_allocated() / GIB,
+                       gpu_peak_reserved_gib=torch.cuda.max_memory_reserved() / GIB)
+        return row
+
+    def peaks(self) -> dict:
+        self._memory()
+        return {
+            "peak_gpu_allocated_gib": torch.cuda.max_memory_allocated() / GIB if self.cuda else None,
+            "peak_gpu_reserved_gib": torch.cuda.max_memory_reserved() / GIB if self.cuda else None,
+            "peak_host_rss_gib": self.peak_host_rss / GIB,
+        }
+
+    # -- events
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = self.last_time = time.perf_counter()
+        self.last_tokens = _all_ranks_sum(self.trainer.tokens_seen)
+        self.last_step = state.global_step
+        if self.is_main:
+            self.steps_file = open(self.steps_path, "a")
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.epoch_start = time.perf_counter()
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        # Fires before the epoch's evaluation and checkpoint, so this is training time alone.
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.epoch_times.append(time.perf_counter() - self.epoch_start)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "eval_samples_per_second" in logs:
+            self.eval_samples_per_second.append(logs["eval_samples_per_second"])
+        if "loss" not in logs:
+            if self.is_main and "eval_loss" in logs:
+                print0(f"eval  epoch {logs.get('epoch', 0):.2f} | eval loss {logs['eval_loss']:.4f} | "
+                       f"{logs.get('eval_samples_per_second', 0):.1f} samples/s")
+            return
+        # Every rank takes part in the token all-reduce; only rank 0 writes and prints.
+        tokens = _all_ranks_sum(self.trainer.tokens_seen)
+        now = time.perf_counter()
+        dt = max(now - self.last_time, 1e-9)
+        steps = state.global_step - self.last_step
+        samples = steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * self.world_size
+        tokens_per_s = (tokens - self.last_tokens) / dt
+        mfu = (tokens_per_s * self.flops_per_token / (self.peak_flops * self.world_size)
+               if self.peak_flops else None)
+        row = {"step": state.global_step, "epoch": state.epoch, "loss": logs["loss"],
+               "time_s": now - self.start, "step_time_s": dt / max(steps, 1), "tokens": tokens - self.last_tokens,
+               "samples": samples, "tokens_per_s": tokens_per_s, "samples_per_s": samples / dt, "mfu": mfu,
+               **self._memory()}
+        self.last_time, self.last_tokens, self.last_step = now, tokens, state.global_step
+        if not self.is_main:
+            return
+        self.steps_file.write(json.dumps(row) + "\n")
+        self.steps_file.flush()
+        gpu = (f" | GPU {row['gpu_allocated_gib']:.2f} GiB (peak {row['gpu_peak_allocated_gib']:.2f}, "
+               f"reserved {row['gpu_peak_reserved_gib']:.2f})" if self.cuda else "")
+        mfu_text = f" | MFU {100 * mfu:.1f}%" if mfu is not None else ""
+        print0(f"step {state.global_step}/{state.max_steps} | epoch {state.epoch:.2f} | loss {logs['loss']:.4f} | "
+               f"{tokens_per_s / 1000:.1f}k tok/s{mfu_text}{gpu} | host {row['host_rss_gib']:.1f} GiB")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.train_time = time.perf_counter() - self.start
+        if self.is_main:
+            self.steps_file.close()

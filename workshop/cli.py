@@ -1,0 +1,36 @@
+"""``workshop <command>``: one console script for every capability.
+
+    workshop train --preset tiny        # fine-tune (python -m workshop train works the same)
+    workshop report logs/               # the metrics tables and plots from run folders
+    workshop estimate --model gpt2-xl   # predicted memory per GPU for each ZeRO stage
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "train": ("workshop.train", "fine-tune a model (every stage script runs this)"),
+    "report": ("workshop.report", "metrics table (Markdown, CSV) and plots from run folders"),
+    "estimate": ("workshop.estimate", "predicted GPU and host memory per ZeRO stage"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: workshop <command> [flags]   (workshop <command> --help for its flags)", "", "commands:"]
+    lines += [f"  {name:<10} {text}" for name, (_, text) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"error: unknown command {command!r}: use one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    return module.main(rest)

@@ -1,0 +1,126 @@
+"""Model and tokenizer: from the hub, from a local folder, or built from a configuration.
+
+    load_tokenizer(ModelArguments(model_name_or_path="gpt2"))
+    build_model(ModelArguments(model_name_or_path="gpt2-medium", from_config=True), tokenizer)
+
+Random weights from a configuration need no download, and speed and memory do not depend on the
+weights: that is how the tiny CPU runs, the tests and the GPU benchmarks work offline.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+
+from workshop import builtin_data
+from workshop.errors import WorkshopError
+
+log = logging.getLogger(__name__)
+
+# The published shapes of the workshop's models, so --from_config needs no hub access.
+KNOWN_ARCHITECTURES: dict[str, dict] = {
+    "gpt2": dict(model_type="gpt2", n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=50257),
+    "gpt2-medium": dict(model_type="gpt2", n_layer=24, n_embd=1024, n_head=16, n_positions=1024, vocab_size=50257),
+    "gpt2-large": dict(model_type="gpt2", n_layer=36, n_embd=1280, n_head=20, n_positions=1024, vocab_size=50257),
+    "gpt2-xl": dict(model_type="gpt2", n_layer=48, n_embd=1600, n_head=25, n_positions=1024, vocab_size=50257),
+    "bigscience/bloom-560m": dict(model_type="bloom", n_layer=24, hidden_size=1024, n_head=16, vocab_size=250880),
+    "bigscience/bloom-1b1": dict(model_type="bloom", n_layer=24, hidden_size=1536, n_head=16, vocab_size=250880),
+    "bigscience/bloom-1b7": dict(model_type="bloom", n_layer=24, hidden_size=2048, n_head=16, vocab_size=250880),
+    "bigscience/bloom-3b": dict(model_type="bloom", n_layer=30, hidden_size=2560, n_head=32, vocab_size=250880),
+    "bigscience/bloom-7b1": dict(model_type="bloom", n_layer=30, hidden_size=4096, n_head=32, vocab_size=250880),
+    # Two layers, 64 wide: a few seconds per epoch on a laptop CPU. The vocabulary follows the tokenizer.
+    "tiny-gpt2": dict(model_type="gpt2", n_layer=2, n_embd=64, n_head=4, n_positions=512, vocab_size=None),
+    "tiny-bloom": dict(model_type="bloom", n_layer=2, hidden_size=64, n_head=4, vocab_size=None),
+}
+TINY_MODELS = ("tiny-gpt2", "tiny-bloom")
+
+
+def _not_found(flag: str, name: str, error: Exception) -> WorkshopError:
+    reason = str(error).strip().splitlines()[0][:160]
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return WorkshopError(f"{flag} {name} is not in the local cache and the hub is offline: run "
+                             f"`workshop prefetch {flag} {name}` on a machine with internet first")
+    return WorkshopError(f"{flag} {name} could not be loaded ({reason}): check the name or the local path")
+
+
+def load_tokenizer(model_args) -> "PreTrainedTokenizerBase":  # noqa: F821
+    name = model_args.tokenizer_name_or_path
+    if name is None:
+        name = "builtin" if model_args.model_name_or_path in TINY_MODELS else model_args.model_name_or_path
+    if name == "builtin":
+        tokenizer = builtin_data.build_tokenizer()
+    else:
+        flag = "--tokenizer_name_or_path" if model_args.tokenizer_name_or_path else "--model_name_or_path"
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError) as e:
+            raise _not_found(flag, name, e) from None
+    if tokenizer.pad_token is None:
+        # GPT-2 and friends ship without one. Padding is masked from loss and attention, so reusing
+        # EOS is safe: the labels mark padding by position, never by token id.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def model_config(model_args, tokenizer) -> PretrainedConfig:
+    name = model_args.model_name_or_path
+    if name in KNOWN_ARCHITECTURES and (model_args.from_config or name in TINY_MODELS):
+        kwargs = dict(KNOWN_ARCHITECTURES[name])
+        model_type = kwargs.pop("model_type")
+        if kwargs["vocab_size"] is None:
+            kwargs["vocab_size"] = len(tokenizer)
+        config = AutoConfig.for_model(model_type, **kwargs)
+    else:
+        try:
+            config = AutoConfig.from_pretrained(name)
+        except (OSError, ValueError) as e:
+            raise _not_found("--model_name_or_path", name, e) from None
+    config.pad_token_id = tokenizer.pad_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+    config.bos_token_id = tokenizer.bos_token_id
+    return config
+
+
+def max_positions(config: PretrainedConfig) -> int | None:
+    """Longest sequence the model can embed; None where position is relative (BLOOM's ALiBi)."""
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+
+
+def build_model(model_args, tokenizer, config: PretrainedConfig) -> torch.nn.Module:
+    """The model in fp32: mixed precision keeps fp32 master weights and casts per operation."""
+    kwargs = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
+    if model_args.from_config or model_args.model_name_or_path in TINY_MODELS:
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **kwargs)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, config=config,
+                                                         dtype=torch.float32, **kwargs)
+        except (OSError, ValueError) as e:
+            raise _not_found("--model_name_or_path", model_args.model_name_or_path, e) from None
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    return model
+
+
+def count_parameters(config: PretrainedConfig) -> int:
+    """Parameters of the architecture, computed on the meta device (no memory, works before ZeRO-3 init)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: float) -> float:
+    """Training FLOPs per token: 6 N for the weights (forward + backward) plus 12 L s h for attention."""
+    return 6 * n_params + 12 * n_layers * seq_len * hidden
+
+
+def shape(config: PretrainedConfig) -> dict:
+    return {
+        "n_layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+        "n_heads": config.num_attention_heads,
+        "vocab_size": config.vocab_size,
+    }

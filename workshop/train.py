@@ -1,0 +1,261 @@
+"""``workshop train``: fine-tune a causal LM with the Hugging Face Trainer, with or without DeepSpeed.
+
+    workshop train --preset tiny                                            # laptop CPU, < 1 minute
+    workshop train --model_name_or_path gpt2 --dataset_name squad           # one GPU
+    workshop train --deepspeed ds_configs/zero2.json                        # ZeRO-2 on one GPU
+    torchrun --nproc_per_node 4 -m workshop train --deepspeed ds_configs/zero3.json
+    sbatch baseline/baseline.slurm --model_name_or_path gpt2-large          # what the stage scripts do
+
+The run folder (logs/<stage>/<run id>/) receives config.json, steps.jsonl, log_history.json,
+metrics.json, status.json and model/ (see the README for the full layout).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import os
+import platform
+import socket
+import statistics
+import sys
+from pathlib import Path
+
+import psutil
+import torch
+import transformers
+
+from workshop import config as cfg
+from workshop import data_loader, distributed, evaluation, files
+from workshop import model as models
+from workshop.callbacks import MeasureCallback, TokenCountingTrainer, peak_flops
+from workshop.errors import WorkshopError
+
+log = logging.getLogger("workshop")
+GIB = 1024**3
+
+
+def _versions() -> dict:
+    import accelerate
+
+    try:
+        import deepspeed
+
+        ds_version = deepspeed.__version__
+    except ImportError:
+        ds_version = None
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "accelerate": accelerate.__version__, "deepspeed": ds_version}
+
+
+def environment() -> dict:
+    cuda = torch.cuda.is_available()
+    return {
+        **_versions(),
+        "hostname": socket.gethostname(),
+        "world_size": distributed.world_size(),
+        "num_nodes": distributed.num_nodes(),
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "gpu_count_per_node": torch.cuda.device_count() if cuda else 0,
+        "gpu_total_memory_gib": torch.cuda.get_device_properties(0).total_memory / GIB if cuda else None,
+        "host_total_memory_gib": psutil.virtual_memory().total / GIB,
+        "started_at": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+
+
+def resolve_run_dir(ws_args) -> Path:
+    """logs/<stage>/<run id>; decided on rank 0 so every rank writes into the same folder."""
+    if ws_args.run_dir:
+        run_dir = Path(ws_args.run_dir)
+    else:
+        run_id = os.environ.get("SLURM_JOB_ID") or dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_dir = Path(ws_args.logs_root) / ws_args.stage / run_id
+        suffix = 1
+        while run_dir.exists():  # two local runs within one second, or a reused job id
+            suffix += 1
+            run_dir = Path(ws_args.logs_root) / ws_args.stage / f"{run_id}-{suffix}"
+    return Path(distributed.broadcast(str(run_dir)))
+
+
+def check_run_dir(run_dir: Path, resuming: bool) -> None:
+    if (run_dir / "metrics.json").exists() and not resuming:
+        raise WorkshopError(f"--run_dir {run_dir} already holds a finished run: give a new --run_dir or remove it")
+    parent = run_dir if run_dir.exists() else run_dir.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise WorkshopError(f"--run_dir {run_dir}: {parent} is not writable: choose a folder you can write to "
+                            "(--run_dir or --logs_root)")
+
+
+def check_lengths(data_args, config) -> None:
+    limit = models.max_positions(config)
+    if limit is not None and data_args.max_seq_length > limit:
+        raise WorkshopError(f"--max_seq_length {data_args.max_seq_length} is longer than the model's {limit} "
+                            f"positions: use --max_seq_length {limit} or less")
+
+
+def workshop_metrics(trainer, measure: MeasureCallback, prepared, run_info: dict, answers: dict) -> dict:
+    """The workshop's table for this run, from the Trainer's log history and the run's own measurements."""
+    history = trainer.state.log_history
+    args = trainer.args
+    train_logs = [e for e in history if "loss" in e]
+    evals = [e for e in history if "eval_loss" in e]
+    summary = next((e for e in history if "train_runtime" in e), {})
+    world = distributed.world_size()
+    epochs = len(measure.epoch_times) or args.num_train_epochs
+    training_time = sum(measure.epoch_times)
+    tokens = prepared.stats["train_tokens"] * epochs
+    tokens_per_s = tokens / training_time if training_time else None
+    peak = peak_flops(run_info["environment"]["device"], args.precision)
+    mfu = tokens_per_s * run_info["model_info"]["flops_per_token"] / (peak * world) if peak and tokens_per_s else None
+    return {
+        **run_info["labels"],
+        "world_size": world,
+        "num_nodes": distributed.num_nodes(),
+        "precision": args.precision,
+        "per_device_train_batch_size": args.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "global_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * world,
+        "max_seq_length": run_info["data"]["max_seq_length"],
+        "train_samples": prepared.stats["train_samples"],
+        "eval_samples": prepared.stats["eval_samples"],
+        "epochs": args.num_train_epochs,
+        "steps_per_epoch": math.ceil(trainer.state.max_steps / args.num_train_epochs),
+        "total_steps": trainer.state.global_step,
+        "final_train_loss": train_logs[-1]["loss"] if train_logs else None,
+        "eval_loss_per_epoch": [e["eval_loss"] for e in evals],
+        "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
+        "train_runtime_s": summary.get("train_runtime"),
+        "epoch_times_s": measure.epoch_times,
+        "time_per_epoch_s": statistics.fmean(measure.epoch_times) if measure.epoch_times else None,
+        "train_samples_per_second": summary.get("train_samples_per_second"),
+        "eval_samples_per_second": evals[-1].get("eval_samples_per_second") if evals else None,
+        "tokens_per_second": tokens_per_s,
+        "mfu": mfu,
+        **measure.peaks(),
+        **answers,
+        "dropped_too_long": prepared.stats["dropped_too_long"],
+        "length_mean": prepared.stats["length_mean"],
+        "length_max": prepared.stats["length_max"],
+    }
+
+
+def format_table(metrics: dict) -> str:
+    """The run's metrics as a two-column Markdown table (lists and missing values shown plainly)."""
+    def show(value):
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        if isinstance(value, list):
+            return ", ".join(show(v) for v in value)
+        return str(value)
+
+    lines = ["| metric | value |", "|---|---|"]
+    lines += [f"| {key} | {show(value)} |" for key, value in metrics.items()]
+    return "\n".join(lines)
+
+
+def run(argv: list[str]) -> dict:
+    uses_deepspeed = any(a == "--deepspeed" or a.startswith("--deepspeed=") for a in cfg.expand_argv(argv))
+    launch = distributed.init_env(deepspeed=uses_deepspeed)
+    model_args, data_args, ws_args, training_args = cfg.parse(argv)
+    _ = training_args.device  # initialises torch.distributed when several processes run
+    resuming = training_args.resume_from_checkpoint is not None
+    run_dir = resolve_run_dir(ws_args)
+    check_run_dir(run_dir, resuming)
+
+    # Everything that can fail on bad input happens before the run folder exists.
+    tokenizer = models.load_tokenizer(model_args)
+    model_config = models.model_config(model_args, tokenizer)
+    check_lengths(data_args, model_config)
+    with training_args.main_process_first(desc="loading and tokenising the data"):
+        prepared = data_loader.prepare(data_args, tokenizer, seed=training_args.seed)
+
+    if distributed.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        files.write_json(run_dir / "status.json", {"status": "running", "error": None})
+    training_args.output_dir = str(run_dir / "checkpoints")
+    training_args.dataloader_pin_memory = torch.cuda.is_available()  # pinning needs a GPU; on CPU it only warns
+    if "tensorboard" in training_args.report_to:
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
+
+    model = models.build_model(model_args, tokenizer, model_config)
+    n_params = models.count_parameters(model_config)
+    shape = models.shape(model_config)
+    run_info = {
+        "labels": {
+            "run_id": run_dir.name, "stage": ws_args.stage, "model": model_args.model_name_or_path,
+            "dataset": data_args.train_file or data_args.dataset_name,
+            "deepspeed": Path(training_args.deepspeed).name if isinstance(training_args.deepspeed, str) else None,
+        },
+        "model": vars(model_args), "data": vars(data_args), "workshop": {**vars(ws_args), "launch": launch},
+        "training": training_args.to_dict(), "environment": environment(),
+        "model_info": {"n_params": n_params, **shape, "seq_len": prepared.stats["length_mean"],
+                       "flops_per_token": models.flops_per_token(n_params, shape["n_layers"], shape["hidden_size"],
+                                                                 prepared.stats["length_mean"])},
+        "data_stats": prepared.stats,
+    }
+    if distributed.is_main():
+        files.write_json(run_dir / "config.json", run_info)
+        distributed.print0(f"run folder: {run_dir}\nconfiguration:\n{format_table(_flat_config(run_info))}")
+
+    pad_multiple = 8 if torch.cuda.is_available() else None
+    collator = data_loader.Collator(tokenizer.pad_token_id,
+                                    pad_to_length=data_args.max_seq_length if data_args.pad_to_max_length else None,
+                                    pad_to_multiple_of=pad_multiple)
+    trainer = TokenCountingTrainer(model=model, args=training_args, data_collator=collator,
+                                   train_dataset=prepared.train, eval_dataset=prepared.eval,
+                                   processing_class=tokenizer)
+    measure = MeasureCallback(trainer, run_dir / "steps.jsonl", run_info["model_info"]["flops_per_token"],
+                              run_info["environment"]["device"] if torch.cuda.is_available() else None,
+                              training_args.precision, distributed.world_size(), distributed.is_main())
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    for noisy in (PrinterCallback, ProgressCallback):  # the measure callback prints one line per log
+        trainer.remove_callback(noisy)
+    trainer.add_callback(measure)
+
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(str(run_dir / "model"))  # consolidated 16-bit weights under ZeRO-3 (see ds_configs)
+
+    answers = {"exact_match": None, "f1": None}
+    if prepared.answer_eval:
+        zero3 = trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
+        predictions = evaluation.generate_answers(trainer.model, tokenizer, prepared.answer_eval,
+                                                  synced_gpus=zero3 and distributed.world_size() > 1)
+        answers = evaluation.squad_scores(predictions, [r["answers"]["text"] for r in prepared.answer_eval])
+
+    metrics = workshop_metrics(trainer, measure, prepared, run_info, answers)
+    if distributed.is_main():
+        files.write_json(run_dir / "log_history.json", trainer.state.log_history)
+        files.write_json(run_dir / "metrics.json", metrics)
+        files.write_json(run_dir / "status.json", {"status": "completed", "error": None})
+        distributed.print0(f"\nworkshop metrics ({run_dir}):\n{format_table(metrics)}")
+    return metrics
+
+
+def _flat_config(run_info: dict) -> dict:
+    """The settings a participant cares about at a glance; config.json holds everything."""
+    t = run_info["training"]
+    return {**run_info["labels"], "precision": t["precision"], "micro_batch": t["per_device_train_batch_size"],
+            "grad_accum": t["gradient_accumulation_steps"], "epochs": t["num_train_epochs"],
+            "learning_rate": t["learning_rate"], "max_seq_length": run_info["data"]["max_seq_length"],
+            "loss_on": run_info["data"]["loss_on"], "parameters": run_info["model_info"]["n_params"],
+            "train_samples": run_info["data_stats"]["train_samples"],
+            "mean_length": run_info["data_stats"]["length_mean"], "max_length": run_info["data_stats"]["length_max"],
+            "dropped_too_long": run_info["data_stats"]["dropped_too_long"],
+            "device": run_info["environment"]["device"], "world_size": run_info["environment"]["world_size"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    transformers.utils.logging.disable_progress_bar()  # progress bars garble SLURM .out files
+    try:
+        run(sys.argv[1:] if argv is None else argv)
+    except WorkshopError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
