@@ -155,7 +155,20 @@ class WorkshopTrainingArguments(TrainingArguments):
         if self.precision != "fp32" and not _cuda_available():
             raise WorkshopError(f"--precision {self.precision} needs a GPU and none is visible: use --precision fp32 "
                                 "(or auto) on CPU")
+        # Without use_cpu, accelerate treats several CPU processes as one (no gloo group, no data
+        # sharding); with it, CPU nodes run DDP and DeepSpeed over gloo like GPUs over NCCL.
+        self.use_cpu = self.use_cpu or not _cuda_available()
         super().__post_init__()
+
+    @property
+    def world_size(self) -> int:
+        # transformers fills DeepSpeed's "auto" train_batch_size in __post_init__, before the process
+        # group exists, and would read a world size of 1 there: every multi-process ZeRO run then dies
+        # with "train_batch_size is not equal to micro_batch_per_gpu * gradient_acc_step * world_size".
+        # Until the group exists, the launcher's WORLD_SIZE is the answer.
+        if getattr(self, "distributed_state", None) is None:
+            return int(os.environ.get("WORLD_SIZE", "1"))
+        return super().world_size
 
 
 def _cuda_available() -> bool:

@@ -45,6 +45,19 @@ def init_env(deepspeed: bool) -> str:
     return "single process"
 
 
+def init_deepspeed_comm() -> None:
+    """Give DeepSpeed the process group accelerate made.
+
+    On GPUs accelerate starts DeepSpeed's communication itself; on CPU processes (gloo) it starts
+    only torch.distributed, and DeepSpeed would then count a world of 1 and reject the batch size.
+    """
+    import deepspeed
+    from deepspeed import comm
+
+    if not comm.is_initialized():
+        deepspeed.init_distributed(auto_mpi_discovery=False)
+
+
 def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 

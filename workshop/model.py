@@ -32,8 +32,11 @@ KNOWN_ARCHITECTURES: dict[str, dict] = {
     "bigscience/bloom-3b": dict(model_type="bloom", n_layer=30, hidden_size=2560, n_head=32, vocab_size=250880),
     "bigscience/bloom-7b1": dict(model_type="bloom", n_layer=30, hidden_size=4096, n_head=32, vocab_size=250880),
     # Two layers, 64 wide: a few seconds per epoch on a laptop CPU. The vocabulary follows the tokenizer.
-    "tiny-gpt2": dict(model_type="gpt2", n_layer=2, n_embd=64, n_head=4, n_positions=512, vocab_size=None),
-    "tiny-bloom": dict(model_type="bloom", n_layer=2, hidden_size=64, n_head=4, vocab_size=None),
+    # No dropout, so runs that should match (ZeRO stages, resumes) match step for step.
+    "tiny-gpt2": dict(model_type="gpt2", n_layer=2, n_embd=64, n_head=4, n_positions=512, vocab_size=None,
+                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+    "tiny-bloom": dict(model_type="bloom", n_layer=2, hidden_size=64, n_head=4, vocab_size=None,
+                       hidden_dropout=0.0, attention_dropout=0.0),
 }
 TINY_MODELS = ("tiny-gpt2", "tiny-bloom")
 
@@ -72,16 +75,20 @@ def model_config(model_args, tokenizer) -> PretrainedConfig:
         model_type = kwargs.pop("model_type")
         if kwargs["vocab_size"] is None:
             kwargs["vocab_size"] = len(tokenizer)
-        config = AutoConfig.for_model(model_type, **kwargs)
+        config = AutoConfig.for_model(model_type, **kwargs, **_special_tokens(tokenizer))
     else:
         try:
             config = AutoConfig.from_pretrained(name)
         except (OSError, ValueError) as e:
             raise _not_found("--model_name_or_path", name, e) from None
-    config.pad_token_id = tokenizer.pad_token_id
-    config.eos_token_id = tokenizer.eos_token_id
-    config.bos_token_id = tokenizer.bos_token_id
+    for key, value in _special_tokens(tokenizer).items():
+        setattr(config, key, value)
     return config
+
+
+def _special_tokens(tokenizer) -> dict:
+    return {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
+            "bos_token_id": tokenizer.bos_token_id}
 
 
 def max_positions(config: PretrainedConfig) -> int | None:

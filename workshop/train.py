@@ -163,6 +163,8 @@ def run(argv: list[str]) -> dict:
     launch = distributed.init_env(deepspeed=uses_deepspeed)
     model_args, data_args, ws_args, training_args = cfg.parse(argv)
     _ = training_args.device  # initialises torch.distributed when several processes run
+    if uses_deepspeed:
+        distributed.init_deepspeed_comm()
     resuming = training_args.resume_from_checkpoint is not None
     run_dir = resolve_run_dir(ws_args)
     check_run_dir(run_dir, resuming)
