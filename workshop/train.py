@@ -184,6 +184,8 @@ def run(argv: list[str]) -> dict:
     if "tensorboard" in training_args.report_to:
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
 
+    # Same seed, same initial weights, whichever stage runs (the launchers consume RNG differently).
+    transformers.set_seed(training_args.seed)
     model = models.build_model(model_args, tokenizer, model_config)
     n_params = models.count_parameters(model_config)
     shape = models.shape(model_config)
