@@ -61,7 +61,7 @@ class TokenCountingTrainer(Trainer):
         return super().training_step(model, inputs, *args, **kwargs)
 
 
-def _all_ranks_sum(value: torch.Tensor) -> int:
+def all_ranks_sum(value: torch.Tensor) -> int:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -111,8 +111,8 @@ class MeasureCallback(TrainerCallback):
     # -- events
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = self.last_time = time.perf_counter()
-        self.last_tokens = _all_ranks_sum(self.trainer.tokens_seen)
-        self.last_step = state.global_step
+        self.last_tokens = all_ranks_sum(self.trainer.tokens_seen)
+        self.last_step = self.first_step = state.global_step
         if self.is_main:
             self.steps_file = open(self.steps_path, "a")
 
@@ -135,7 +135,7 @@ class MeasureCallback(TrainerCallback):
                        f"{logs.get('eval_samples_per_second', 0):.1f} samples/s")
             return
         # Every rank takes part in the token all-reduce; only rank 0 writes and prints.
-        tokens = _all_ranks_sum(self.trainer.tokens_seen)
+        tokens = all_ranks_sum(self.trainer.tokens_seen)
         now = time.perf_counter()
         dt = max(now - self.last_time, 1e-9)
         steps = state.global_step - self.last_step

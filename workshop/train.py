@@ -29,7 +29,8 @@ import transformers
 from workshop import config as cfg
 from workshop import data_loader, distributed, evaluation, files
 from workshop import model as models
-from workshop.callbacks import MeasureCallback, TokenCountingTrainer, peak_flops
+from workshop.callbacks import MeasureCallback, all_ranks_sum, peak_flops
+from workshop.checkpoints import StopOnSignal, WorkshopTrainer, complete_checkpoints
 from workshop.errors import WorkshopError
 
 log = logging.getLogger("workshop")
@@ -78,8 +79,8 @@ def resolve_run_dir(ws_args) -> Path:
     return Path(distributed.broadcast(str(run_dir)))
 
 
-def check_run_dir(run_dir: Path, resuming: bool) -> None:
-    if (run_dir / "metrics.json").exists() and not resuming:
+def check_run_dir(run_dir: Path) -> None:
+    if (run_dir / "metrics.json").exists():
         raise WorkshopError(f"--run_dir {run_dir} already holds a finished run: give a new --run_dir or remove it")
     parent = run_dir if run_dir.exists() else run_dir.parent
     while not parent.exists():
@@ -97,16 +98,21 @@ def check_lengths(data_args, config) -> None:
 
 
 def workshop_metrics(trainer, measure: MeasureCallback, prepared, run_info: dict, answers: dict) -> dict:
-    """The workshop's table for this run, from the Trainer's log history and the run's own measurements."""
+    """The workshop's table for this run, from the Trainer's log history and the run's own measurements.
+
+    Speeds cover this job's training time only (no evaluation, no checkpointing, no earlier part of
+    a resumed run): time per epoch is that time scaled to a full epoch of optimizer steps.
+    """
     history = trainer.state.log_history
     args = trainer.args
     train_logs = [e for e in history if "loss" in e]
     evals = [e for e in history if "eval_loss" in e]
-    summary = next((e for e in history if "train_runtime" in e), {})
+    summary = next((e for e in reversed(history) if "train_runtime" in e), {})
     world = distributed.world_size()
-    epochs = len(measure.epoch_times) or args.num_train_epochs
+    steps_per_epoch = math.ceil(trainer.state.max_steps / args.num_train_epochs)
     training_time = sum(measure.epoch_times)
-    tokens = prepared.stats["train_tokens"] * epochs
+    steps_done = trainer.state.global_step - measure.first_step
+    tokens = all_ranks_sum(trainer.tokens_seen)
     tokens_per_s = tokens / training_time if training_time else None
     peak = peak_flops(run_info["environment"]["device"], args.precision)
     mfu = tokens_per_s * run_info["model_info"]["flops_per_token"] / (peak * world) if peak and tokens_per_s else None
@@ -122,14 +128,14 @@ def workshop_metrics(trainer, measure: MeasureCallback, prepared, run_info: dict
         "train_samples": prepared.stats["train_samples"],
         "eval_samples": prepared.stats["eval_samples"],
         "epochs": args.num_train_epochs,
-        "steps_per_epoch": math.ceil(trainer.state.max_steps / args.num_train_epochs),
+        "steps_per_epoch": steps_per_epoch,
         "total_steps": trainer.state.global_step,
         "final_train_loss": train_logs[-1]["loss"] if train_logs else None,
         "eval_loss_per_epoch": [e["eval_loss"] for e in evals],
         "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
         "train_runtime_s": summary.get("train_runtime"),
         "epoch_times_s": measure.epoch_times,
-        "time_per_epoch_s": statistics.fmean(measure.epoch_times) if measure.epoch_times else None,
+        "time_per_epoch_s": training_time / steps_done * steps_per_epoch if steps_done else None,
         "train_samples_per_second": summary.get("train_samples_per_second"),
         "eval_samples_per_second": evals[-1].get("eval_samples_per_second") if evals else None,
         "tokens_per_second": tokens_per_s,
@@ -165,9 +171,8 @@ def run(argv: list[str]) -> dict:
     _ = training_args.device  # initialises torch.distributed when several processes run
     if uses_deepspeed:
         distributed.init_deepspeed_comm()
-    resuming = training_args.resume_from_checkpoint is not None
     run_dir = resolve_run_dir(ws_args)
-    check_run_dir(run_dir, resuming)
+    check_run_dir(run_dir)
 
     # Everything that can fail on bad input happens before the run folder exists.
     tokenizer = models.load_tokenizer(model_args)
@@ -179,6 +184,23 @@ def run(argv: list[str]) -> dict:
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         files.write_json(run_dir / "status.json", {"status": "running", "error": None})
+    try:
+        return _train(run_dir, model_args, data_args, ws_args, training_args, tokenizer, model_config, prepared,
+                      launch)
+    except BaseException as error:
+        # The run folder says what happened; earlier results elsewhere are untouched.
+        status = "oom" if isinstance(error, torch.cuda.OutOfMemoryError) else "failed"
+        if distributed.is_main():
+            files.write_json(run_dir / "status.json", {"status": status, "error": _first_line(error)})
+        raise
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _train(run_dir, model_args, data_args, ws_args, training_args, tokenizer, model_config, prepared, launch) -> dict:
     training_args.output_dir = str(run_dir / "checkpoints")
     training_args.dataloader_pin_memory = torch.cuda.is_available()  # pinning needs a GPU; on CPU it only warns
     if "tensorboard" in training_args.report_to:
@@ -210,7 +232,7 @@ def run(argv: list[str]) -> dict:
     collator = data_loader.Collator(tokenizer.pad_token_id,
                                     pad_to_length=data_args.max_seq_length if data_args.pad_to_max_length else None,
                                     pad_to_multiple_of=pad_multiple)
-    trainer = TokenCountingTrainer(model=model, args=training_args, data_collator=collator,
+    trainer = WorkshopTrainer(model=model, args=training_args, data_collator=collator,
                                    train_dataset=prepared.train, eval_dataset=prepared.eval,
                                    processing_class=tokenizer)
     measure = MeasureCallback(trainer, run_dir / "steps.jsonl", run_info["model_info"]["flops_per_token"],
@@ -221,8 +243,27 @@ def run(argv: list[str]) -> dict:
     for noisy in (PrinterCallback, ProgressCallback):  # the measure callback prints one line per log
         trainer.remove_callback(noisy)
     trainer.add_callback(measure)
+    stop = StopOnSignal()
+    trainer.add_callback(stop)
 
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    # A requeued job finds its own checkpoints in its run folder and goes on from the newest.
+    resume = training_args.resume_from_checkpoint
+    if resume is None and complete_checkpoints(training_args.output_dir):
+        resume = str(complete_checkpoints(training_args.output_dir)[-1])
+    if resume:
+        distributed.print0(f"resuming from {resume}")
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    finally:
+        stop.restore_default_handlers()
+    if stop.stopped_at is not None:
+        if distributed.is_main():
+            files.write_json(run_dir / "log_history.json", trainer.state.log_history)
+            files.write_json(run_dir / "status.json", {"status": "stopped", "error": None, "signal": stop.received,
+                                                       "step": stop.stopped_at})
+        distributed.print0(f"stopped on {stop.received} at step {stop.stopped_at}: checkpoint saved in "
+                           f"{training_args.output_dir}; the same command with --run_dir {run_dir} resumes")
+        return {}
     trainer.save_model(str(run_dir / "model"))  # consolidated 16-bit weights under ZeRO-3 (see ds_configs)
 
     answers = {"exact_match": None, "f1": None}
