@@ -14,6 +14,8 @@ COMMANDS = {
     "train": ("workshop.train", "fine-tune a model (every stage script runs this)"),
     "report": ("workshop.report", "metrics table (Markdown, CSV) and plots from run folders"),
     "estimate": ("workshop.estimate", "predicted GPU and host memory per ZeRO stage"),
+    "bench": ("workshop.bench", "each stage as the original workshop ran it vs this project's defaults (GPU)"),
+    "prefetch": ("workshop.prefetch", "download model, tokenizer and data into the caches (login node)"),
 }
 
 

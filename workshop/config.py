@@ -111,6 +111,8 @@ class WorkshopArguments:
         default=None,
         metadata={"help": "Run folder; default logs/<stage>/<run id>, the run id being $SLURM_JOB_ID or a timestamp."})
     logs_root: str = field(default="logs", metadata={"help": "Where run folders are created."})
+    save_model: bool = field(
+        default=True, metadata={"help": "Save the trained model to <run folder>/model (--no_save_model: benchmarks)."})
 
 
 @dataclass
@@ -132,6 +134,10 @@ class WorkshopTrainingArguments(TrainingArguments):
     num_train_epochs: float = field(default=3.0, metadata={"help": "Epochs over the training samples."})
     learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate (AdamW)."})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    train_sampling_strategy: str = field(
+        default="group_by_length",
+        metadata={"help": "Batch order: group_by_length (shuffled groups of similar length: far less padding), "
+                          "random, or sequential."})
     eval_strategy: str = field(default="epoch", metadata={"help": "When to evaluate: epoch, steps or no."})
     save_strategy: str = field(default="epoch", metadata={"help": "When to checkpoint: epoch, steps or no."})
     save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept (oldest deleted first)."})

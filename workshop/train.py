@@ -264,7 +264,8 @@ def _train(run_dir, model_args, data_args, ws_args, training_args, tokenizer, mo
         distributed.print0(f"stopped on {stop.received} at step {stop.stopped_at}: checkpoint saved in "
                            f"{training_args.output_dir}; the same command with --run_dir {run_dir} resumes")
         return {}
-    trainer.save_model(str(run_dir / "model"))  # consolidated 16-bit weights under ZeRO-3 (see ds_configs)
+    if ws_args.save_model:
+        trainer.save_model(str(run_dir / "model"))  # consolidated 16-bit weights under ZeRO-3 (see ds_configs)
 
     answers = {"exact_match": None, "f1": None}
     if prepared.answer_eval:

@@ -1,0 +1,281 @@
+"""``workshop bench``: each stage as the original workshop set it up, then with this project's defaults.
+
+One invocation on one GPU, the same data for every run, one epoch each:
+
+    workshop bench                                   # gpt2-medium and bloom-560m, every single-GPU stage
+    workshop bench --models gpt2-medium --stages baseline zero2
+
+- data: 1000 SQuAD-shaped samples from the built-in generator with SQuAD-like context lengths
+  (``builtin_data.SQUAD_LIKE_SENTENCES``), written as SQuAD JSONL files and read through --train_file;
+- models: built from their published configurations (random weights: speed and memory do not
+  depend on the values), tokenised with the built-in BPE;
+- original: fp16, every sample padded to 512 tokens, loss on every token, micro-batch 4 x
+  accumulation 4, the original DeepSpeed JSON (AdamW written out, fp16, ``stage`` only), PyTorch's
+  unfused AdamW, eager attention;
+- default: the project's defaults (bf16, dynamic padding with length-grouped batches, fused AdamW,
+  the library's attention kernel, ds_configs/*.json), with the original's loss on every token so
+  that eval losses compare like with like (which tokens carry the loss costs nothing in speed);
+- reference: a plain PyTorch loop on the default's batches (bf16 autocast, fused AdamW, SDPA,
+  ``torch.compile``), the bar for the baseline.
+
+Every run is an ordinary run folder under the output folder (``workshop report`` reads them),
+with an ``nvidia-smi`` CSV beside it. The table (Markdown and CSV) gives per stage: time per epoch,
+useful (non-padding) tokens/s, MFU, peak memory (PyTorch and nvidia-smi), final eval loss, and the
+original/default time ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from workshop import builtin_data, files
+
+REPO = Path(__file__).resolve().parents[1]
+STAGE_CONFIGS = {"baseline": None, "zero1": "zero1.json", "zero2": "zero2.json", "zero3": "zero3.json",
+                 "zero2_offload": "zero2_offload.json"}
+
+# The original workshop's DeepSpeed JSON: only these keys, values written out.
+def original_ds_config(stage: str) -> dict | None:
+    if STAGE_CONFIGS[stage] is None:
+        return None
+    zero = {"stage": int(stage[4])}
+    if stage.endswith("_offload"):
+        zero["offload_optimizer"] = {"device": "cpu"}
+    return {
+        "train_batch_size": "auto", "gradient_accumulation_steps": "auto", "gradient_clipping": 1.0,
+        "optimizer": {"type": "AdamW", "params": {"lr": 5e-5, "betas": [0.9, 0.999], "eps": 1e-8,
+                                                  "weight_decay": 0.01}},
+        "fp16": {"enabled": True},
+        "zero_optimization": zero,
+    }
+
+
+COMMON = ["--no_save_model", "--from_config", "--tokenizer_name_or_path", "builtin", "--num_train_epochs", "1",
+          "--answer_eval_samples", "0", "--save_strategy", "no", "--eval_strategy", "epoch",
+          "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "4", "--logging_steps", "10"]
+MODES = {
+    "original": ["--precision", "fp16", "--pad_to_max_length", "--max_seq_length", "512", "--loss_on", "sequence",
+                 "--optim", "adamw_torch", "--attn_implementation", "eager", "--train_sampling_strategy", "random"],
+    "default": ["--loss_on", "sequence"],
+}
+
+
+def _short(model: str) -> str:
+    return model.split("/")[-1]
+
+
+def write_data(folder: Path, samples: int, eval_samples: int) -> tuple[Path, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, n, seed in (("train", samples, 0), ("validation", eval_samples, 1)):
+        path = folder / f"{name}.jsonl"
+        records = builtin_data.squad_records(n, seed=seed, context_sentences=builtin_data.SQUAD_LIKE_SENTENCES)
+        files.write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+class GpuLogger:
+    """``nvidia-smi`` sampled into the run folder, in the format the slurm/ loggers write."""
+
+    QUERY = "timestamp,index,name,memory.used,memory.total,utilization.gpu,power.draw"
+
+    def __init__(self, run_dir: Path, interval_ms: int = 500):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.process = None
+        if not shutil.which("nvidia-smi"):
+            return
+        self.file = open(run_dir / f"gpu_memory-{socket.gethostname()}.csv", "w")
+        self.process = subprocess.Popen(["nvidia-smi", f"--query-gpu={self.QUERY}", "--format=csv,nounits",
+                                         f"-lms={interval_ms}"], stdout=self.file, stderr=subprocess.DEVNULL)
+
+    def stop(self):
+        if self.process is None:
+            return
+        self.process.terminate()
+        self.process.wait()
+        self.file.close()
+
+
+def nvidia_smi_peak_mib(run_dir: Path) -> float | None:
+    peaks = []
+    for path in run_dir.glob("gpu_memory-*.csv"):
+        rows = list(csv.reader(io.StringIO(path.read_text())))
+        header = [h.strip() for h in rows[0]] if rows else []
+        if "memory.used [MiB]" in header:
+            column = header.index("memory.used [MiB]")
+            peaks += [float(r[column]) for r in rows[1:] if len(r) > column and r[column].strip()]
+    return max(peaks) if peaks else None
+
+
+def run_one(out: Path, model: str, stage: str, mode: str, data: tuple[Path, Path], extra: list[str]) -> dict:
+    run_dir = out / f"{_short(model)}-{stage}-{mode}"
+    cmd = [sys.executable, "-m", "workshop", "train", "--stage", "bench", "--run_dir", str(run_dir),
+           "--model_name_or_path", model, "--train_file", str(data[0]), "--validation_file", str(data[1]),
+           *COMMON, *MODES[mode], *extra]
+    ds = original_ds_config(stage) if mode == "original" else STAGE_CONFIGS[stage]
+    if isinstance(ds, dict):
+        out.joinpath("ds_configs").mkdir(exist_ok=True)
+        path = out / "ds_configs" / f"original_{stage}.json"
+        files.write_json(path, ds)
+        cmd += ["--deepspeed", str(path)]
+    elif ds:
+        cmd += ["--deepspeed", str(REPO / "ds_configs" / ds)]
+    print(f"\n=== {model} | {stage} | {mode}\n{' '.join(cmd)}", flush=True)
+    logger = GpuLogger(run_dir)
+    started = time.perf_counter()
+    try:
+        result = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    finally:
+        logger.stop()
+    (run_dir / "train.log").write_text(result.stdout)
+    row = {"model": _short(model), "stage": stage, "mode": mode, "wall_s": time.perf_counter() - started,
+           "nvidia_smi_peak_gib": (nvidia_smi_peak_mib(run_dir) or 0) / 1024 or None}
+    metrics_path = run_dir / "metrics.json"
+    if result.returncode != 0 or not metrics_path.exists():
+        status = json.loads((run_dir / "status.json").read_text()) if (run_dir / "status.json").exists() else {}
+        row["status"] = status.get("status", "failed")
+        row["error"] = status.get("error") or result.stdout.strip().splitlines()[-1:]
+        print(result.stdout[-4000:], flush=True)
+        return row
+    metrics = json.loads(metrics_path.read_text())
+    row.update(status="completed", **{k: metrics.get(k) for k in (
+        "time_per_epoch_s", "tokens_per_second", "mfu", "peak_gpu_allocated_gib", "peak_gpu_reserved_gib",
+        "final_eval_loss", "length_mean")})
+    print("    " + table([row]).splitlines()[-1], flush=True)
+    return row
+
+
+def reference_loop(model: str, data: tuple[Path, Path], samples: int, out: Path, compile_model: bool = True) -> dict:
+    """A plain PyTorch loop on the default's data: bf16 autocast, fused AdamW, SDPA, torch.compile."""
+    import torch
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from workshop import data_loader, model as models
+    from workshop.config import DataArguments, ModelArguments
+
+    torch.manual_seed(42)
+    margs = ModelArguments(model_name_or_path=model, tokenizer_name_or_path="builtin", from_config=True,
+                           attn_implementation="sdpa" if "gpt2" in model else None)
+    tokenizer = models.load_tokenizer(margs)
+    config = models.model_config(margs, tokenizer)
+    net = models.build_model(margs, tokenizer, config).cuda()
+    prepared = data_loader.prepare(DataArguments(train_file=str(data[0]), validation_file=str(data[1]),
+                                                 max_train_samples=samples, loss_on="sequence"), tokenizer, seed=42)
+    micro, accum = 4, 4
+    collate = data_loader.Collator(tokenizer.pad_token_id, pad_to_multiple_of=8)
+    sampler = LengthGroupedSampler(micro * accum, lengths=[len(s["input_ids"]) for s in prepared.train])
+    order = list(sampler)
+    batches = [collate([prepared.train[i] for i in order[j:j + micro]]) for j in range(0, len(order), micro)]
+    optimizer = torch.optim.AdamW(net.parameters(), lr=5e-5, weight_decay=0.01, fused=True)
+    step_fn = torch.compile(net, dynamic=True) if compile_model else net
+
+    def train_step(batch):
+        batch = {k: v.cuda(non_blocking=True) for k, v in batch.items()}
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = step_fn(**batch).loss / accum
+        loss.backward()
+        return loss
+
+    for batch in batches[:3]:  # warm-up and compilation, not timed
+        train_step(batch)
+    optimizer.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for i, batch in enumerate(batches):
+        train_step(batch)
+        if (i + 1) % accum == 0:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    tokens = sum(len(s["input_ids"]) for s in prepared.train)
+    return {"model": _short(model), "stage": "reference loop", "mode": "compiled" if compile_model else "eager",
+            "status": "completed", "time_per_epoch_s": seconds, "tokens_per_second": tokens / seconds,
+            "peak_gpu_allocated_gib": torch.cuda.max_memory_allocated() / 1024**3,
+            "peak_gpu_reserved_gib": torch.cuda.max_memory_reserved() / 1024**3}
+
+
+def table(rows: list[dict]) -> str:
+    head = ["model", "stage", "mode", "time/epoch s", "tokens/s", "MFU %", "peak alloc GiB", "peak reserved GiB",
+            "nvidia-smi GiB", "eval loss", "original/default"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    by_key = {(r["model"], r["stage"], r["mode"]): r for r in rows}
+
+    def f(value, spec):
+        return format(value, spec) if isinstance(value, (int, float)) else "-"
+
+    for r in rows:
+        ratio = "-"
+        original = by_key.get((r["model"], r["stage"], "original"))
+        if r["mode"] == "default" and original and original.get("time_per_epoch_s") and r.get("time_per_epoch_s"):
+            ratio = f"{original['time_per_epoch_s'] / r['time_per_epoch_s']:.2f}x"
+        if r["stage"] == "reference loop":
+            base = by_key.get((r["model"], "baseline", "default"))
+            if base and base.get("time_per_epoch_s"):
+                ratio = f"baseline default / loop = {base['time_per_epoch_s'] / r['time_per_epoch_s']:.2f}x"
+        mode = r["mode"] if r.get("status") == "completed" else f"{r['mode']} ({r.get('status')})"
+        lines.append("| " + " | ".join([
+            r["model"], r["stage"], mode, f(r.get("time_per_epoch_s"), ".1f"), f(r.get("tokens_per_second"), ",.0f"),
+            f(100 * r["mfu"] if r.get("mfu") is not None else None, ".1f"), f(r.get("peak_gpu_allocated_gib"), ".2f"),
+            f(r.get("peak_gpu_reserved_gib"), ".2f"), f(r.get("nvidia_smi_peak_gib"), ".2f"),
+            f(r.get("final_eval_loss"), ".4f"), ratio]) + " |")
+    return "\n".join(lines)
+
+
+def environment_line() -> str:
+    import torch
+    import transformers
+
+    try:
+        import deepspeed
+
+        ds = deepspeed.__version__
+    except ImportError:
+        ds = "-"
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return (f"{gpu}; torch {torch.__version__}, transformers {transformers.__version__}, deepspeed {ds}; "
+            f"{dt.date.today().isoformat()}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="workshop bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=["gpt2-medium", "bigscience/bloom-560m"],
+                   help="Architectures, built from their configs.")
+    p.add_argument("--stages", nargs="+", default=list(STAGE_CONFIGS), choices=list(STAGE_CONFIGS))
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    p.add_argument("--samples", type=int, default=1000, help="Training samples (one epoch).")
+    p.add_argument("--eval_samples", type=int, default=100)
+    p.add_argument("--no_reference", action="store_true", help="Skip the plain PyTorch loop.")
+    p.add_argument("--out", default=None, help="Output folder; default logs/bench/<timestamp>.")
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
+                   help="Flags passed to every `workshop train` run (put last), e.g. --extra --torch_compile.")
+    args = p.parse_args(argv)
+    out = Path(args.out or f"logs/bench/{dt.datetime.now():%Y%m%d-%H%M%S}")
+    data = write_data(out / "data", args.samples, args.eval_samples)
+    rows = []
+    for model in args.models:
+        for stage in args.stages:
+            for mode in args.modes:
+                rows.append(run_one(out, model, stage, mode, data, ["--max_train_samples", str(args.samples)]
+                                    + args.extra))
+        if not args.no_reference and os.environ.get("CUDA_VISIBLE_DEVICES", "0") != "":
+            rows.append(reference_loop(model, data, args.samples, out))
+    text = f"{environment_line()}\n\n{table(rows)}\n"
+    files.write_text(out / "bench.md", text)
+    files.write_json(out / "bench.json", rows)
+    print(f"\n{text}\nwritten: {out / 'bench.md'}, {out / 'bench.json'}")
+    return 0
