@@ -32,6 +32,7 @@ from workshop import model as models
 from workshop.callbacks import MeasureCallback, all_ranks_sum, peak_flops
 from workshop.checkpoints import StopOnSignal, WorkshopTrainer, complete_checkpoints
 from workshop.errors import WorkshopError
+from workshop.report import format_table
 
 log = logging.getLogger("workshop")
 GIB = 1024**3
@@ -148,22 +149,6 @@ def workshop_metrics(trainer, measure: MeasureCallback, prepared, run_info: dict
     }
 
 
-def format_table(metrics: dict) -> str:
-    """The run's metrics as a two-column Markdown table (lists and missing values shown plainly)."""
-    def show(value):
-        if value is None:
-            return "-"
-        if isinstance(value, float):
-            return f"{value:.4g}"
-        if isinstance(value, list):
-            return ", ".join(show(v) for v in value)
-        return str(value)
-
-    lines = ["| metric | value |", "|---|---|"]
-    lines += [f"| {key} | {show(value)} |" for key, value in metrics.items()]
-    return "\n".join(lines)
-
-
 def run(argv: list[str]) -> dict:
     uses_deepspeed = any(a == "--deepspeed" or a.startswith("--deepspeed=") for a in cfg.expand_argv(argv))
     launch = distributed.init_env(deepspeed=uses_deepspeed)
@@ -208,6 +193,7 @@ def _train(run_dir, model_args, data_args, ws_args, training_args, tokenizer, mo
 
     # Same seed, same initial weights, whichever stage runs (the launchers consume RNG differently).
     transformers.set_seed(training_args.seed)
+    models.prefer_shape_agnostic_attention()
     model = models.build_model(model_args, tokenizer, model_config)
     n_params = models.count_parameters(model_config)
     shape = models.shape(model_config)

@@ -1,0 +1,154 @@
+"""workshop report on a hand-made run folder (tests/fixtures/run_zero2) and copies of it: the numbers are
+exactly those of the log history, metrics.json and the nvidia-smi / host memory CSVs; the files are written."""
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from workshop import estimate as est
+from workshop import report
+
+FIXTURE = Path(__file__).parent / "fixtures" / "run_zero2"
+GPU_CSV = FIXTURE / "gpu_memory-gpu-node017.csv"
+HOST_CSV = FIXTURE / "host_memory-gpu-node017.csv"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def read_json(path):
+    return json.loads(Path(path).read_text())
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """A writable copy of the fixture, at logs/deepspeed_single_gpu/4711 as train.py would put it."""
+    target = tmp_path / "logs" / "deepspeed_single_gpu" / "4711"
+    shutil.copytree(FIXTURE, target)
+    return target
+
+
+@pytest.fixture(scope="module")
+def row():
+    return report.summarize(report.load_run(FIXTURE))
+
+
+def test_numbers_are_exactly_the_log_historys(row):
+    history = read_json(FIXTURE / "log_history.json")
+    train = [e for e in history if "loss" in e]
+    evals = [e for e in history if "eval_loss" in e]
+    summary = history[-1]
+    assert row["final_train_loss"] == train[-1]["loss"]
+    assert row["mean_train_loss"] == summary["train_loss"]
+    assert row["eval_loss_per_epoch"] == [e["eval_loss"] for e in evals]
+    assert row["final_eval_loss"] == evals[-1]["eval_loss"]
+    assert row["train_samples_per_second"] == summary["train_samples_per_second"]
+    assert row["eval_samples_per_second"] == evals[-1]["eval_samples_per_second"]
+    assert row["steps_per_epoch"] == 16 and row["total_steps"] == summary["step"] == 32
+    assert row["train_runtime_s"] == summary["train_runtime"]
+
+
+def test_numbers_are_exactly_the_nvidia_smi_and_host_csvs(row):
+    with GPU_CSV.open() as f:
+        gpu = list(csv.DictReader(f, skipinitialspace=True))
+    with HOST_CSV.open() as f:
+        host = list(csv.DictReader(f))
+    assert row["peak_nvidia_smi_gib"] == max(int(r["memory.used [MiB]"]) for r in gpu) / 1024
+    assert row["nvidia_smi_peak_by_host"] == {"gpu-node017": row["peak_nvidia_smi_gib"]}
+    assert row["gpu_name"] == gpu[0]["name"] == "NVIDIA H100 80GB HBM3"
+    assert row["peak_host_used_gib"] == max(int(r["used_mib"]) for r in host) / 1024
+
+
+def test_measurements_from_metrics_json_and_settings_from_config(row):
+    metrics = read_json(FIXTURE / "metrics.json")
+    for key in ("time_per_epoch_s", "tokens_per_second", "mfu", "peak_gpu_allocated_gib", "peak_gpu_reserved_gib",
+                "peak_host_rss_gib", "exact_match", "f1"):
+        assert row[key] == metrics[key], key
+    assert (row["zero_stage"], row["offload_optimizer"], row["world_size"]) == (2, None, 1)
+    assert row["setting"] == "ZeRO-2" and row["status"] == "completed"
+
+
+def test_prediction_beside_measurement(row):
+    config = read_json(FIXTURE / "config.json")
+    info = config["model_info"]
+    expected = est.estimate(info["n_params"], info["n_layers"], info["hidden_size"], info["n_heads"],
+                            info["vocab_size"], 512, 4, 2, None, None, 1, "bf16", model_type="gpt2",
+                            attn_implementation="sdpa",
+                            deepspeed=est.DeepSpeedSettings.from_config(config["deepspeed_config"], 1024))
+    assert row["predicted_peak_allocated_gib"] == expected.peak_allocated_bytes / est.GIB
+    assert row["predicted_gpu_total_gib"] == expected.gpu_total_bytes / est.GIB
+    # the fixture's peak is a real H100 measurement of this configuration
+    assert abs(row["allocated_over_predicted"] - 1) < 0.15 and abs(row["nvidia_smi_over_predicted"] - 1) < 0.15
+
+
+def test_cli_writes_markdown_csv_and_pngs_into_the_run_folder(run_dir, capsys):
+    assert report.main([str(run_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert "| run | setting |" in printed and "deepspeed_single_gpu/4711" in printed
+    for name in ("report.md", "report.csv", "loss.png", "gpu_memory.png", "peaks.png"):
+        assert (run_dir / name).is_file(), name
+    for png in ("loss.png", "gpu_memory.png", "peaks.png"):
+        data = (run_dir / png).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 5000, png
+    assert not list(run_dir.glob(".*tmp")), "temporary files left behind"
+    markdown = (run_dir / "report.md").read_text()
+    assert "| final_train_loss | 6.204 |" in markdown and "![loss](loss.png)" in markdown
+    with (run_dir / "report.csv").open() as f:
+        (written,) = list(csv.DictReader(f))
+    metrics = read_json(run_dir / "metrics.json")
+    assert float(written["final_train_loss"]) == metrics["final_train_loss"]
+    assert json.loads(written["eval_loss_per_epoch"]) == metrics["eval_loss_per_epoch"]
+    assert float(written["peak_nvidia_smi_gib"]) == 12253 / 1024
+
+
+def test_many_runs_compared_with_scaling_efficiency(tmp_path, capsys):
+    logs = tmp_path / "logs"
+    speeds = {1: 12.0, 2: 21.6, 4: 38.4}  # samples/s: 90 % and 80 % of linear
+    for world, sps in speeds.items():
+        target = logs / "multi_node" / f"run{world}"
+        shutil.copytree(FIXTURE, target)
+        metrics = read_json(target / "metrics.json")
+        metrics.update(world_size=world, stage="multi_node", run_id=f"run{world}")
+        (target / "metrics.json").write_text(json.dumps(metrics))
+        history = read_json(target / "log_history.json")
+        history[-1]["train_samples_per_second"] = sps
+        (target / "log_history.json").write_text(json.dumps(history))
+        (target / "checkpoints" / "checkpoint-16").mkdir(parents=True)  # never searched
+        (target / "checkpoints" / "checkpoint-16" / "log_history.json").write_text("[]")
+    failed = logs / "offload" / "oom"  # died before logging: keeps its row
+    failed.mkdir(parents=True)
+    shutil.copy(FIXTURE / "config.json", failed)
+    (failed / "status.json").write_text(json.dumps({"status": "oom", "error": "OutOfMemoryError: CUDA out of memory"}))
+    assert len(report.find_run_dirs([logs])) == 4
+    assert report.main([str(logs)]) == 0
+    out = logs / "report"
+    for name in ("report.md", "report.csv", "loss.png", "gpu_memory.png", "peaks.png"):
+        assert (out / name).is_file(), name
+    with (out / "report.csv").open() as f:
+        rows = {r["run"]: r for r in csv.DictReader(f)}
+    assert [float(rows[f"multi_node/run{w}"]["scaling_efficiency"]) for w in (1, 2, 4)] == pytest.approx([1, 0.9, 0.8])
+    assert rows["offload/oom"]["status"] == "oom" and rows["offload/oom"]["final_train_loss"] == ""
+    assert rows["offload/oom"]["predicted_peak_allocated_gib"]  # the prediction still says what it needed
+    assert "90.0%" in capsys.readouterr().out
+
+
+def test_format_table_for_train_py():
+    metrics = read_json(FIXTURE / "metrics.json")
+    table = report.format_table(metrics).splitlines()
+    assert table[:2] == ["| metric | value |", "|---|---|"] and len(table) == 2 + len(metrics)
+    assert "| offload_optimizer | - |" in table and "| peak_gpu_allocated_gib | 8.57 |" in table
+    assert "| eval_loss_per_epoch | 8.4, 6.414 |" in table and f"| mfu | {100 * metrics['mfu']:.1f}% |" in table
+
+
+def test_csv_reader_is_robust_to_restarts_and_cut_lines(tmp_path):
+    lines = GPU_CSV.read_text().splitlines()
+    broken = tmp_path / "gpu_memory-a.csv"
+    broken.write_text("\n".join(lines[:10] + lines[:1] + lines[10:] + ["2026/11/23 14:03:02.1, 0, NVIDIA H1"]))
+    assert report.read_gpu_csv(broken) == report.read_gpu_csv(GPU_CSV)
+
+
+def test_no_run_folder_is_a_one_line_error(tmp_path, capsys):
+    assert report.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no run folders") and err.count("\n") == 1

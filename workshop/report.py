@@ -1,0 +1,598 @@
+"""``workshop report``: the workshop's metrics table, a comparison across runs, and plots, from run folders.
+
+    workshop report logs/baseline/12345           # one run: report.md, report.csv and plots in its folder
+    workshop report logs/                         # every run below logs/: comparison in logs/report/
+    workshop report logs/deepspeed_single_gpu logs/offload --out /tmp/zero_vs_offload
+
+A run folder is any folder holding metrics.json or log_history.json (or config.json + status.json:
+a run that died before logging, e.g. out of memory, keeps its row). Every number is read from the
+folder itself:
+
+* from ``log_history.json`` (the Trainer's own records): final train loss (the last logged
+  ``loss``), the Trainer's mean train loss, eval loss per epoch, train and eval samples/s, steps
+  per epoch, total steps, train runtime;
+* from ``metrics.json``: time per epoch, tokens/s, MFU, PyTorch's peak allocated/reserved GPU
+  memory, peak host RSS (``steps.jsonl`` stands in where metrics.json is missing);
+* from ``gpu_memory-<host>.csv``: the largest ``memory.used`` of any GPU, per host (nvidia-smi);
+* from ``host_memory-<host>.csv``: the largest ``used_mib``, per host;
+* from ``config.json``: the settings, fed to ``workshop.estimate`` for the predicted memory shown
+  beside the measured one.
+
+Runs that differ only in their GPU count get a scaling efficiency: samples/s per GPU relative to
+the smallest GPU count among them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import io
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from workshop import estimate as est
+from workshop.errors import WorkshopError
+from workshop.files import write_text
+
+GIB = 1024**3
+RUN_MARKERS = ("metrics.json", "log_history.json")
+SKIP_DIRS = {"model", "checkpoints", "tensorboard", "report", "__pycache__"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading run folders
+# ----------------------------------------------------------------------------------------------
+def is_run_dir(path: Path) -> bool:
+    return any((path / m).is_file() for m in RUN_MARKERS) or (
+        (path / "status.json").is_file() and (path / "config.json").is_file())
+
+
+def find_run_dirs(paths: list[str | Path]) -> list[Path]:
+    """Run folders at or below the given paths, sorted, each once; never looks inside a run's model/checkpoints."""
+    found: list[Path] = []
+    for root in map(Path, paths):
+        if not root.is_dir():
+            raise WorkshopError(f"{root}: no such folder: give run folders (logs/<stage>/<run id>) or logs/")
+        stack = [root]
+        while stack:
+            folder = stack.pop()
+            if is_run_dir(folder):
+                found.append(folder)
+                continue
+            stack += [p for p in folder.iterdir() if p.is_dir() and p.name not in SKIP_DIRS
+                      and not p.name.startswith(".")]
+    unique = {p.resolve(): p for p in found}
+    return sorted(unique.values(), key=lambda p: str(p))
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError as e:
+        raise WorkshopError(f"{path}: not valid JSON ({e}): the run may have been killed while writing it") from None
+
+
+def read_steps(path: Path) -> list[dict]:
+    """steps.jsonl; a last line cut short by a killed job is skipped."""
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    return rows
+
+
+def parse_time(text: str) -> dt.datetime | None:
+    """nvidia-smi's '2026/11/23 14:02:11.123', ISO 8601, or seconds since the epoch."""
+    text = text.strip()
+    for fmt in ("%Y/%m/%d %H:%M:%S.%f", "%Y/%m/%d %H:%M:%S"):
+        try:
+            return dt.datetime.strptime(text, fmt)
+        except ValueError:
+            pass
+    try:
+        return dt.datetime.fromisoformat(text)
+    except ValueError:
+        pass
+    try:
+        return dt.datetime.fromtimestamp(float(text))
+    except ValueError:
+        return None
+
+
+def _number(text: str) -> float | None:
+    """'1234', '1234 MiB' (csv without nounits) -> float; '[N/A]', '[Not Supported]' -> None."""
+    text = text.strip().split(" ")[0]
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _csv_rows(path: Path) -> list[dict]:
+    """Rows keyed by the header's names without units ('memory.used [MiB]' -> 'memory.used').
+
+    A logger that was restarted repeats the header; a line cut short by a killed job is skipped.
+    """
+    rows, header = [], None
+    for fields in csv.reader(io.StringIO(path.read_text()), skipinitialspace=True):
+        if not fields:
+            continue
+        names = [f.split(" [")[0].strip() for f in fields]
+        if names and names[0] == "timestamp":
+            header = names
+            continue
+        if header is None or len(fields) != len(header):
+            continue
+        rows.append(dict(zip(header, fields)))
+    return rows
+
+
+def read_gpu_csv(path: Path) -> list[dict]:
+    """The nvidia-smi logger's samples: time, index, name, memory used/total (MiB), utilisation (%), power (W)."""
+    samples = []
+    for row in _csv_rows(path):
+        used = _number(row.get("memory.used", ""))
+        if used is None:
+            continue
+        samples.append({"time": parse_time(row["timestamp"]), "index": int(_number(row.get("index", "0")) or 0),
+                        "name": row.get("name", "").strip(), "memory_used_mib": used,
+                        "memory_total_mib": _number(row.get("memory.total", "")),
+                        "utilization_pct": _number(row.get("utilization.gpu", "")),
+                        "power_w": _number(row.get("power.draw", ""))})
+    return samples
+
+
+def read_host_csv(path: Path) -> list[dict]:
+    """The host memory logger's samples: time, used, total, available (MiB)."""
+    samples = []
+    for row in _csv_rows(path):
+        used = _number(row.get("used_mib", ""))
+        if used is None:
+            continue
+        samples.append({"time": parse_time(row["timestamp"]), "used_mib": used,
+                        "total_mib": _number(row.get("total_mib", "")),
+                        "available_mib": _number(row.get("available_mib", ""))})
+    return samples
+
+
+def _per_host(folder: Path, prefix: str, reader) -> dict[str, list[dict]]:
+    return {p.name[len(prefix) + 1:-4]: reader(p) for p in sorted(folder.glob(f"{prefix}-*.csv"))}
+
+
+@dataclass
+class Run:
+    path: Path
+    config: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    log_history: list = field(default_factory=list)
+    steps: list = field(default_factory=list)
+    status: dict = field(default_factory=dict)
+    gpu_csv: dict = field(default_factory=dict)   # host -> samples
+    host_csv: dict = field(default_factory=dict)  # host -> samples
+
+    @property
+    def name(self) -> str:
+        return f"{self.path.parent.name}/{self.path.name}"
+
+
+def load_run(path: str | Path) -> Run:
+    path = Path(path)
+    return Run(path=path, config=_read_json(path / "config.json") or {},
+               metrics=_read_json(path / "metrics.json") or {},
+               log_history=_read_json(path / "log_history.json") or [], steps=read_steps(path / "steps.jsonl"),
+               status=_read_json(path / "status.json") or {},
+               gpu_csv=_per_host(path, "gpu_memory", read_gpu_csv),
+               host_csv=_per_host(path, "host_memory", read_host_csv))
+
+
+# ----------------------------------------------------------------------------------------------
+# One run's numbers
+# ----------------------------------------------------------------------------------------------
+def from_log_history(history: list[dict]) -> dict:
+    """The workshop's table entries that the Trainer's log history holds, exactly as logged."""
+    train = [e for e in history if "loss" in e]
+    evals = [e for e in history if "eval_loss" in e]
+    summary = next((e for e in reversed(history) if "train_runtime" in e), {})
+    last = next((e for e in reversed(history) if e.get("step") is not None), {})
+    # An evaluation at the end of epoch 1 sits exactly on the epoch's last step; otherwise scale.
+    first_epoch_eval = next((e for e in evals if e.get("epoch") == 1), None)
+    if first_epoch_eval is not None:
+        steps_per_epoch = first_epoch_eval["step"]
+    elif last.get("epoch"):
+        steps_per_epoch = round(last["step"] / last["epoch"])
+    else:
+        steps_per_epoch = None
+    return {
+        "final_train_loss": train[-1]["loss"] if train else None,
+        "mean_train_loss": summary.get("train_loss"),
+        "eval_loss_per_epoch": [e["eval_loss"] for e in evals],
+        "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
+        "train_samples_per_second": summary.get("train_samples_per_second"),
+        "eval_samples_per_second": evals[-1].get("eval_samples_per_second") if evals else None,
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": last.get("step"),
+        "epochs_done": last.get("epoch"),
+        "train_runtime_s": summary.get("train_runtime"),
+    }
+
+
+def nvidia_smi_peaks(gpu_csv: dict[str, list[dict]]) -> dict[str, float]:
+    """Largest memory.used of any GPU, per host, in GiB (nvidia-smi's MiB / 1024)."""
+    return {host: max(s["memory_used_mib"] for s in samples) / 1024 for host, samples in gpu_csv.items() if samples}
+
+
+def host_memory_peaks(host_csv: dict[str, list[dict]]) -> dict[str, float]:
+    return {host: max(s["used_mib"] for s in samples) / 1024 for host, samples in host_csv.items() if samples}
+
+
+def _first(*values):
+    return next((v for v in values if v is not None), None)
+
+
+def _ds_config(run: Run) -> dict | None:
+    """The run's DeepSpeed JSON: config.json's copy, else the file its training arguments name."""
+    cfg = run.config
+    if isinstance(cfg.get("deepspeed_config"), dict):
+        return cfg["deepspeed_config"]
+    ds = (cfg.get("training") or {}).get("deepspeed")
+    if isinstance(ds, dict):
+        return ds
+    if isinstance(ds, str):
+        for candidate in (Path(ds), run.path / Path(ds).name):
+            if candidate.is_file():
+                try:
+                    return json.loads(candidate.read_text())
+                except ValueError:
+                    return None
+    return None
+
+
+def settings(run: Run) -> dict:
+    """Who ran what: metrics.json's labels first, config.json where metrics.json is missing (a failed run)."""
+    m, cfg = run.metrics, run.config
+    training, env = cfg.get("training") or {}, cfg.get("environment") or {}
+    data, labels = cfg.get("data") or {}, cfg.get("labels") or {}
+    ds_stage, ds_opt, ds_param = est.deepspeed_choices(_ds_config(run))
+    deepspeed = _first(m.get("deepspeed"), labels.get("deepspeed"))
+    if deepspeed is None and isinstance(training.get("deepspeed"), str):
+        deepspeed = Path(training["deepspeed"]).name
+    stage = m.get("zero_stage") if "zero_stage" in m else ds_stage
+    micro = _first(m.get("per_device_train_batch_size"), training.get("per_device_train_batch_size"))
+    accum = _first(m.get("gradient_accumulation_steps"), training.get("gradient_accumulation_steps"))
+    world = _first(m.get("world_size"), env.get("world_size"), 1)
+    return {
+        "run": run.name,
+        "status": run.status.get("status") or ("completed" if m else None),
+        "stage": _first(m.get("stage"), labels.get("stage"), (cfg.get("workshop") or {}).get("stage"),
+                        run.path.parent.name),
+        "run_id": _first(m.get("run_id"), labels.get("run_id"), run.path.name),
+        "model": _first(m.get("model"), labels.get("model"), (cfg.get("model") or {}).get("model_name_or_path")),
+        "dataset": _first(m.get("dataset"), labels.get("dataset"), data.get("dataset_name")),
+        "device": env.get("device"),
+        "precision": _first(m.get("precision"), training.get("precision")),
+        "deepspeed": deepspeed,
+        "zero_stage": stage,
+        "offload_optimizer": m.get("offload_optimizer") if "offload_optimizer" in m else ds_opt,
+        "offload_param": m.get("offload_param") if "offload_param" in m else ds_param,
+        "world_size": world,
+        "num_nodes": _first(m.get("num_nodes"), env.get("num_nodes"), 1),
+        "per_device_train_batch_size": micro,
+        "gradient_accumulation_steps": accum,
+        "global_batch_size": _first(m.get("global_batch_size"),
+                                    micro * accum * world if micro and accum and world else None),
+        "max_seq_length": _first(m.get("max_seq_length"), data.get("max_seq_length")),
+        "epochs": _first(m.get("epochs"), training.get("num_train_epochs")),
+    }
+
+
+def setting_label(row: dict) -> str:
+    """'Trainer', 'ZeRO-2', 'ZeRO-3 + opt cpu + params cpu', with ' x8 GPUs' when more than one."""
+    label = "Trainer" if row.get("zero_stage") is None else f"ZeRO-{row['zero_stage']}"
+    if row.get("offload_optimizer"):
+        label += f" + opt {row['offload_optimizer']}"
+    if row.get("offload_param"):
+        label += f" + params {row['offload_param']}"
+    if (row.get("world_size") or 1) > 1:
+        label += f" x{row['world_size']} GPUs"
+    return label
+
+
+def _seq_len_at_peak(run: Run) -> int | None:
+    """Tokens per sample in the longest batch: dynamic padding pads each batch only to its longest sample."""
+    m, cfg = run.metrics, run.config
+    data, stats = cfg.get("data") or {}, cfg.get("data_stats") or {}
+    max_len = _first(m.get("max_seq_length"), data.get("max_seq_length"))
+    longest = _first(m.get("length_max"), stats.get("length_max"))
+    if data.get("pad_to_max_length") or longest is None:
+        seq = max_len
+    else:
+        seq = min(longest, max_len) if max_len else longest
+    if seq and (cfg.get("environment") or {}).get("device", "cpu") != "cpu":
+        seq = math.ceil(seq / 8) * 8  # the collator pads to a multiple of 8 on GPUs
+    return int(seq) if seq else None
+
+
+def _model_description(run: Run, name: str | None) -> dict | None:
+    """n_params, shape and model_type from config.json's model_info, the saved model's config, or the known shapes."""
+    info = dict(run.config.get("model_info") or {})
+    saved = _read_json(run.path / "model" / "config.json") or {}
+    known = {}
+    if name:
+        try:
+            archs = est._known_architectures()
+            known = archs.get(name) or archs.get(f"bigscience/{name}") or {}
+        except ImportError:
+            known = {}
+    desc = {
+        "n_params": info.get("n_params"),
+        "n_layers": _first(info.get("n_layers"), saved.get("num_hidden_layers"), saved.get("n_layer"),
+                           known.get("n_layer")),
+        "hidden": _first(info.get("hidden_size"), saved.get("hidden_size"), saved.get("n_embd"),
+                         known.get("hidden_size"), known.get("n_embd")),
+        "heads": _first(info.get("n_heads"), saved.get("num_attention_heads"), saved.get("n_head"),
+                        known.get("n_head")),
+        "vocab": _first(info.get("vocab_size"), saved.get("vocab_size"), known.get("vocab_size")),
+        "model_type": _first(info.get("model_type"), saved.get("model_type"), known.get("model_type"), "unknown"),
+        "largest_layer_params": info.get("largest_layer_params"),
+    }
+    if any(desc[k] is None for k in ("n_params", "n_layers", "hidden", "heads", "vocab")):
+        return None
+    return desc
+
+
+def predict(run: Run, row: dict) -> est.Estimate | None:
+    """workshop.estimate's prediction for this run's settings; None where the run folder lacks the model's shape."""
+    desc = _model_description(run, row.get("model"))
+    seq = _seq_len_at_peak(run)
+    micro = row.get("per_device_train_batch_size")
+    precision = row.get("precision") if row.get("precision") in ("bf16", "fp16", "fp32") else None
+    if desc is None or not seq or not micro or precision is None:
+        return None
+    attn = (run.config.get("model") or {}).get("attn_implementation") or (
+        "eager" if desc["model_type"] == "bloom" else "sdpa")  # BLOOM has no fused attention in transformers
+    try:
+        return est.estimate(
+            desc["n_params"], desc["n_layers"], desc["hidden"], desc["heads"], desc["vocab"], seq, micro,
+            row.get("zero_stage"), row.get("offload_optimizer"), row.get("offload_param"), row.get("world_size") or 1,
+            precision, num_nodes=row.get("num_nodes") or 1, model_type=desc["model_type"], attn_implementation=attn,
+            largest_layer_params=desc["largest_layer_params"],
+            deepspeed=est.DeepSpeedSettings.from_config(_ds_config(run), desc["hidden"]),
+            gradient_checkpointing=bool((run.config.get("training") or {}).get("gradient_checkpointing")))
+    except WorkshopError:
+        return None
+
+
+def summarize(run: Run) -> dict:
+    """One row of the comparison: settings, the workshop's table, measured and predicted memory."""
+    m = run.metrics
+    row = settings(run)
+    row["setting"] = setting_label(row)
+    hist = from_log_history(run.log_history)
+    row.update(hist)
+    if row["epochs"] is None:
+        row["epochs"] = hist["epochs_done"]
+    del row["epochs_done"]
+    steps = run.steps
+    runtime, epochs = hist["train_runtime_s"], row["epochs"]
+    # Without metrics.json: the Trainer's runtime per epoch (evaluation included) and steps.jsonl's tokens.
+    row["time_per_epoch_s"] = _first(m.get("time_per_epoch_s"),
+                                     runtime / epochs if runtime and epochs else None)
+    row["tokens_per_second"] = _first(m.get("tokens_per_second"), _tokens_per_second(steps))
+    row["mfu"] = m.get("mfu")
+    row["peak_gpu_allocated_gib"] = _first(m.get("peak_gpu_allocated_gib"),
+                                           _max(steps, "gpu_peak_allocated_gib"))
+    row["peak_gpu_reserved_gib"] = _first(m.get("peak_gpu_reserved_gib"), _max(steps, "gpu_peak_reserved_gib"))
+    smi = nvidia_smi_peaks(run.gpu_csv)
+    row["peak_nvidia_smi_gib"] = max(smi.values()) if smi else None
+    row["nvidia_smi_peak_by_host"] = smi
+    row["gpu_name"] = next((s["name"] for samples in run.gpu_csv.values() for s in samples if s["name"]), None)
+    host = host_memory_peaks(run.host_csv)
+    row["peak_host_used_gib"] = max(host.values()) if host else None
+    row["host_used_peak_by_host"] = host
+    row["peak_host_rss_gib"] = _first(m.get("peak_host_rss_gib"), _max(steps, "host_rss_gib"))
+    prediction = predict(run, row)
+    row["predicted_peak_allocated_gib"] = prediction.peak_allocated_bytes / GIB if prediction else None
+    row["predicted_gpu_total_gib"] = prediction.gpu_total_bytes / GIB if prediction else None
+    row["predicted_host_gib"] = prediction.host_bytes / GIB if prediction else None
+    row["allocated_over_predicted"] = (row["peak_gpu_allocated_gib"] / row["predicted_peak_allocated_gib"]
+                                       if row["peak_gpu_allocated_gib"] and prediction else None)
+    row["nvidia_smi_over_predicted"] = (row["peak_nvidia_smi_gib"] / row["predicted_gpu_total_gib"]
+                                        if row["peak_nvidia_smi_gib"] and prediction else None)
+    row["exact_match"], row["f1"] = m.get("exact_match"), m.get("f1")
+    row["error"] = run.status.get("error")
+    row["run_dir"] = str(run.path)
+    return row
+
+
+def _tokens_per_second(steps: list[dict]) -> float | None:
+    """All useful tokens over all training time: each steps.jsonl row covers the time since the last one."""
+    rows = [s for s in steps if s.get("tokens") and s.get("tokens_per_s")]
+    seconds = sum(s["tokens"] / s["tokens_per_s"] for s in rows)
+    return sum(s["tokens"] for s in rows) / seconds if seconds else None
+
+
+def _max(rows: list[dict], key: str):
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return max(values) if values else None
+
+
+SCALING_KEYS = ("model", "dataset", "precision", "zero_stage", "offload_optimizer", "offload_param",
+                "per_device_train_batch_size", "gradient_accumulation_steps", "max_seq_length")
+
+
+def add_scaling_efficiency(rows: list[dict]) -> None:
+    """efficiency = (samples/s at N GPUs / N) / (samples/s at N0 / N0), N0 the smallest GPU count of runs
+    that differ only in their GPU count. 1.0 is perfect scaling; the smallest run is 1.0 by definition."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        row["scaling_efficiency"] = None
+        if row.get("train_samples_per_second") and row.get("world_size"):
+            groups.setdefault(tuple(row.get(k) for k in SCALING_KEYS), []).append(row)
+    for members in groups.values():
+        if len({r["world_size"] for r in members}) < 2:
+            continue
+        smallest = min(r["world_size"] for r in members)
+        base = [r["train_samples_per_second"] / r["world_size"] for r in members if r["world_size"] == smallest]
+        per_gpu = sum(base) / len(base)
+        for r in members:
+            r["scaling_efficiency"] = r["train_samples_per_second"] / r["world_size"] / per_gpu
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables
+# ----------------------------------------------------------------------------------------------
+def _show(value, key: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
+        if key == "mfu" or key.endswith("efficiency") or key.endswith("_over_predicted"):
+            return f"{100 * value:.1f}%"
+        if key.endswith("_gib"):
+            return f"{value:.2f}"
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return ", ".join(_show(v, key) for v in value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {_show(v, key)}" for k, v in value.items())
+    return str(value).replace("|", "\\|")
+
+
+def format_table(metrics: dict) -> str:
+    """A run's metrics (metrics.json) as a two-column Markdown table; train.py prints it at the end of a run."""
+    lines = ["| metric | value |", "|---|---|"]
+    lines += [f"| {key} | {_show(value, key)} |" for key, value in metrics.items()]
+    return "\n".join(lines)
+
+
+# (header, row key) of the side-by-side comparison; the CSV holds every key.
+COMPARISON = [
+    ("run", "run"), ("setting", "setting"), ("model", "model"), ("status", "status"),
+    ("micro-batch", "per_device_train_batch_size"), ("final train loss", "final_train_loss"),
+    ("eval loss per epoch", "eval_loss_per_epoch"), ("train samples/s", "train_samples_per_second"),
+    ("eval samples/s", "eval_samples_per_second"), ("steps/epoch", "steps_per_epoch"),
+    ("time/epoch (s)", "time_per_epoch_s"), ("tokens/s", "tokens_per_second"), ("MFU", "mfu"),
+    ("scaling efficiency", "scaling_efficiency"),
+]
+MEMORY = [
+    ("run", "run"), ("setting", "setting"), ("GPU", "gpu_name"),
+    ("peak allocated (PyTorch)", "peak_gpu_allocated_gib"), ("predicted", "predicted_peak_allocated_gib"),
+    ("measured / predicted", "allocated_over_predicted"), ("peak reserved (PyTorch)", "peak_gpu_reserved_gib"),
+    ("peak nvidia-smi", "peak_nvidia_smi_gib"), ("predicted nvidia-smi", "predicted_gpu_total_gib"),
+    ("peak host used", "peak_host_used_gib"), ("peak host RSS", "peak_host_rss_gib"),
+    ("predicted host", "predicted_host_gib"),
+]
+
+
+def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    lines = ["| " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_show(r.get(k), k) for _, k in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def comparison_markdown(rows: list[dict]) -> str:
+    return "\n".join([
+        "## Training", "", markdown_table(rows, COMPARISON), "",
+        "## Memory (GiB per GPU; host: per node)", "", markdown_table(rows, MEMORY), "",
+        "Peak allocated/reserved: torch.cuda.max_memory_allocated/reserved on rank 0. nvidia-smi: the largest "
+        "memory.used of any GPU in gpu_memory-<host>.csv, which adds the allocator's cache and the CUDA context. "
+        "Predicted: `workshop estimate` for the run's model, stage, offload, micro-batch, longest batch and GPU count.",
+    ])
+
+
+def to_csv(rows: list[dict]) -> str:
+    keys = list(rows[0]) if rows else []
+    for row in rows[1:]:
+        keys += [k for k in row if k not in keys]
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=keys, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in row.items()})
+    return out.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+def default_out(paths: list[str], runs: list[Path]) -> Path:
+    if len(runs) == 1:
+        return runs[0]
+    if len(paths) == 1 and not is_run_dir(Path(paths[0])):
+        return Path(paths[0]) / "report"
+    return Path("logs") / "report"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="workshop report",
+        description="The workshop's metrics table for each run folder, a side-by-side comparison (Markdown, CSV) "
+                    "and plots (PNG), with the predicted memory beside the measured one.")
+    p.add_argument("paths", nargs="*", default=["logs"],
+                   help="run folders, or folders to search for them (default: logs/)")
+    p.add_argument("--out", default=None,
+                   help="where report.md, report.csv and the plots go (default: the run folder for one run, "
+                        "<folder>/report for one searched folder, else logs/report)")
+    p.add_argument("--no_plots", action="store_true", help="tables only (no matplotlib needed)")
+    return p
+
+
+def write_report(runs: list[Run], out: Path, plots: bool = True) -> dict:
+    """Writes report.md, report.csv and the plots into out; returns {"rows": ..., "files": [...]}."""
+    rows = [summarize(run) for run in runs]
+    add_scaling_efficiency(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    images = []
+    if plots:
+        from workshop import plots as plotting
+
+        images = plotting.write_plots(runs, rows, out)
+    title = f"# Workshop report: {rows[0]['run']}" if len(rows) == 1 else f"# Workshop report: {len(rows)} runs"
+    parts = [title, "", comparison_markdown(rows)]
+    if len(rows) == 1:
+        parts += ["", "## Metrics", "", format_table(_workshop_table(rows[0]))]
+    parts += [""] + [f"![{p.stem}]({p.name})" for p in images]
+    write_text(out / "report.md", "\n".join(parts) + "\n")
+    write_text(out / "report.csv", to_csv(rows))
+    files += [out / "report.md", out / "report.csv", *images]
+    return {"rows": rows, "files": files, "markdown": comparison_markdown(rows)}
+
+
+def _workshop_table(row: dict) -> dict:
+    skip = {"run", "run_dir", "setting", "nvidia_smi_peak_by_host", "host_used_peak_by_host"}
+    return {k: v for k, v in row.items() if k not in skip}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run_dirs = find_run_dirs(args.paths)
+        if not run_dirs:
+            raise WorkshopError(f"no run folders (with metrics.json or log_history.json) under {' '.join(args.paths)}: "
+                                "give logs/ or a logs/<stage>/<run id> folder")
+        runs = [load_run(p) for p in run_dirs]
+        out = Path(args.out) if args.out else default_out(args.paths, run_dirs)
+        result = write_report(runs, out, plots=not args.no_plots)
+    except WorkshopError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    print(result["markdown"])
+    print("\nwritten: " + ", ".join(str(f) for f in result["files"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
