@@ -99,10 +99,16 @@ def load_hub_dataset(path: str, name: str | None = None):
     try:
         return datasets.load_dataset(path, name)
     except (ConnectionError, FileNotFoundError, OSError, ValueError) as e:
-        flag = "--dataset_name"
+        from workshop import prefetch  # imported here: prefetch imports this module
+
+        dataset = {SQUAD_HUB_ID: "squad", WIKITEXT_HUB_ID[0]: "wikitext"}.get(path, path)
+        fetch = (f"run `{prefetch.dataset_command(dataset, name)}` on a login node with internet, "
+                 "or use --train_file with local data")
+        if datasets.config.HF_HUB_OFFLINE:  # HF_DATASETS_OFFLINE=1 or HF_HUB_OFFLINE=1
+            raise WorkshopError(f"--dataset_name {dataset} is not in the local cache and the hub is offline: "
+                                f"{fetch}") from None
         reason = str(e).strip().splitlines()[0][:160]
-        raise WorkshopError(f"{flag}: could not load {path} ({reason}): run `workshop prefetch --dataset_name ...` "
-                            "on a machine with internet, or use --train_file with local data") from None
+        raise WorkshopError(f"--dataset_name {dataset}: could not load {path} ({reason}): {fetch}") from None
 
 
 def squad_from_hub(path: str = SQUAD_HUB_ID) -> tuple[list[dict], list[dict]]:

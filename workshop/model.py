@@ -10,7 +10,6 @@ weights: that is how the tiny CPU runs, the tests and the GPU benchmarks work of
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
@@ -41,11 +40,18 @@ KNOWN_ARCHITECTURES: dict[str, dict] = {
 TINY_MODELS = ("tiny-gpt2", "tiny-bloom")
 
 
-def _not_found(flag: str, name: str, error: Exception) -> WorkshopError:
+def _not_found(flag: str, name: str, error: Exception, model_args) -> WorkshopError:
+    import huggingface_hub
+
+    from workshop import prefetch  # imported here: prefetch imports this module
+
     reason = str(error).strip().splitlines()[0][:160]
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        return WorkshopError(f"{flag} {name} is not in the local cache and the hub is offline: run "
-                             f"`workshop prefetch {flag} {name}` on a machine with internet first")
+    fetch = f"run `{prefetch.model_command(model_args)}` on a login node with internet"
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return WorkshopError(f"{flag} {name} is not in the local cache and the hub is offline: {fetch} first")
+    if "couldn't connect" in reason:  # a compute node without internet, HF_HUB_OFFLINE not exported
+        return WorkshopError(f"{flag} {name} is not in the local cache and the hub is out of reach: {fetch}, "
+                             "then export HF_HUB_OFFLINE=1 for the job")
     return WorkshopError(f"{flag} {name} could not be loaded ({reason}): check the name or the local path")
 
 
@@ -60,7 +66,7 @@ def load_tokenizer(model_args) -> "PreTrainedTokenizerBase":  # noqa: F821
         try:
             tokenizer = AutoTokenizer.from_pretrained(name)
         except (OSError, ValueError) as e:
-            raise _not_found(flag, name, e) from None
+            raise _not_found(flag, name, e, model_args) from None
     if tokenizer.pad_token is None:
         # GPT-2 and friends ship without one. Padding is masked from loss and attention, so reusing
         # EOS is safe: the labels mark padding by position, never by token id.
@@ -80,7 +86,7 @@ def model_config(model_args, tokenizer) -> PretrainedConfig:
         try:
             config = AutoConfig.from_pretrained(name)
         except (OSError, ValueError) as e:
-            raise _not_found("--model_name_or_path", name, e) from None
+            raise _not_found("--model_name_or_path", name, e, model_args) from None
     for key, value in _special_tokens(tokenizer).items():
         setattr(config, key, value)
     return config
@@ -89,6 +95,17 @@ def model_config(model_args, tokenizer) -> PretrainedConfig:
 def _special_tokens(tokenizer) -> dict:
     return {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
             "bos_token_id": tokenizer.bos_token_id}
+
+
+def prefer_shape_agnostic_attention() -> None:
+    """Keep PyTorch's fused attention off its cuDNN backend.
+
+    With dynamic padding nearly every batch has a new sequence length, and cuDNN's attention builds
+    a new execution plan for each one (a third of a second apiece on an H100); the flash and
+    memory-efficient kernels need no such step.
+    """
+    if torch.cuda.is_available():
+        torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def max_positions(config: PretrainedConfig) -> int | None:
@@ -106,7 +123,7 @@ def build_model(model_args, tokenizer, config: PretrainedConfig) -> torch.nn.Mod
             model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, config=config,
                                                          dtype=torch.float32, **kwargs)
         except (OSError, ValueError) as e:
-            raise _not_found("--model_name_or_path", model_args.model_name_or_path, e) from None
+            raise _not_found("--model_name_or_path", model_args.model_name_or_path, e, model_args) from None
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     return model
