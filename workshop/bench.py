@@ -271,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="Flags passed to every `workshop train` run (put last), e.g. --extra --torch_compile.")
     args = p.parse_args(argv)
     out = Path(args.out or f"logs/bench/{dt.datetime.now():%Y%m%d-%H%M%S}")
+    if out.exists() and any(out.iterdir()):
+        print(f"error: --out {out} is not empty: give a new folder (earlier results stay untouched)", file=sys.stderr)
+        return 2
     data = write_data(out / "data", args.samples, args.eval_samples)
     rows = []
     for model in args.models:

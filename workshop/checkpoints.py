@@ -84,6 +84,9 @@ class StopOnSignal(TrainerCallback):
     def __init__(self):
         self.received: str | None = None
         self.stopped_at: int | None = None
+        # The job scripts start training with SIGUSR1 ignored, so that a late signal (SLURM signals
+        # every process again when it ends a job) never kills a rank: that is what goes back after.
+        self.previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
         # Ranks may see the signal a step apart; a tiny all-reduce on a CPU (gloo) group each step
@@ -118,6 +121,6 @@ class StopOnSignal(TrainerCallback):
             control.should_save = False
         return control
 
-    def restore_default_handlers(self) -> None:
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, signal.SIG_DFL)
+    def restore_handlers(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)

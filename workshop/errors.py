@@ -10,3 +10,9 @@ class WorkshopError(Exception):
     """Bad input that the user can fix; the message says how."""
 
     exit_code = 2
+
+
+class OutOfMemory(WorkshopError):
+    """The GPU ran out of memory; the message gives the peak, the estimate and what to try next."""
+
+    exit_code = 3

@@ -27,11 +27,11 @@ import torch
 import transformers
 
 from workshop import config as cfg
-from workshop import data_loader, distributed, evaluation, files
+from workshop import data_loader, distributed, ds_preflight, evaluation, files
 from workshop import model as models
 from workshop.callbacks import MeasureCallback, all_ranks_sum, peak_flops
 from workshop.checkpoints import StopOnSignal, WorkshopTrainer, complete_checkpoints
-from workshop.errors import WorkshopError
+from workshop.errors import OutOfMemory, WorkshopError
 from workshop.report import format_table
 
 log = logging.getLogger("workshop")
@@ -172,12 +172,39 @@ def run(argv: list[str]) -> dict:
     try:
         return _train(run_dir, model_args, data_args, ws_args, training_args, tokenizer, model_config, prepared,
                       launch)
+    except torch.cuda.OutOfMemoryError:
+        message = oom_message(model_config, data_args, training_args)
+        if distributed.is_main():
+            files.write_json(run_dir / "status.json", {"status": "oom", "error": message})
+        raise OutOfMemory(message) from None
     except BaseException as error:
         # The run folder says what happened; earlier results elsewhere are untouched.
-        status = "oom" if isinstance(error, torch.cuda.OutOfMemoryError) else "failed"
         if distributed.is_main():
-            files.write_json(run_dir / "status.json", {"status": status, "error": _first_line(error)})
+            files.write_json(run_dir / "status.json", {"status": "failed", "error": _first_line(error)})
         raise
+
+
+def oom_message(model_config, data_args, training_args) -> str:
+    """One line: how far memory got, what this setup should need, and the next things to try."""
+    from workshop import estimate
+
+    ds = training_args.deepspeed or {}
+    stage = ds_preflight.zero_stage(ds) if ds else None
+    offload = ds_preflight.offload_devices(ds) if ds else {"offload_optimizer": None, "offload_param": None}
+    micro, accum = training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps
+    predicted = estimate.estimate_for_shape(
+        estimate.shape_from_config(model_config), data_args.max_seq_length, micro, stage,
+        offload["offload_optimizer"], offload["offload_param"], distributed.world_size(), training_args.precision,
+        distributed.num_nodes(), ds or None, gradient_checkpointing=training_args.gradient_checkpointing)
+    peak = torch.cuda.max_memory_reserved() / GIB if torch.cuda.is_available() else float("nan")
+    card = torch.cuda.get_device_properties(0).total_memory / GIB if torch.cuda.is_available() else float("nan")
+    smaller = (f"--per_device_train_batch_size {micro // 2} --gradient_accumulation_steps {accum * 2}"
+               if micro > 1 else "--gradient_checkpointing")
+    next_stage = {None: "ds_configs/zero2.json on several GPUs", 0: "ds_configs/zero2.json", 1: "ds_configs/zero2.json",
+                  2: "ds_configs/zero3.json", 3: "ds_configs/zero3_offload_all.json"}[stage]
+    return (f"out of GPU memory (reserved {peak:.1f} GiB of the card's {card:.1f} GiB; `workshop estimate` predicts "
+            f"{predicted.peak_allocated_bytes / GIB:.1f} GiB allocated for this setup): try {smaller} (same global "
+            f"batch), then --gradient_checkpointing, then {next_stage}, then CPU offload (ds_configs/zero3_offload.json)")
 
 
 def _first_line(error: BaseException) -> str:
@@ -194,15 +221,24 @@ def _train(run_dir, model_args, data_args, ws_args, training_args, tokenizer, mo
     # Same seed, same initial weights, whichever stage runs (the launchers consume RNG differently).
     transformers.set_seed(training_args.seed)
     models.prefer_shape_agnostic_attention()
-    model = models.build_model(model_args, tokenizer, model_config)
     n_params = models.count_parameters(model_config)
+    ds_config = training_args.deepspeed
+    if ds_config:
+        # Host memory, NVMe room, async_io, the CUDA arch list: before DeepSpeed builds anything.
+        ds_preflight.check_resources(ds_config, n_params, training_args, distributed.num_nodes(),
+                                     f"--deepspeed {training_args.deepspeed_file}")
+    model = models.build_model(model_args, tokenizer, model_config)
     shape = models.shape(model_config)
     run_info = {
         "labels": {
             "run_id": run_dir.name, "stage": ws_args.stage, "model": model_args.model_name_or_path,
             "dataset": data_args.train_file or data_args.dataset_name,
-            "deepspeed": Path(training_args.deepspeed).name if isinstance(training_args.deepspeed, str) else None,
+            "deepspeed": Path(training_args.deepspeed_file).name if training_args.deepspeed_file else None,
+            "zero_stage": ds_preflight.zero_stage(ds_config) if ds_config else None,
+            **(ds_preflight.offload_devices(ds_config) if ds_config else
+               {"offload_optimizer": None, "offload_param": None}),
         },
+        "deepspeed_config": ds_config,
         "model": vars(model_args), "data": vars(data_args), "workshop": {**vars(ws_args), "launch": launch},
         "training": training_args.to_dict(), "environment": environment(),
         "model_info": {"n_params": n_params, **shape, "seq_len": prepared.stats["length_mean"],
@@ -241,7 +277,7 @@ def _train(run_dir, model_args, data_args, ws_args, training_args, tokenizer, mo
     try:
         trainer.train(resume_from_checkpoint=resume)
     finally:
-        stop.restore_default_handlers()
+        stop.restore_handlers()
     if stop.stopped_at is not None:
         if distributed.is_main():
             files.write_json(run_dir / "log_history.json", trainer.state.log_history)

@@ -1,0 +1,424 @@
+"""Checks on a DeepSpeed JSON before any GPU time is spent (PITFALLS #1, #4, #7, #8).
+
+Each check raises ``WorkshopError`` with one line that names the file or flag and the fix.
+``workshop train`` runs them in two steps: the file's own checks (``resolve_config``, ``check_keys``,
+``check_trainer_conflicts``) when the training arguments are parsed, since the Trainer reads the JSON
+there, and ``check_resources`` once the model's size is known, before DeepSpeed builds anything.
+
+The NVMe offload config says ``"nvme_path": "auto"``: the folder is only known when the job is
+submitted (each cluster mounts its node-local NVMe elsewhere), so ``resolve_config`` fills it in
+from ``--nvme_path``, the same way the Trainer fills every other ``"auto"``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import psutil
+import torch
+
+from workshop.errors import WorkshopError
+
+logger = logging.getLogger(__name__)
+
+GIB = 1024**3
+
+# Bytes per parameter that offloading keeps off the GPU; DeepSpeed's own estimators
+# (deepspeed.runtime.zero.stage3.estimate_zero3_model_states_mem_needs) count the same:
+# fp32 master weights 4 + Adam momentum 4 + Adam variance 4 + fp32 gradients 4 = 16 for the optimizer,
+# and the parameters themselves (stage 3) add 2 bytes each in fp16/bf16, 4 in fp32.
+OPTIMIZER_BYTES_PER_PARAM = 16
+
+# What DeepSpeed's op builder parses in TORCH_CUDA_ARCH_LIST (ops/op_builder/builder.py,
+# compute_capability_args: int() of each dot-separated part, "+PTX" stripped). "9.0a" is valid for
+# PyTorch but makes DeepSpeed crash with "invalid literal for int() with base 10: '0a'".
+_PARSABLE_ARCH = re.compile(r"\d+\.\d+(\+PTX)?")
+
+
+def load_config(path: str) -> dict:
+    """The JSON at ``path`` as a dict, with errors that give the line to fix."""
+    source = f"--deepspeed {path}"
+
+    def refuse_duplicates(pairs):
+        # json keeps the last of two equal keys silently; DeepSpeed's own loader refuses them.
+        keys = [key for key, _ in pairs]
+        for key in keys:
+            if keys.count(key) > 1:
+                raise WorkshopError(f"{source}: key '{key}' appears twice in one section; keep one")
+        return dict(pairs)
+
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise WorkshopError(f"{source}: no such file; pick one of ds_configs/*.json "
+                            "(ds_configs/README.md says which)") from None
+    except OSError as error:
+        raise WorkshopError(f"{source}: cannot read it ({error.strerror}); pass a JSON file") from None
+    try:
+        config = json.loads(text, object_pairs_hook=refuse_duplicates)
+    except json.JSONDecodeError as error:
+        raise WorkshopError(f"{source}: invalid JSON at line {error.lineno} column {error.colno}: {error.msg} "
+                            "(JSON has no comments or trailing commas)") from None
+    if not isinstance(config, dict):
+        raise WorkshopError(f"{source}: expected a JSON object {{...}} at the top, found {type(config).__name__}")
+    return config
+
+
+def resolve_config(path: str, nvme_path: str | None) -> dict:
+    """The JSON at ``path`` with every ``"nvme_path": "auto"`` replaced by ``nvme_path``."""
+    source = f"--deepspeed {path}"
+    config = load_config(path)
+
+    def fill(section: dict) -> None:
+        for key, value in section.items():
+            if isinstance(value, dict):
+                fill(value)
+            elif key == "nvme_path" and value == "auto":
+                if nvme_path is None:
+                    raise WorkshopError(f"{source} offloads to NVMe: pass --nvme_path DIR, a folder on the "
+                                        "compute node's local NVMe disk")
+                section[key] = str(nvme_path)
+
+    fill(config)
+    return config
+
+
+# ---------------------------------------------------------------------------------------------------
+# Keys: DeepSpeed ignores a misspelled key in most sections, and in the others (pydantic models) it
+# drops any key whose value is "auto" before validating. So a typo costs a whole run before anyone
+# notices. The accepted keys are read off the installed DeepSpeed itself: for each section we hand
+# its config parser a dict that records which keys it asks for, or, for sections it validates with
+# a pydantic model, read the model's fields and aliases (e.g. stage3_prefetch_bucket_size).
+
+_PROBE = "__workshop_probe__"
+_MAX_DEPTH = 4  # data_efficiency.data_sampling.curriculum_learning.<key> is DeepSpeed's deepest
+
+
+class _AskedKeys(dict):
+    """A config section that remembers every key DeepSpeed's parser asks it for."""
+
+    def __init__(self, items: dict):
+        super().__init__(items)
+        self.asked: set = set()
+
+    def get(self, key, default=None):
+        self.asked.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key):
+        self.asked.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key):
+        self.asked.add(key)
+        return super().__contains__(key)
+
+    def keys(self):
+        # DeepSpeed tests most sections with `key in section.keys()`
+        return _KeysView(self)
+
+    def __copy__(self):
+        # DeepSpeedConfig parses a shallow copy of what it is given: keep recording on this one
+        return self
+
+
+class _KeysView:
+    def __init__(self, section: _AskedKeys):
+        self._section = section
+
+    def __contains__(self, key):
+        return key in self._section
+
+    def __iter__(self):
+        return iter(dict.keys(self._section))
+
+    def __len__(self):
+        return len(self._section)
+
+
+class _Removed(str):
+    """DeepSpeed's own message for a key it no longer supports."""
+
+
+def _model_keys(model) -> dict:
+    """{field name or alias: nested keys or None} for a DeepSpeed pydantic config model."""
+    import typing
+
+    from pydantic import BaseModel
+
+    keys = {}
+    for name, field in model.model_fields.items():
+        nested = None
+        for candidate in (field.annotation, *typing.get_args(field.annotation)):  # Optional[Model] too
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                nested = _model_keys(candidate)
+        keys[name] = nested
+        if field.alias:
+            keys[field.alias] = nested
+    return keys
+
+
+def _keys_from_validation_error(error) -> dict | None:
+    """The keys of the pydantic model that refused the probe key, or None if it was another error."""
+    from deepspeed.runtime.config_utils import DeepSpeedConfigModel
+
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    for detail in error.errors():
+        location = detail["loc"]
+        if detail["type"] != "extra_forbidden" or location[-1] != _PROBE:
+            continue
+        for model in subclasses(DeepSpeedConfigModel):
+            if model.__name__ == error.title:
+                keys = _model_keys(model)
+                for key in location[:-1]:  # the probe sat in a nested model, e.g. monitor -> tensorboard
+                    keys = keys[key]
+                return keys
+    return None
+
+
+def _probe(path: tuple) -> dict | _Removed | None:
+    """What DeepSpeed accepts under ``path``: {key: nested or None}, None for any value, or _Removed."""
+    import pydantic
+    from deepspeed.runtime.config import DeepSpeedConfig, DeepSpeedConfigError
+
+    section = _AskedKeys({_PROBE: 0})
+    config = section
+    for key in reversed(path):
+        config = {key: config}
+    config = {"train_micro_batch_size_per_gpu": 1, **config}  # DeepSpeedConfig insists on a batch size
+    try:
+        DeepSpeedConfig(config)
+    except pydantic.ValidationError as error:
+        keys = _keys_from_validation_error(error)
+        if keys is not None:
+            return keys
+    except DeepSpeedConfigError as error:
+        if len(path) == 1 and not section.asked:  # refused by name, before looking inside
+            return _Removed(str(error))
+    except Exception:
+        pass  # the section is a scalar, or needs keys the probe lacks; what was asked is recorded anyway
+    asked = section.asked - {_PROBE}
+    if not asked:
+        return None
+    return {key: _probe(path + (key,)) if len(path) < _MAX_DEPTH else None for key in asked}
+
+
+@functools.lru_cache(maxsize=1)
+def accepted_keys() -> dict:
+    """Every key the installed DeepSpeed reads: {key: nested keys, None (any value) or _Removed}."""
+    from deepspeed.runtime.constants import OPTIMIZER, OPTIMIZER_PARAMS, SCHEDULER, SCHEDULER_PARAMS
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.utils import logger as ds_logger
+
+    level = ds_logger.level
+    ds_logger.setLevel(logging.ERROR)  # every probe would log DeepSpeedConfig's world size
+    try:
+        top = _AskedKeys({"train_micro_batch_size_per_gpu": 1})
+        DeepSpeedConfig(top)
+        keys = {key: _probe((key,)) for key in top.asked}
+    finally:
+        ds_logger.setLevel(level)
+    # DeepSpeed reads optimizer.params / scheduler.params only once "type" is set, and passes them as
+    # keyword arguments to the optimizer or scheduler, which rejects unknown names itself.
+    for section, params in ((OPTIMIZER, OPTIMIZER_PARAMS), (SCHEDULER, SCHEDULER_PARAMS)):
+        keys[section] = {**(keys.get(section) or {}), params: None}
+    return keys
+
+
+def check_keys(config: dict, source: str) -> None:
+    """Every key, in every section, is one the installed DeepSpeed accepts; else name the closest."""
+    import deepspeed
+
+    problems = []
+
+    def walk(section: dict, accepted: dict, prefix: str) -> None:
+        for key, value in section.items():
+            where = prefix + key
+            if key not in accepted:
+                close = difflib.get_close_matches(key, list(accepted), n=1, cutoff=0.6)
+                hint = f"did you mean '{prefix}{close[0]}'?" if close else "remove it"
+                problems.append(f"unknown key '{where}' ({hint})")
+            elif isinstance(accepted[key], _Removed):
+                problems.append(f"'{where}' is no longer supported: {accepted[key].rstrip('.')}")
+            elif isinstance(accepted[key], dict) and isinstance(value, dict):
+                walk(value, accepted[key], where + ".")
+
+    walk(config, accepted_keys(), "")
+    if problems:
+        raise WorkshopError(f"{source}: " + "; ".join(problems)
+                            + f" (DeepSpeed {deepspeed.__version__} would ignore or reject these)")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Values the Trainer owns (PITFALLS #1): an explicit value in the JSON that differs from the flag
+# makes DeepSpeed or the Trainer stop only after the model is loaded. The pairs are the ones
+# transformers' HfTrainerDeepSpeedConfig fills from TrainingArguments.
+
+
+def _get(config: dict, dotted: str):
+    value = config
+    for key in dotted.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value
+
+
+def check_trainer_conflicts(config: dict, training_args, source: str = "--deepspeed") -> None:
+    """Explicit (non-"auto") values in the JSON must equal what the Trainer's flags say."""
+    args = training_args
+    micro, accumulation = args.per_device_train_batch_size, args.gradient_accumulation_steps
+    owned = [  # (key in the JSON, the Trainer's value, the flag(s) that set it)
+        ("gradient_accumulation_steps", accumulation, "--gradient_accumulation_steps"),
+        ("gradient_clipping", args.max_grad_norm, "--max_grad_norm"),
+        ("fp16.enabled", bool(args.fp16 or args.fp16_full_eval), "--precision/--fp16"),
+        ("bf16.enabled", bool(args.bf16 or args.bf16_full_eval), "--precision/--bf16"),
+        ("bfloat16.enabled", bool(args.bf16 or args.bf16_full_eval), "--precision/--bf16"),  # DeepSpeed's older name
+        ("optimizer.params.lr", args.learning_rate, "--learning_rate"),
+        ("optimizer.params.betas", [args.adam_beta1, args.adam_beta2], "--adam_beta1/--adam_beta2"),
+        ("optimizer.params.eps", args.adam_epsilon, "--adam_epsilon"),
+        ("optimizer.params.weight_decay", args.weight_decay, "--weight_decay"),
+        ("scheduler.params.warmup_max_lr", args.learning_rate, "--learning_rate"),
+    ]
+    if not args.auto_find_batch_size:  # the Trainer then changes the micro-batch itself
+        owned += [
+            ("train_micro_batch_size_per_gpu", micro, "--per_device_train_batch_size"),
+            ("train_batch_size", micro * accumulation * args.world_size,
+             f"--per_device_train_batch_size x --gradient_accumulation_steps x {args.world_size} processes"),
+        ]
+    conflicts = []
+    for key, trainer_value, flag in owned:
+        value = _get(config, key)
+        if value is None or value == "auto":
+            continue
+        if value != trainer_value:  # JSON's [0.9, 0.999] equals the Trainer's [adam_beta1, adam_beta2]
+            conflicts.append(f"{key}={json.dumps(value)} but {flag} gives {json.dumps(trainer_value)}")
+    if conflicts:
+        raise WorkshopError(f"{source}: " + "; ".join(conflicts)
+                            + ". Set these to \"auto\" in the JSON so the Trainer fills them from its flags")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Where the memory goes
+
+
+def zero_stage(config: dict) -> int:
+    """The ZeRO stage, 0 when the JSON has no zero_optimization section (DeepSpeed's default)."""
+    return int((config.get("zero_optimization") or {}).get("stage", 0))
+
+
+def offload_devices(config: dict) -> dict:
+    """{"offload_optimizer": None|"cpu"|"nvme", "offload_param": ...}, as metrics.json reports them."""
+    zero = config.get("zero_optimization") or {}
+
+    def device(section: str) -> str | None:
+        name = (zero.get(section) or {}).get("device", "none")
+        return None if name == "none" else name
+
+    return {"offload_optimizer": device("offload_optimizer"), "offload_param": device("offload_param")}
+
+
+def offloaded_bytes(config: dict, n_params: int, half_precision: bool, num_nodes: int = 1) -> dict:
+    """Bytes one node keeps off the GPU: {"cpu": n} and/or {<nvme_path>: n}, for ``n_params`` parameters.
+
+    ZeRO partitions the states evenly over all ranks, so a node holds 1/num_nodes of them.
+    """
+    zero = config.get("zero_optimization") or {}
+    sizes = {"offload_optimizer": OPTIMIZER_BYTES_PER_PARAM, "offload_param": 2 if half_precision else 4}
+    needed: dict = {}
+    for section, bytes_per_param in sizes.items():
+        offload = zero.get(section) or {}
+        device = offload.get("device", "none")
+        if device == "none":
+            continue
+        where = "cpu" if device == "cpu" else offload.get("nvme_path")
+        if where is None:
+            raise WorkshopError(f"zero_optimization.{section} offloads to NVMe but names no folder; "
+                                'add "nvme_path": "auto" to it and pass --nvme_path DIR')
+        needed[where] = needed.get(where, 0) + bytes_per_param * n_params // num_nodes
+    return needed
+
+
+def check_host_memory(needed_bytes: int, source: str) -> None:
+    """The node has ``needed_bytes`` of host memory available for the offloaded states."""
+    available = psutil.virtual_memory().available
+    if needed_bytes > available:
+        raise WorkshopError(f"{source} offloads about {needed_bytes / GIB:.1f} GiB to host memory but this node has "
+                            f"{available / GIB:.1f} GiB available; ask for more (#SBATCH --mem), spread the job "
+                            "over more nodes, or offload to NVMe (ds_configs/zero3_nvme.json)")
+
+
+def check_nvme_path(nvme_path: str, needed_bytes: int) -> None:
+    """``nvme_path`` is a writable folder with room for ``needed_bytes``."""
+    flag = f"--nvme_path {nvme_path}"
+    path = Path(nvme_path)
+    if not path.exists():
+        raise WorkshopError(f"{flag} does not exist; create it (mkdir -p {nvme_path}) on the node's local NVMe disk")
+    if not path.is_dir():
+        raise WorkshopError(f"{flag} is not a folder; pass a folder on the node's local NVMe disk")
+    try:  # a real write: permissions, read-only mounts and quotas all show up here
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise WorkshopError(f"{flag} is not writable ({error.strerror}); pass a folder you own, "
+                            "e.g. /local/nvme/$USER") from None
+    free = shutil.disk_usage(path).free
+    if free < needed_bytes:
+        raise WorkshopError(f"{flag} has {free / GIB:.1f} GiB free but ZeRO-Infinity will write about "
+                            f"{needed_bytes / GIB:.1f} GiB there; free some space or pass a larger disk")
+
+
+def check_async_io(source: str) -> None:
+    """DeepSpeed's async_io op, which NVMe offload reads and writes through, can be built here."""
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    if not AsyncIOBuilder().is_compatible():
+        raise WorkshopError(f"{source} offloads to NVMe, which needs DeepSpeed's async_io op and so libaio: "
+                            "apt-get install libaio-dev (dnf install libaio-devel on RHEL/Rocky), "
+                            "or use a CPU offload config such as ds_configs/zero3_offload_all.json")
+
+
+def fix_cuda_arch_list() -> str | None:
+    """Give DeepSpeed's op builder a TORCH_CUDA_ARCH_LIST it can parse; returns the value set, if any.
+
+    Unset, the list is probed per op build (which fails in forked workers); with entries such as
+    "9.0a" (set by some H100 images) the build crashes. Both get the visible GPUs' capabilities.
+    """
+    if not torch.cuda.is_available():
+        return None
+    current = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    entries = [entry for entry in current.replace(" ", ";").split(";") if entry]  # DeepSpeed splits the same way
+    if entries and all(_PARSABLE_ARCH.fullmatch(entry) for entry in entries):
+        return None
+    capabilities = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+    value = ";".join(f"{major}.{minor}" for major, minor in sorted(capabilities))
+    os.environ["TORCH_CUDA_ARCH_LIST"] = value
+    if current:
+        logger.warning("TORCH_CUDA_ARCH_LIST=%s cannot be parsed by DeepSpeed's op builder; using %s", current, value)
+    else:
+        logger.info("TORCH_CUDA_ARCH_LIST set to %s (the visible GPUs) for DeepSpeed's op builds", value)
+    return value
+
+
+def check_resources(config: dict, n_params: int, training_args, num_nodes: int, source: str) -> None:
+    """What the machine must offer for this config: host memory, NVMe room, async_io, an arch list."""
+    half_precision = bool(training_args.fp16 or training_args.bf16)
+    for where, needed_bytes in offloaded_bytes(config, n_params, half_precision, num_nodes).items():
+        if where == "cpu":
+            check_host_memory(needed_bytes, source)
+        else:
+            check_nvme_path(where, needed_bytes)
+            check_async_io(source)
+    fix_cuda_arch_list()
