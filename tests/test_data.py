@@ -112,3 +112,13 @@ def test_malformed_local_files_name_the_problem(tmp_path, content, message):
     bad.write_text(content)
     with pytest.raises(WorkshopError, match=message):
         data_loader.read_squad_file(str(bad))
+
+
+def test_wikitext_loading_code_on_a_local_dataset_folder(tmp_path, tokenizer):
+    """The datasets.load_dataset call that reads WikiText-2, pointed at a local folder of text files."""
+    for split, seed in (("train", 0), ("validation", 1)):
+        (tmp_path / f"{split}.txt").write_text("\n".join(builtin_data.text_lines(30, seed=seed)))
+    train, validation = data_loader.wikitext_from_hub(str(tmp_path), None)
+    assert train[:30] == builtin_data.text_lines(30, seed=0)[:30] and len(validation) == 30
+    blocks = tokenize_text(train, tokenizer, 64)
+    assert blocks and all(len(b["input_ids"]) == 64 for b in blocks)

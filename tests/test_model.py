@@ -1,16 +1,17 @@
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from workshop import estimate
 from workshop import model as models
 from workshop.config import ModelArguments
 
 
 def test_known_shapes_build_offline_with_the_published_sizes(tokenizer):
     config = models.model_config(ModelArguments(model_name_or_path="gpt2-medium", from_config=True), tokenizer)
-    assert models.count_parameters(config) == 354_823_168  # gpt2-medium's published 355M
+    assert estimate.shape_from_config(config).n_params == 354_823_168  # gpt2-medium's published 355M
     config = models.model_config(ModelArguments(model_name_or_path="bigscience/bloom-560m", from_config=True),
                                  tokenizer)
-    assert models.count_parameters(config) == 559_214_592
+    assert estimate.shape_from_config(config).n_params == 559_214_592
     assert models.max_positions(config) is None  # ALiBi: no position limit
 
 

@@ -152,3 +152,29 @@ def test_no_run_folder_is_a_one_line_error(tmp_path, capsys):
     assert report.main([str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: no run folders") and err.count("\n") == 1
+
+
+def test_report_on_a_real_tiny_run_with_a_recorded_nvidia_smi_csv(tiny_run, tmp_path):
+    """A run folder written by `workshop train` itself, plus an nvidia-smi CSV recorded on an H100."""
+    run = tmp_path / "logs" / "baseline" / "tiny"
+    shutil.copytree(tiny_run, run)
+    shutil.copy(GPU_CSV, run / GPU_CSV.name)
+    row = report.summarize(report.load_run(run))
+    history = read_json(run / "log_history.json")
+    evals = [e for e in history if "eval_loss" in e]
+    summary = next(e for e in history if "train_runtime" in e)
+    assert row["final_train_loss"] == [e["loss"] for e in history if "loss" in e][-1]
+    assert row["eval_loss_per_epoch"] == [e["eval_loss"] for e in evals]
+    assert row["eval_samples_per_second"] == evals[-1]["eval_samples_per_second"]
+    assert row["train_samples_per_second"] == summary["train_samples_per_second"]
+    assert row["train_runtime_s"] == summary["train_runtime"]
+    with GPU_CSV.open() as f:
+        gpu = list(csv.DictReader(f, skipinitialspace=True))
+    assert row["peak_nvidia_smi_gib"] == max(int(r["memory.used [MiB]"]) for r in gpu) / 1024
+    metrics = read_json(run / "metrics.json")
+    assert row["tokens_per_second"] == metrics["tokens_per_second"]
+    assert row["time_per_epoch_s"] == metrics["time_per_epoch_s"]
+    assert report.main([str(run), "--out", str(tmp_path / "out")]) == 0
+    for name in ("loss.png", "gpu_memory.png", "peaks.png"):
+        data = (tmp_path / "out" / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5000, name

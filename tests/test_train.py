@@ -63,3 +63,13 @@ def test_console_script_reports_bad_input_in_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == ("error: --dataset_name nope is not known: use one of squad, wikitext, builtin, "
                                      "builtin_text, or --train_file for local data")
+
+
+def test_tensorboard_event_files_go_into_the_run_folder(tmp_path):
+    from workshop import train
+
+    run_dir = tmp_path / "run"
+    assert train.main(["--preset", "tiny", "--run_dir", str(run_dir), "--num_train_epochs", "1",
+                       "--answer_eval_samples", "0", "--report_to", "tensorboard"]) == 0
+    events = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0

@@ -26,7 +26,11 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0].startswith(("--local_rank", "--local-rank")):
+        # The deepspeed launcher (`deepspeed --module workshop train ...`) puts --local_rank=N before
+        # the command; the Trainer's arguments read it after.
+        argv.insert(1, argv.pop(0))
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0 if argv else 2

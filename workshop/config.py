@@ -142,7 +142,7 @@ class WorkshopTrainingArguments(TrainingArguments):
     train_sampling_strategy: str = field(
         default="random",
         metadata={"help": "Batch order: random, group_by_length (batches of similar length: less padding, but "
-                          "one epoch of gpt2-medium from scratch ended 11-13% higher in eval loss), sequential."})
+                          "one epoch of gpt2-medium from scratch ended 11-13%% higher in eval loss), sequential."})
     eval_strategy: str = field(default="epoch", metadata={"help": "When to evaluate: epoch, steps or no."})
     save_strategy: str = field(default="epoch", metadata={"help": "When to checkpoint: epoch, steps or no."})
     save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept (oldest deleted first)."})
@@ -151,6 +151,17 @@ class WorkshopTrainingArguments(TrainingArguments):
         default=3600, metadata={"help": "Seconds a rank waits for the others (tokenising on rank 0 included)."})
 
     def __post_init__(self):
+        for flag in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, flag) < 1:
+                raise WorkshopError(f"--{flag} {getattr(self, flag)} must be at least 1")
+        if self.num_train_epochs <= 0 and self.max_steps <= 0:
+            raise WorkshopError(f"--num_train_epochs {self.num_train_epochs} trains nothing: give a number above 0 "
+                                "(or --max_steps)")
+        if self.resume_from_checkpoint and not os.path.isfile(os.path.join(self.resume_from_checkpoint,
+                                                                           "trainer_state.json")):
+            raise WorkshopError(f"--resume_from_checkpoint {self.resume_from_checkpoint} is not a checkpoint folder "
+                                "(no trainer_state.json): give <run folder>/checkpoints/checkpoint-N, or --run_dir "
+                                "of the stopped run to resume from its newest checkpoint")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise WorkshopError(f"--precision {self.precision} is not known: use auto, bf16, fp16 or fp32")
         if self.bf16 or self.fp16:
@@ -249,8 +260,14 @@ def expand_argv(argv: list[str]) -> list[str]:
 
 
 def parser() -> HfArgumentParser:
-    return HfArgumentParser((ModelArguments, DataArguments, WorkshopArguments, WorkshopTrainingArguments),
-                            prog="workshop train")
+    p = HfArgumentParser((ModelArguments, DataArguments, WorkshopArguments, WorkshopTrainingArguments),
+                         prog="workshop train")
+
+    def error(message: str):  # argparse would print its whole usage (every flag) and exit
+        raise WorkshopError(f"{message}: see workshop train --help")
+
+    p.error = error
+    return p
 
 
 def parse(argv: list[str]) -> tuple[ModelArguments, DataArguments, WorkshopArguments, WorkshopTrainingArguments]:
@@ -264,7 +281,17 @@ def parse(argv: list[str]) -> tuple[ModelArguments, DataArguments, WorkshopArgum
             close = difflib.get_close_matches(name, known, n=1)
             hint = f": did you mean {close[0]}?" if close else ": see workshop train --help"
             raise WorkshopError(f"unknown flag {name}{hint}")
-    model_args, data_args, ws_args, training_args = p.parse_args_into_dataclasses(args=argv)
+    try:
+        model_args, data_args, ws_args, training_args = p.parse_args_into_dataclasses(args=argv)
+    except ValueError as e:  # values TrainingArguments refuses (e.g. an unknown strategy), or stray words
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if message.startswith("Some specified arguments are not used"):
+            stray = message.split(":", 1)[1].strip()
+            raise WorkshopError(f"unexpected argument(s) {stray}: flags are --name value, and a settings file "
+                                "(.json/.yaml) goes first") from None
+        flag = next((f"{name} {value}: " for name, value in zip(argv, argv[1:])
+                     if name.startswith("--") and message.startswith(f"{value} is not")), "")
+        raise WorkshopError(f"{flag}{message}: see workshop train --help") from None
     validate(model_args, data_args, ws_args)
     return model_args, data_args, ws_args, training_args
 
@@ -279,6 +306,8 @@ def validate(model_args: ModelArguments, data_args: DataArguments, ws_args: Work
         if path is not None:
             if not os.path.isfile(path):
                 raise WorkshopError(f"--{flag} {path} does not exist: check the path")
+            if not os.access(path, os.R_OK):
+                raise WorkshopError(f"--{flag} {path} is not readable: check its permissions (chmod o+r)")
             if not path.endswith((".json", ".jsonl", ".txt")):
                 raise WorkshopError(f"--{flag} {path}: use a .json/.jsonl (SQuAD format) or .txt (plain text) file")
     if data_args.validation_file and not data_args.train_file:

@@ -119,7 +119,7 @@ def squad_from_hub(path: str = SQUAD_HUB_ID) -> tuple[list[dict], list[dict]]:
 
 def wikitext_from_hub(path: str = WIKITEXT_HUB_ID[0], name: str = WIKITEXT_HUB_ID[1]) -> tuple[list[str], list[str]]:
     ds = load_hub_dataset(path, name)
-    return ds["train"]["text"], ds["validation"]["text"]
+    return list(ds["train"]["text"]), list(ds["validation"]["text"])  # datasets 4+ returns a lazy Column
 
 
 def _split(rows: list, seed: int) -> tuple[list, list]:
@@ -136,10 +136,15 @@ def load_raw(data_args, seed: int) -> tuple[str, list, list]:
         reader = read_text_file if data_args.train_file.endswith(".txt") else read_squad_file
         task = "text" if data_args.train_file.endswith(".txt") else "qa"
         train = reader(data_args.train_file)
+        if not train:
+            raise WorkshopError(f"--train_file {data_args.train_file} holds no samples: give a file with data in it")
         if data_args.validation_file:
             if data_args.validation_file.endswith(".txt") != (task == "text"):
                 raise WorkshopError("--validation_file must be the same kind (QA .json/.jsonl or .txt) as --train_file")
             evaluation = reader(data_args.validation_file)
+            if not evaluation:
+                raise WorkshopError(f"--validation_file {data_args.validation_file} holds no samples: give a file "
+                                    "with data in it")
         else:
             train, evaluation = _split(train, seed)
         return task, train, evaluation
@@ -164,6 +169,8 @@ def prompt_text(record: dict) -> str:
 
 def tokenize_qa(records: list[dict], tokenizer, max_seq_length: int, loss_on: str) -> tuple[list[dict], int]:
     """(samples, number dropped for being longer than max_seq_length)."""
+    if not records:  # a one-record file leaves nothing for training after the validation split
+        return [], 0
     prompts = tokenizer([prompt_text(r) for r in records], add_special_tokens=False)["input_ids"]
     answers = tokenizer([" " + r["answers"]["text"][0] for r in records], add_special_tokens=False)["input_ids"]
     samples, dropped = [], 0
@@ -180,6 +187,8 @@ def tokenize_qa(records: list[dict], tokenizer, max_seq_length: int, loss_on: st
 
 def tokenize_text(lines: list[str], tokenizer, block_size: int) -> list[dict]:
     """Concatenate and cut into full blocks (the last partial block is dropped, as in run_clm)."""
+    if not lines:
+        return []
     ids = [t for line_ids in tokenizer(lines, add_special_tokens=False)["input_ids"] for t in line_ids]
     blocks = [ids[i:i + block_size] for i in range(0, len(ids) - block_size + 1, block_size)]
     return [{"input_ids": b, "labels": list(b)} for b in blocks]

@@ -129,22 +129,6 @@ def build_model(model_args, tokenizer, config: PretrainedConfig) -> torch.nn.Mod
     return model
 
 
-def count_parameters(config: PretrainedConfig) -> int:
-    """Parameters of the architecture, computed on the meta device (no memory, works before ZeRO-3 init)."""
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in model.parameters())
-
-
 def flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: float) -> float:
     """Training FLOPs per token: 6 N for the weights (forward + backward) plus 12 L s h for attention."""
     return 6 * n_params + 12 * n_layers * seq_len * hidden
-
-
-def shape(config: PretrainedConfig) -> dict:
-    return {
-        "n_layers": config.num_hidden_layers,
-        "hidden_size": config.hidden_size,
-        "n_heads": config.num_attention_heads,
-        "vocab_size": config.vocab_size,
-    }

@@ -12,11 +12,13 @@ metrics.json, status.json and model/ (see the README for the full layout).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import math
 import os
 import platform
+import shutil
 import socket
 import statistics
 import sys
@@ -27,7 +29,7 @@ import torch
 import transformers
 
 from workshop import config as cfg
-from workshop import data_loader, distributed, ds_preflight, evaluation, files
+from workshop import data_loader, distributed, ds_preflight, estimate, evaluation, files
 from workshop import model as models
 from workshop.callbacks import MeasureCallback, all_ranks_sum, peak_flops
 from workshop.checkpoints import StopOnSignal, WorkshopTrainer, complete_checkpoints
@@ -80,15 +82,84 @@ def resolve_run_dir(ws_args) -> Path:
     return Path(distributed.broadcast(str(run_dir)))
 
 
+def _nearest_existing(path: Path) -> Path:
+    """``path`` or its closest ancestor that exists: where the run folder will be created."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def check_run_dir(run_dir: Path) -> None:
     if (run_dir / "metrics.json").exists():
         raise WorkshopError(f"--run_dir {run_dir} already holds a finished run: give a new --run_dir or remove it")
-    parent = run_dir if run_dir.exists() else run_dir.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK):
+    parent = _nearest_existing(run_dir)
+    if not parent.is_dir():  # --run_dir some_file/run, or --logs_root naming a file
+        raise WorkshopError(f"--run_dir {run_dir}: {parent} is a file, not a folder: choose another --run_dir "
+                            "or --logs_root")
+    if not os.access(parent, os.W_OK | os.X_OK):
         raise WorkshopError(f"--run_dir {run_dir}: {parent} is not writable: choose a folder you can write to "
                             "(--run_dir or --logs_root)")
+
+
+# The least one checkpoint holds per parameter: fp32 weights (4 bytes) and Adam's two moments (8).
+CHECKPOINT_BYTES_PER_PARAM = 12
+
+
+def _size(n_bytes: float) -> str:
+    return f"{n_bytes / GIB:.1f} GiB" if n_bytes >= GIB else f"{n_bytes / 1024**2:.1f} MiB"
+
+
+def check_room(run_dir: Path, n_params: int, training_args, save_model: bool) -> None:
+    """The run folder's disk has room for at least one checkpoint and the saved model.
+
+    A full disk otherwise shows up only when the first checkpoint is written, an epoch into the run.
+    """
+    needed = CHECKPOINT_BYTES_PER_PARAM * n_params if training_args.save_strategy != "no" else 0
+    if save_model:  # 16-bit under DeepSpeed (ZeRO-3 consolidates to 16-bit), else the fp32 weights
+        needed += (2 if training_args.deepspeed and training_args.precision in ("bf16", "fp16") else 4) * n_params
+    where = _nearest_existing(run_dir)
+    free = shutil.disk_usage(where).free
+    if free < needed:
+        raise WorkshopError(f"--run_dir {run_dir}: {where} has {_size(free)} free but this run writes at least "
+                            f"{_size(needed)} (a checkpoint with optimizer states and the final model of "
+                            f"{n_params / 1e6:.1f}M parameters): free some space, choose another --run_dir or "
+                            "--logs_root, or use --save_strategy no")
+
+
+def check_gpu_count() -> None:
+    """More processes on this node than GPUs it can see fails deep in CUDA ("invalid device ordinal")."""
+    if not torch.cuda.is_available():
+        return  # CPU processes (gloo) need no GPU each
+    local = (os.environ.get("LOCAL_WORLD_SIZE")  # torchrun
+             or os.environ.get("LOCAL_SIZE"))  # the deepspeed launcher
+    asked = int(local) if local else int(os.environ.get("LOCAL_RANK", "0")) + 1
+    visible = torch.cuda.device_count()
+    if asked > visible:
+        shown = os.environ.get("CUDA_VISIBLE_DEVICES")
+        shown = f" (CUDA_VISIBLE_DEVICES={shown})" if shown is not None else ""
+        raise WorkshopError(f"{asked} training processes on this node but only {visible} GPU(s) visible{shown}: "
+                            f"start at most {visible} (torchrun --nproc_per_node {visible}, NPROC_PER_NODE="
+                            f"{visible} for the job scripts) or ask SLURM for {asked} (#SBATCH --gres=gpu:{asked})")
+
+
+def architecture_shape(model_config, training_args) -> estimate.ModelShape:
+    """Parameter counts of the architecture, from a model built on the meta device with ZeRO-3's hook off.
+
+    Under a ZeRO-3 config ``from_config`` runs inside ``deepspeed.zero.Init``: the throw-away model would
+    be partitioned for real and, with NVMe offload, get its own swap buffers (gigabytes per rank) and
+    open swap files, needing async_io and the folder before the checks that say what is missing.
+    """
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    ds_config = getattr(training_args, "hf_deepspeed_config", None)
+    if ds_config is None:
+        return estimate.shape_from_config(model_config)
+    unset_hf_deepspeed_config()
+    try:
+        return estimate.shape_from_config(model_config)
+    finally:
+        set_hf_deepspeed_config(ds_config)
 
 
 def check_lengths(data_args, config) -> None:
@@ -152,6 +223,7 @@ def workshop_metrics(trainer, measure: MeasureCallback, prepared, run_info: dict
 def run(argv: list[str]) -> dict:
     uses_deepspeed = any(a == "--deepspeed" or a.startswith("--deepspeed=") for a in cfg.expand_argv(argv))
     launch = distributed.init_env(deepspeed=uses_deepspeed)
+    check_gpu_count()
     model_args, data_args, ws_args, training_args = cfg.parse(argv)
     _ = training_args.device  # initialises torch.distributed when several processes run
     if uses_deepspeed:
@@ -163,6 +235,12 @@ def run(argv: list[str]) -> dict:
     tokenizer = models.load_tokenizer(model_args)
     model_config = models.model_config(model_args, tokenizer)
     check_lengths(data_args, model_config)
+    n_params = architecture_shape(model_config, training_args).n_params
+    check_room(run_dir, n_params, training_args, ws_args.save_model)
+    if training_args.deepspeed:
+        # Host memory, NVMe room, async_io, the CUDA arch list: before DeepSpeed builds anything.
+        ds_preflight.check_resources(training_args.deepspeed, n_params, training_args, distributed.num_nodes(),
+                                     f"--deepspeed {training_args.deepspeed_file}")
     with training_args.main_process_first(desc="loading and tokenising the data"):
         prepared = data_loader.prepare(data_args, tokenizer, seed=training_args.seed)
 
@@ -186,14 +264,12 @@ def run(argv: list[str]) -> dict:
 
 def oom_message(model_config, data_args, training_args) -> str:
     """One line: how far memory got, what this setup should need, and the next things to try."""
-    from workshop import estimate
-
     ds = training_args.deepspeed or {}
     stage = ds_preflight.zero_stage(ds) if ds else None
     offload = ds_preflight.offload_devices(ds) if ds else {"offload_optimizer": None, "offload_param": None}
     micro, accum = training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps
     predicted = estimate.estimate_for_shape(
-        estimate.shape_from_config(model_config), data_args.max_seq_length, micro, stage,
+        architecture_shape(model_config, training_args), data_args.max_seq_length, micro, stage,
         offload["offload_optimizer"], offload["offload_param"], distributed.world_size(), training_args.precision,
         distributed.num_nodes(), ds or None, gradient_checkpointing=training_args.gradient_checkpointing)
     peak = torch.cuda.max_memory_reserved() / GIB if torch.cuda.is_available() else float("nan")
@@ -221,14 +297,10 @@ def _train(run_dir, model_args, data_args, ws_args, training_args, tokenizer, mo
     # Same seed, same initial weights, whichever stage runs (the launchers consume RNG differently).
     transformers.set_seed(training_args.seed)
     models.prefer_shape_agnostic_attention()
-    n_params = models.count_parameters(model_config)
     ds_config = training_args.deepspeed
-    if ds_config:
-        # Host memory, NVMe room, async_io, the CUDA arch list: before DeepSpeed builds anything.
-        ds_preflight.check_resources(ds_config, n_params, training_args, distributed.num_nodes(),
-                                     f"--deepspeed {training_args.deepspeed_file}")
     model = models.build_model(model_args, tokenizer, model_config)
-    shape = models.shape(model_config)
+    shape = dataclasses.asdict(architecture_shape(model_config, training_args))
+    shape.pop("name")
     run_info = {
         "labels": {
             "run_id": run_dir.name, "stage": ws_args.stage, "model": model_args.model_name_or_path,
@@ -241,9 +313,9 @@ def _train(run_dir, model_args, data_args, ws_args, training_args, tokenizer, mo
         "deepspeed_config": ds_config,
         "model": vars(model_args), "data": vars(data_args), "workshop": {**vars(ws_args), "launch": launch},
         "training": training_args.to_dict(), "environment": environment(),
-        "model_info": {"n_params": n_params, **shape, "seq_len": prepared.stats["length_mean"],
-                       "flops_per_token": models.flops_per_token(n_params, shape["n_layers"], shape["hidden_size"],
-                                                                 prepared.stats["length_mean"])},
+        "model_info": {**shape, "seq_len": prepared.stats["length_mean"],
+                       "flops_per_token": models.flops_per_token(shape["n_params"], shape["n_layers"],
+                                                                 shape["hidden_size"], prepared.stats["length_mean"])},
         "data_stats": prepared.stats,
     }
     if distributed.is_main():
