@@ -55,9 +55,13 @@ def plot_losses(runs, labels: list[str], path: Path) -> Path | None:
         drawn = drawn or bool(train or evals)
     if not drawn:
         return None
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("loss")
-    ax.set_title("Loss: train (solid) and eval (dashed)")
+    return _finish(fig, ax, path, "epoch", "loss", "Loss: train (solid) and eval (dashed)")
+
+
+def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     return _save(fig, path)
@@ -96,13 +100,8 @@ def plot_gpu_memory(runs, labels: list[str], path: Path) -> Path | None:
             drawn = True
     if not drawn:
         return None
-    ax.set_xlabel("seconds since the first sample")
-    ax.set_ylabel("GPU memory (GiB)")
-    ax.set_title("GPU memory over time")
     ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    return _save(fig, path)
+    return _finish(fig, ax, path, "seconds since the first sample", "GPU memory (GiB)", "GPU memory over time")
 
 
 PEAK_BARS = [("PyTorch allocated", "peak_gpu_allocated_gib"), ("PyTorch reserved", "peak_gpu_reserved_gib"),
