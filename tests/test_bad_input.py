@@ -317,7 +317,7 @@ def test_process_count_check_passes_when_gpus_suffice_or_on_cpu(two_gpus, monkey
 
 
 def test_cuda_arch_list_deepspeed_cannot_parse_is_fixed(two_gpus, monkeypatch, caplog):
-    """PITFALLS #7: TORCH_CUDA_ARCH_LIST=9.0a (some H100 images) crashes DeepSpeed's op builds; the
+    """TORCH_CUDA_ARCH_LIST=9.0a (some H100 images) crashes DeepSpeed's op builds; the
     pre-flight replaces it with the visible GPUs' list and says so (the run goes on)."""
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0a")
     with caplog.at_level(logging.WARNING, logger="workshop.ds_preflight"):
@@ -334,7 +334,7 @@ def ds_json(tmp_path, **sections) -> str:
 
 
 def test_ds_batch_size_written_for_another_gpu_count(capsys, logs, tmp_path):
-    """PITFALLS #1: train_batch_size 32 hard-coded for 4 GPUs x micro-batch 8, then run on one."""
+    """train_batch_size 32 hard-coded for 4 GPUs x micro-batch 8, then run on one."""
     stops(capsys, logs, ["--deepspeed", ds_json(tmp_path, train_batch_size=32)],
           r"--deepspeed .*ds.json: train_batch_size=32 but --per_device_train_batch_size x "
           r"--gradient_accumulation_steps x 1 processes gives 8. Set these to \"auto\" in the JSON")
@@ -348,7 +348,7 @@ def test_ds_values_that_contradict_the_flags(capsys, logs, tmp_path):
 
 
 def test_ds_misspelled_key(capsys, logs, tmp_path):
-    """PITFALLS #4: DeepSpeed would ignore this key silently."""
+    """DeepSpeed would ignore this key silently."""
     stops(capsys, logs, ["--deepspeed", ds_json(tmp_path, zero_optimization={"stage": 2, "overlap_com": True})],
           r"unknown key 'zero_optimization.overlap_com' \(did you mean 'zero_optimization.overlap_comm'\?\)")
 

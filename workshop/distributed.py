@@ -2,7 +2,7 @@
 
 torchrun and the deepspeed launcher set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT.
 Plain ``python`` sets none of them, and DeepSpeed then falls back to MPI discovery and fails with
-"cannot load MPI library" (PITFALLS #2). ``srun python`` without torchrun sets only SLURM_* values.
+"cannot load MPI library". ``srun python`` without torchrun sets only SLURM_* values.
 ``init_env`` fills the missing variables before anything touches torch.distributed.
 """
 

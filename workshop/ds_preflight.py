@@ -1,4 +1,4 @@
-"""Checks on a DeepSpeed JSON before any GPU time is spent (PITFALLS #1, #4, #7, #8).
+"""Checks on a DeepSpeed JSON before any GPU time is spent.
 
 Each check raises ``WorkshopError`` with one line that names the file or flag and the fix.
 ``workshop train`` runs them in two steps: the file's own checks (``resolve_config``, ``check_keys``,
@@ -262,7 +262,7 @@ def check_keys(config: dict, source: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Values the Trainer owns (PITFALLS #1): an explicit value in the JSON that differs from the flag
+# Values the Trainer owns: an explicit value in the JSON that differs from the flag
 # makes DeepSpeed or the Trainer stop only after the model is loaded. The pairs are the ones
 # transformers' HfTrainerDeepSpeedConfig fills from TrainingArguments.
 
