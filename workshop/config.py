@@ -147,6 +147,10 @@ class WorkshopTrainingArguments(TrainingArguments):
     save_strategy: str = field(default="epoch", metadata={"help": "When to checkpoint: epoch, steps or no."})
     save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept (oldest deleted first)."})
     logging_steps: float = field(default=10, metadata={"help": "Optimizer steps between log lines."})
+    ddp_find_unused_parameters: bool | None = field(
+        default=False,
+        metadata={"help": "DDP only: every parameter of a causal LM gets a gradient each step, so the search for "
+                          "unused ones (the Trainer's default) is an extra pass over the autograd graph per step."})
     ddp_timeout: int = field(
         default=3600, metadata={"help": "Seconds a rank waits for the others (tokenising on rank 0 included)."})
 

@@ -58,6 +58,20 @@ def init_deepspeed_comm() -> None:
         deepspeed.init_distributed(auto_mpi_discovery=False)
 
 
+def shutdown() -> None:
+    """Leave torch.distributed together, once every rank is done.
+
+    Left to interpreter exit, a rank that finishes first tears down its gloo/NCCL groups while their
+    threads still run, and aborts ("terminate called without an active exception", exit -6) after a
+    run that otherwise succeeded.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 

@@ -395,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     transformers.utils.logging.disable_progress_bar()  # progress bars garble SLURM .out files
     try:
         run(sys.argv[1:] if argv is None else argv)
+        distributed.shutdown()
     except WorkshopError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
