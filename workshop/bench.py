@@ -123,38 +123,66 @@ def nvidia_smi_peak_mib(run_dir: Path) -> float | None:
     return max(peaks) if peaks else None
 
 
+def train_in_subprocess(run_dir: Path, flags: list[str], timeout_s: float | None = None) -> tuple[dict, dict]:
+    """``workshop train --run_dir run_dir *flags`` in a child process, ``nvidia-smi`` sampled beside it.
+
+    Returns (row, metrics): the row has status (completed, or how it failed: oom, failed, killed, a
+    refusal before training, timeout), error, wall_s and the nvidia-smi peak; metrics is the run's
+    metrics.json ({} when it did not finish). A child of its own, so an out-of-memory error, a crash
+    or a kill by the kernel ends that run only.
+    """
+    cmd = [sys.executable, "-m", "workshop", "train", "--run_dir", str(run_dir), *flags]
+    print(f"{' '.join(cmd)}", flush=True)
+    logger = GpuLogger(run_dir)
+    started = time.perf_counter()
+    try:
+        result = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                timeout=timeout_s)
+        output, returncode = result.stdout, result.returncode
+    except subprocess.TimeoutExpired as expired:
+        output = expired.stdout.decode() if isinstance(expired.stdout, bytes) else (expired.stdout or "")
+        returncode = None
+    finally:
+        logger.stop()
+    run_dir.mkdir(parents=True, exist_ok=True)  # a run refused before training made no folder
+    (run_dir / "train.log").write_text(output)
+    row = {"wall_s": time.perf_counter() - started,
+           "nvidia_smi_peak_gib": (nvidia_smi_peak_mib(run_dir) or 0) / 1024 or None}
+    metrics_path = run_dir / "metrics.json"
+    if returncode == 0 and metrics_path.exists():
+        return {**row, "status": "completed", "error": None}, json.loads(metrics_path.read_text())
+    status = json.loads((run_dir / "status.json").read_text()) if (run_dir / "status.json").exists() else {}
+    last_line = (output.strip().splitlines() or [""])[-1]
+    if returncode is None:
+        row.update(status="timeout", error=f"stopped after {timeout_s:.0f} s")
+    elif returncode < 0:  # SIGKILL from the kernel's out-of-memory killer, most often: host memory ran out
+        row.update(status="killed", error=f"killed by signal {-returncode} (host memory exhausted?)")
+    elif status.get("status") in ("oom", "failed"):
+        row.update(status=status["status"], error=status.get("error"))
+    else:  # a pre-flight check refused it: its one-line error is the last line of the output
+        row.update(status="refused" if returncode == 2 else "failed", error=last_line)
+    print(output[-4000:], flush=True)
+    return row, {}
+
+
 def run_one(out: Path, model: str, stage: str, mode: str, data: tuple[Path, Path], extra: list[str]) -> dict:
     run_dir = out / f"{_short(model)}-{stage}-{mode}"
-    cmd = [sys.executable, "-m", "workshop", "train", "--stage", "bench", "--run_dir", str(run_dir),
-           "--model_name_or_path", model, "--train_file", str(data[0]), "--validation_file", str(data[1]),
-           *COMMON, *MODES[mode], *extra]
+    flags = ["--stage", "bench", "--model_name_or_path", model, "--train_file", str(data[0]),
+             "--validation_file", str(data[1]), *COMMON, *MODES[mode], *extra]
     ds = original_ds_config(stage) if mode == "original" else STAGE_CONFIGS[stage]
     if isinstance(ds, dict):
         out.joinpath("ds_configs").mkdir(exist_ok=True)
         path = out / "ds_configs" / f"original_{stage}.json"
         files.write_json(path, ds)
-        cmd += ["--deepspeed", str(path)]
+        flags += ["--deepspeed", str(path)]
     elif ds:
-        cmd += ["--deepspeed", str(REPO / "ds_configs" / ds)]
-    print(f"\n=== {model} | {stage} | {mode}\n{' '.join(cmd)}", flush=True)
-    logger = GpuLogger(run_dir)
-    started = time.perf_counter()
-    try:
-        result = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    finally:
-        logger.stop()
-    (run_dir / "train.log").write_text(result.stdout)
-    row = {"model": _short(model), "stage": stage, "mode": mode, "wall_s": time.perf_counter() - started,
-           "nvidia_smi_peak_gib": (nvidia_smi_peak_mib(run_dir) or 0) / 1024 or None}
-    metrics_path = run_dir / "metrics.json"
-    if result.returncode != 0 or not metrics_path.exists():
-        status = json.loads((run_dir / "status.json").read_text()) if (run_dir / "status.json").exists() else {}
-        row["status"] = status.get("status", "failed")
-        row["error"] = status.get("error") or result.stdout.strip().splitlines()[-1:]
-        print(result.stdout[-4000:], flush=True)
+        flags += ["--deepspeed", str(REPO / "ds_configs" / ds)]
+    print(f"\n=== {model} | {stage} | {mode}", flush=True)
+    row, metrics = train_in_subprocess(run_dir, flags)
+    row = {"model": _short(model), "stage": stage, "mode": mode, **row}
+    if row["status"] != "completed":
         return row
-    metrics = json.loads(metrics_path.read_text())
-    row.update(status="completed", **{k: metrics.get(k) for k in (
+    row.update({k: metrics.get(k) for k in (
         "time_per_epoch_s", "tokens_per_second", "mfu", "peak_gpu_allocated_gib", "peak_gpu_reserved_gib",
         "final_eval_loss", "length_mean")})
     print("    " + table([row]).splitlines()[-1], flush=True)

@@ -15,6 +15,7 @@ COMMANDS = {
     "report": ("workshop.report", "metrics table (Markdown, CSV) and plots from run folders"),
     "estimate": ("workshop.estimate", "predicted GPU and host memory per ZeRO stage"),
     "bench": ("workshop.bench", "each stage as the original workshop ran it vs this project's defaults (GPU)"),
+    "scale": ("workshop.scale", "the largest model each stage trains on one GPU, predicted and found (GPU)"),
     "prefetch": ("workshop.prefetch", "download model, tokenizer and data into the caches (login node)"),
 }
 

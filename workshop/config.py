@@ -26,7 +26,7 @@ from workshop import ds_preflight
 from workshop.errors import WorkshopError
 
 DATASETS = ("squad", "wikitext", "builtin", "builtin_text")
-STAGES = ("local", "baseline", "deepspeed_single_gpu", "offload", "multi_node", "bench")
+STAGES = ("local", "baseline", "deepspeed_single_gpu", "offload", "multi_node", "bench", "scale")
 
 # A preset is a list of flags put in front of the user's own, so any flag given explicitly wins.
 PRESETS = {

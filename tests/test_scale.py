@@ -1,0 +1,86 @@
+"""workshop scale on the CPU: the search, the prediction, failures kept as rows (the ladder itself runs on a GPU)."""
+
+import json
+
+import pytest
+
+from workshop import estimate, scale
+
+
+def runs(outcomes):
+    """An attempt function that trains the sizes marked True, and the list of sizes it was asked for."""
+    asked = []
+
+    def attempt(i):
+        asked.append(i)
+        return outcomes[i]
+
+    return attempt, asked
+
+
+@pytest.mark.parametrize("outcomes, start, largest, asked", [
+    ([True, True, True, False, False], 1, 2, [1, 2, 3]),      # climbs from the prediction, stops at the first failure
+    ([True, True, False, False], 3, 1, [3, 2, 1]),             # predicted too high: steps down until one trains
+    ([True, True, True], 2, 2, [2]),                           # the largest size trains: nothing above to try
+    ([False, False], None, None, [0]),                         # nothing predicted to fit, the smallest fails too
+    ([True, False, True], 0, 0, [0, 1]),                       # never tries a size above a failure
+])
+def test_search_finds_the_largest_size_that_trains(outcomes, start, largest, asked):
+    attempt, tried = runs(outcomes)
+    assert scale.search(len(outcomes), start, attempt) == largest
+    assert tried == asked
+
+
+def test_predicted_ceiling_is_the_last_fit_before_the_first_misfit():
+    assert scale.predicted_ceiling([True, True, False, True]) == 1
+    assert scale.predicted_ceiling([False, True]) is None
+    assert scale.predicted_ceiling([True, True]) == 1
+
+
+def test_scaled_shapes_grow_along_the_ladder(tmp_path):
+    configs = scale.write_configs(tmp_path, scale.LADDER)
+    params = [estimate.model_shape(str(configs[name])).n_params for name in scale.LADDER]
+    assert params == sorted(params)
+    assert 13e9 < params[scale.LADDER.index("bloom-14b")] < 15e9  # 12 L h^2 + V h for 40 x 5120
+
+
+def test_offload_moves_the_predicted_ceiling_until_host_memory_is_the_wall(tmp_path):
+    configs = scale.write_configs(tmp_path, scale.LADDER)
+    shapes = [estimate.model_shape(str(configs[name])) for name in scale.LADDER]
+
+    def ceiling(stage, host_gib, nvme_gib=None):
+        resources = scale.Resources(80 * scale.GIB, host_gib * scale.GIB, nvme_gib and nvme_gib * scale.GIB)
+        return scale.predicted_ceiling([scale.fits(scale.predict(s, stage, 512, "bf16", False), resources)
+                                        for s in shapes])
+
+    assert ceiling("baseline", 512) < min(ceiling("zero2_offload", 512), ceiling("zero3_offload_all", 512))
+    assert ceiling("zero3_offload_all", 128) < ceiling("zero3_offload_all", 512)  # the states live on the host
+    assert ceiling("zero3_nvme", 128, 64) < ceiling("zero3_nvme", 128, 1024)      # ... or on the disk
+
+
+def test_scale_keeps_a_refused_size_as_a_row_and_steps_down(tmp_path, capsys):
+    """tiny-gpt2 has 512 positions, tiny-bloom (ALiBi) none: at 1024 tokens the larger one is refused."""
+    out = tmp_path / "scale"
+    assert scale.main(["--stages", "baseline", "--models", "tiny-bloom", "tiny-gpt2", "--seq_len", "1024",
+                       "--steps", "2", "--gpu_memory_gib", "80", "--out", str(out)]) == 0
+    result = json.loads((out / "scale.json").read_text())
+    rows = {r["model"]: r for r in result["rows"]}
+    assert rows["tiny-gpt2"]["status"] == "refused"
+    assert "--max_seq_length 1024 is longer than the model's 512 positions" in rows["tiny-gpt2"]["error"]
+    assert rows["tiny-bloom"]["status"] == "completed" and rows["tiny-bloom"]["tokens_per_second"] > 0
+    assert rows["tiny-bloom"]["peak_host_rss_gib"] > 0
+    assert result["summary"] == [{
+        "stage": "baseline", "largest_trained": "tiny-bloom", "largest_trained_params": rows["tiny-bloom"]["params"],
+        "predicted_ceiling": "tiny-gpt2", "sizes_apart": -1, "gpu_gib": 80.0,
+        "host_available_gib": result["summary"][0]["host_available_gib"], "nvme_free_gib": None}]
+    metrics = json.loads((out / "baseline" / "tiny-bloom" / "metrics.json").read_text())
+    assert metrics["total_steps"] == 2 and metrics["max_seq_length"] == 1024
+    assert "| baseline | tiny-bloom |" in (out / "scale.md").read_text()
+
+
+def test_scale_refuses_bad_input_before_running_anything(tmp_path, capsys):
+    assert scale.main(["--stages", "zero3_nvme", "--gpu_memory_gib", "80", "--out", str(tmp_path / "a")]) == 2
+    assert "--nvme_path" in capsys.readouterr().err
+    assert scale.main(["--models", "gpt2-huge", "--gpu_memory_gib", "80", "--out", str(tmp_path / "b")]) == 2
+    assert "--models gpt2-huge" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()

@@ -1,0 +1,331 @@
+"""``workshop scale``: the largest model each stage trains on one GPU, predicted and then found.
+
+    workshop scale                                             # every stage, the whole ladder, one GPU
+    workshop scale --stages baseline zero3_offload_all --steps 3
+    workshop scale --stages zero3_nvme --nvme_path /local/nvme/$USER
+    workshop scale --gradient_checkpointing                    # how far recomputing activations moves it
+
+For each stage it predicts, with ``workshop estimate``, which models of the ladder fit this GPU, this
+node's free host memory and (NVMe offload) the free disk, and starts at the largest predicted to fit:
+if that trains, it climbs until a size fails; if not, it steps down until one trains. Each attempt
+is a real ``workshop train`` run of a few optimizer steps (micro-batch 1, full 512-token blocks of the
+built-in text, random weights from the model's configuration) in a process of its own, so an
+out-of-memory error, a refusal by the pre-flight checks or a kill by the kernel becomes a row, not
+the end of the benchmark.
+
+The ladder: the workshop's GPT-2 and BLOOM shapes, then BLOOM shapes widened and deepened past
+bloom-7b1 (``SCALED_BLOOM``), each written as a config.json into the output folder.
+
+Output: a run folder per attempt, ``scale.md`` and ``scale.json`` with one row per attempt
+(predicted GPU/host/NVMe memory, status, tokens/s, peak GPU memory by PyTorch and nvidia-smi, peak
+host memory, NVMe disk used) and a summary per stage: the largest size that trained, the estimator's
+predicted ceiling, and how many sizes apart they are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shutil
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from workshop import bench, estimate, files
+from workshop.errors import WorkshopError
+
+GIB = 1024**3
+STAGES = {"baseline": None, "zero2": "zero2.json", "zero3": "zero3.json", "zero2_offload": "zero2_offload.json",
+          "zero3_offload": "zero3_offload.json", "zero3_offload_all": "zero3_offload_all.json",
+          "zero3_nvme": "zero3_nvme.json"}
+# BLOOM's layout scaled past bloom-7b1 (30 x 4096): width and depth grown together, 128-wide heads.
+# Parameters ~ 12 x layers x hidden^2 + 250880 x hidden.
+SCALED_BLOOM = {"bloom-4b8": (30, 3328), "bloom-10b": (36, 4608), "bloom-14b": (40, 5120), "bloom-21b": (44, 6144)}
+LADDER = ["gpt2-medium", "bigscience/bloom-560m", "bigscience/bloom-1b1", "bigscience/bloom-1b7", "bigscience/bloom-3b",
+          "bloom-4b8", "bigscience/bloom-7b1", "bloom-10b", "bloom-14b", "bloom-21b"]
+# Each attempt: a few full blocks, no evaluation, nothing saved but the run folder's own files.
+TRAIN_FLAGS = ["--stage", "scale", "--from_config", "--tokenizer_name_or_path", "builtin",
+               "--dataset_name", "builtin_text", "--per_device_train_batch_size", "1",
+               "--gradient_accumulation_steps", "1", "--logging_steps", "1", "--eval_strategy", "no",
+               "--save_strategy", "no", "--no_save_model", "--answer_eval_samples", "0"]
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one GPU node offers a run: the card's memory, free host memory, free NVMe disk (bytes)."""
+    gpu_bytes: float
+    host_bytes: float
+    nvme_bytes: float | None
+
+
+def write_configs(folder: Path, models: list[str]) -> dict[str, Path]:
+    """config.json for every ladder entry (published shapes and scaled ones alike): one code path."""
+    from transformers import AutoConfig
+
+    from workshop.model import KNOWN_ARCHITECTURES
+
+    paths = {}
+    for name in models:
+        short = name.split("/")[-1]
+        if name in SCALED_BLOOM:
+            layers, hidden = SCALED_BLOOM[name]
+            kwargs = dict(model_type="bloom", n_layer=layers, hidden_size=hidden, n_head=hidden // 128,
+                          vocab_size=250880)
+        elif name in KNOWN_ARCHITECTURES and KNOWN_ARCHITECTURES[name]["vocab_size"] is not None:
+            kwargs = dict(KNOWN_ARCHITECTURES[name])
+        else:  # the tiny presets: sized by the built-in tokenizer
+            from workshop import builtin_data
+
+            kwargs = dict(KNOWN_ARCHITECTURES[name], vocab_size=len(builtin_data.build_tokenizer()))
+        model_type = kwargs.pop("model_type")
+        path = folder / short
+        AutoConfig.for_model(model_type, **kwargs).save_pretrained(path)
+        paths[name] = path
+    return paths
+
+
+def check_models(models: list[str]) -> None:
+    from workshop.model import KNOWN_ARCHITECTURES
+
+    unknown = [name for name in models if name not in SCALED_BLOOM and name not in KNOWN_ARCHITECTURES]
+    if unknown:
+        known = LADDER + [n for n in KNOWN_ARCHITECTURES if n not in LADDER]
+        raise WorkshopError(f"--models {' '.join(unknown)}: not a shape the ladder knows; use {', '.join(known)}")
+
+
+def predict(shape: estimate.ModelShape, stage: str, seq_len: int, precision: str,
+            gradient_checkpointing: bool) -> estimate.Estimate:
+    ds_config = json.loads((bench.REPO / "ds_configs" / STAGES[stage]).read_text()) if STAGES[stage] else None
+    zero, optimizer, param = estimate.deepspeed_choices(ds_config)
+    return estimate.estimate_for_shape(shape, seq_len, 1, zero, optimizer, param, 1, precision, 1, ds_config,
+                                       gradient_checkpointing=gradient_checkpointing)
+
+
+def fits(e: estimate.Estimate, resources: Resources) -> bool:
+    room_on_disk = resources.nvme_bytes is None or e.nvme_bytes <= resources.nvme_bytes
+    return e.fits(resources.gpu_bytes) and e.host_bytes <= resources.host_bytes and room_on_disk
+
+
+def predicted_ceiling(predicted_fit: list[bool]) -> int | None:
+    """Index of the largest size predicted to fit below the first that does not (sizes grow along the ladder)."""
+    ceiling = None
+    for i, ok in enumerate(predicted_fit):
+        if not ok:
+            break
+        ceiling = i
+    return ceiling
+
+
+def search(n_sizes: int, start: int | None, attempt) -> int | None:
+    """The largest index that trains: from ``start`` up while runs succeed, or down until one does.
+
+    ``attempt(i)`` runs size i and says whether it trained. Sizes above a failure are never tried.
+    """
+    if n_sizes == 0:
+        return None
+    i = 0 if start is None else start
+    if attempt(i):
+        while i + 1 < n_sizes and attempt(i + 1):
+            i += 1
+        return i
+    while i > 0:
+        i -= 1
+        if attempt(i):
+            return i
+    return None
+
+
+class DiskSampler:
+    """Peak disk space taken on a folder's file system during a run (ZeRO-Infinity's swap files)."""
+
+    def __init__(self, folder: Path | None, interval_s: float = 1.0):
+        self.folder, self.interval_s, self.peak = folder, interval_s, 0
+        if folder is None:
+            return
+        self.base = shutil.disk_usage(folder).used
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def _sample(self):
+        while not self.done.wait(self.interval_s):
+            self.peak = max(self.peak, shutil.disk_usage(self.folder).used - self.base)
+
+    def stop(self) -> float | None:
+        if self.folder is None:
+            return None
+        self.done.set()
+        self.thread.join()
+        self.peak = max(self.peak, shutil.disk_usage(self.folder).used - self.base)
+        return self.peak / GIB
+
+
+def attempt_row(out: Path, stage: str, name: str, config_path: Path, steps: int, seq_len: int,
+                nvme_path: Path | None, extra: list[str], timeout_s: float) -> dict:
+    run_dir = out / stage / name.split("/")[-1]
+    flags = ["--model_name_or_path", str(config_path), *TRAIN_FLAGS, "--max_steps", str(steps),
+             "--max_seq_length", str(seq_len), *extra]
+    if STAGES[stage]:
+        flags += ["--deepspeed", str(bench.REPO / "ds_configs" / STAGES[stage])]
+    nvme = None
+    if stage == "zero3_nvme":
+        nvme = nvme_path / f"scale-{name.split('/')[-1]}"
+        nvme.mkdir(parents=True, exist_ok=True)
+        flags += ["--nvme_path", str(nvme)]
+    print(f"\n=== {stage} | {name}", flush=True)
+    disk = DiskSampler(nvme)
+    try:
+        row, metrics = bench.train_in_subprocess(run_dir, flags, timeout_s)
+    finally:
+        nvme_used = disk.stop()
+        if nvme is not None:
+            shutil.rmtree(nvme, ignore_errors=True)  # the next size needs the room
+    row.update(nvme_used_gib=nvme_used, **{k: metrics.get(k) for k in (
+        "tokens_per_second", "mfu", "peak_gpu_allocated_gib", "peak_gpu_reserved_gib", "peak_host_rss_gib")})
+    return row
+
+
+def scale_stage(out: Path, stage: str, ladder: list[str], shapes: dict, configs: dict, resources: Resources,
+                precision: str, args) -> tuple[list[dict], dict]:
+    predictions = [predict(shapes[name], stage, args.seq_len, precision, args.gradient_checkpointing)
+                   for name in ladder]
+    predicted_fit = [fits(e, resources) for e in predictions]
+    ceiling = predicted_ceiling(predicted_fit)
+    extra = (["--gradient_checkpointing"] if args.gradient_checkpointing else []) + args.extra
+    rows = []
+
+    def attempt(i: int) -> bool:
+        name, e = ladder[i], predictions[i]
+        row = {"stage": stage, "model": name.split("/")[-1], "params": shapes[name].n_params,
+               "predicted_gpu_gib": e.gpu_total_bytes / GIB, "predicted_host_gib": e.host_bytes / GIB,
+               "predicted_nvme_gib": e.nvme_bytes / GIB, "predicted_fits": predicted_fit[i]}
+        row.update(attempt_row(out, stage, name, configs[name], args.steps, args.seq_len, args.nvme_path, extra,
+                               args.timeout_s))
+        rows.append(row)
+        print("    " + table(rows[-1:]).splitlines()[-1], flush=True)
+        return row["status"] == "completed"
+
+    largest = search(len(ladder), ceiling, attempt)
+    rows.sort(key=lambda r: r["params"])
+    summary = {"stage": stage,
+               "largest_trained": ladder[largest].split("/")[-1] if largest is not None else None,
+               "largest_trained_params": shapes[ladder[largest]].n_params if largest is not None else None,
+               "predicted_ceiling": ladder[ceiling].split("/")[-1] if ceiling is not None else None,
+               "sizes_apart": (largest - ceiling) if largest is not None and ceiling is not None else None}
+    return rows, summary
+
+
+def gpu_memory_bytes() -> float | None:
+    """The first GPU's memory from nvidia-smi: asking torch would put a CUDA context in this process."""
+    if not shutil.which("nvidia-smi"):
+        return None
+    result = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                            capture_output=True, text=True)
+    lines = result.stdout.split()
+    return float(lines[0]) * 1024**2 if result.returncode == 0 and lines else None
+
+
+def _params(n: float) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def table(rows: list[dict]) -> str:
+    head = ["stage", "model", "parameters", "predicted GPU GiB", "predicted host GiB", "predicted NVMe GiB",
+            "predicted fits", "status", "tokens/s", "peak alloc GiB", "nvidia-smi GiB", "peak host GiB",
+            "NVMe used GiB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def f(value, spec):
+        return format(value, spec) if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
+
+    for r in rows:
+        status = r["status"] if r["status"] == "completed" else f"{r['status']}: {str(r.get('error'))[:90]}"
+        lines.append("| " + " | ".join([
+            r["stage"], r["model"], _params(r["params"]), f(r["predicted_gpu_gib"], ".1f"),
+            f(r["predicted_host_gib"], ".1f"), f(r["predicted_nvme_gib"], ".1f"),
+            "yes" if r["predicted_fits"] else "no", status, f(r.get("tokens_per_second"), ",.0f"),
+            f(r.get("peak_gpu_allocated_gib"), ".1f"), f(r.get("nvidia_smi_peak_gib"), ".1f"),
+            f(r.get("peak_host_rss_gib"), ".1f"), f(r.get("nvme_used_gib"), ".1f")]) + " |")
+    return "\n".join(lines)
+
+
+def summary_table(summaries: list[dict]) -> str:
+    lines = ["| stage | largest that trained | parameters | predicted ceiling | sizes apart |", "|---|---|---|---|---|"]
+    for s in summaries:
+        params = _params(s["largest_trained_params"]) if s["largest_trained_params"] else "-"
+        apart = "-" if s["sizes_apart"] is None else f"{s['sizes_apart']:+d}"
+        lines.append(f"| {s['stage']} | {s['largest_trained'] or 'none'} | {params} | "
+                     f"{s['predicted_ceiling'] or 'none'} | {apart} |")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="workshop scale", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--stages", nargs="+", default=None, choices=list(STAGES),
+                   help="default: every stage, zero3_nvme only when --nvme_path is given")
+    p.add_argument("--models", nargs="+", default=LADDER,
+                   help="the ladder, smallest first; known names, scaled BLOOM shapes, or tiny-gpt2/tiny-bloom")
+    p.add_argument("--steps", type=int, default=4, help="optimizer steps per attempt (the first one warms up)")
+    p.add_argument("--seq_len", type=int, default=512, help="tokens per sample (every block is full)")
+    p.add_argument("--gradient_checkpointing", action="store_true",
+                   help="recompute activations in backward: the ceiling where activations are the wall")
+    p.add_argument("--nvme_path", type=Path, default=None,
+                   help="a folder on a local NVMe disk, needed by the zero3_nvme stage")
+    p.add_argument("--gpu_memory_gib", type=float, default=None,
+                   help="GPU memory the predictions are checked against; default: what nvidia-smi reports")
+    p.add_argument("--timeout_s", type=float, default=1800, help="an attempt running longer counts as failed")
+    p.add_argument("--out", default=None, help="output folder; default logs/scale/<timestamp>")
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
+                   help="flags passed to every `workshop train` run (put last)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = Path(args.out or f"logs/scale/{dt.datetime.now():%Y%m%d-%H%M%S}")
+    if args.stages is None:
+        args.stages = [stage for stage in STAGES if args.nvme_path is not None or stage != "zero3_nvme"]
+    try:
+        if out.exists() and any(out.iterdir()):
+            raise WorkshopError(f"--out {out} is not empty: give a new folder (earlier results stay untouched)")
+        if "zero3_nvme" in args.stages and args.nvme_path is None:
+            raise WorkshopError("--stages zero3_nvme offloads to NVMe: pass --nvme_path DIR on the node's local disk, "
+                                "or leave that stage out")
+        if args.nvme_path is not None and not args.nvme_path.is_dir():
+            raise WorkshopError(f"--nvme_path {args.nvme_path} is not a folder: create it (mkdir -p) on the local disk")
+        check_models(args.models)
+        if args.steps < 1:
+            raise WorkshopError(f"--steps {args.steps} must be at least 1")
+        detected = gpu_memory_bytes()
+        precision = "bf16" if detected else "fp32"  # what --precision auto picks (fp16 costs the same bytes)
+        gpu_bytes = args.gpu_memory_gib * GIB if args.gpu_memory_gib else detected
+        if gpu_bytes is None:
+            raise WorkshopError("no GPU found by nvidia-smi: give --gpu_memory_gib to predict for a GPU of that size")
+        configs = write_configs(out / "models", args.models)
+    except WorkshopError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    shapes = {name: estimate.model_shape(str(path)) for name, path in configs.items()}
+    ladder = sorted(args.models, key=lambda name: shapes[name].n_params)
+    rows, summaries = [], []
+    for stage in args.stages:
+        resources = Resources(gpu_bytes, psutil.virtual_memory().available,
+                              shutil.disk_usage(args.nvme_path).free if stage == "zero3_nvme" else None)
+        stage_rows, summary = scale_stage(out, stage, ladder, shapes, configs, resources, precision, args)
+        rows += stage_rows
+        summaries.append({**summary, "gpu_gib": gpu_bytes / GIB, "host_available_gib": resources.host_bytes / GIB,
+                          "nvme_free_gib": None if resources.nvme_bytes is None else resources.nvme_bytes / GIB})
+    host_total = psutil.virtual_memory().total / GIB
+    text = (f"{bench.environment_line()}; host memory {host_total:.0f} GiB; micro-batch 1 x {args.seq_len} tokens, "
+            f"{args.steps} steps{', gradient checkpointing' if args.gradient_checkpointing else ''}\n\n"
+            f"{summary_table(summaries)}\n\n{table(rows)}\n")
+    files.write_text(out / "scale.md", text)
+    files.write_json(out / "scale.json", {"summary": summaries, "rows": rows})
+    print(f"\n{text}\nwritten: {out / 'scale.md'}, {out / 'scale.json'}")
+    return 0
