@@ -132,6 +132,7 @@ def write(path: Path, text: str) -> str:
     pytest.param(["--per_device_train_batch_size", "0"], r"--per_device_train_batch_size 0 must be at least 1",
                  id="batch_size_zero"),
     pytest.param(["--num_train_epochs", "0"], r"--num_train_epochs 0.0 trains nothing", id="no_epochs"),
+    pytest.param(["--profile_steps", "-1"], r"--profile_steps -1 must be 0 \(off\) or more", id="negative_profile"),
 ])
 def test_bad_flags(capsys, logs, flags, match):
     stops(capsys, logs, flags, match)

@@ -73,3 +73,16 @@ def test_tensorboard_event_files_go_into_the_run_folder(tmp_path):
                        "--answer_eval_samples", "0", "--report_to", "tensorboard"]) == 0
     events = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+
+
+def test_profile_steps_writes_where_the_time_goes(tmp_path):
+    from workshop import train
+
+    run_dir = tmp_path / "run"
+    assert train.main(["--preset", "tiny", "--run_dir", str(run_dir), "--num_train_epochs", "1", "--profile_steps",
+                       "3", "--eval_strategy", "no", "--save_strategy", "no", "--answer_eval_samples", "0",
+                       "--no_save_model"]) == 0
+    text = (run_dir / "profile.txt").read_text()
+    assert text.startswith("3 optimizer step(s) profiled (steps 2-4)")  # the first, warm-up step left out
+    assert "aten::mm" in text  # the operations table: matrix products dominate even a tiny model
+    assert read_json(run_dir / "profile_trace.json")["traceEvents"]  # the trace chrome://tracing opens

@@ -162,3 +162,60 @@ class MeasureCallback(TrainerCallback):
         self.train_time = time.perf_counter() - self.start
         if self.is_main:
             self.steps_file.close()
+
+
+class ProfileCallback(TrainerCallback):
+    """``--profile_steps N``: torch.profiler over N optimizer steps after the first, on rank 0.
+
+    The first step is left out: it builds kernels, allocates the optimizer state and (under
+    DeepSpeed) its buffers. profile.txt opens with how busy the GPU was (kernel time over wall
+    time: a low figure means the GPU waits for Python, kernel launches or the CPU optimizer), then
+    the operations that took the most time.
+    """
+
+    def __init__(self, run_dir, steps: int, is_main: bool):
+        self.run_dir, self.steps, self.is_main = run_dir, steps, is_main
+        self.cuda = torch.cuda.is_available()
+        self.profiler = None
+        self.first_step = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.first_step is None:
+            self.first_step = state.global_step
+        if self.is_main and self.profiler is None and state.global_step == self.first_step + 1:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if self.cuda:
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+                torch.cuda.synchronize()
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.start()
+            self.start_time, self.start_step = time.perf_counter(), state.global_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.profiler is not None and state.global_step - self.start_step >= self.steps:
+            self._finish(state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.profiler is not None:  # fewer steps left than asked for
+            self._finish(state.global_step)
+
+    def _finish(self, step: int) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        wall_s = time.perf_counter() - self.start_time
+        self.profiler.stop()
+        steps = step - self.start_step
+        events = self.profiler.key_averages()
+        # The kernels themselves (device events); CPU operations carry their kernels' time as well.
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        device_s = sum(e.self_device_time_total for e in kernels) / 1e6
+        sort_by = "self_device_time_total" if self.cuda else "self_cpu_time_total"
+        head = (f"{steps} optimizer step(s) profiled (steps {self.start_step + 1}-{step}): {wall_s:.3f} s wall, "
+                f"{wall_s / max(steps, 1) * 1000:.1f} ms per step")
+        if self.cuda:
+            head += (f"; GPU kernels {device_s:.3f} s = {100 * device_s / wall_s:.0f}% of the wall time "
+                     "(the rest the GPU waits)")
+        (self.run_dir / "profile.txt").write_text(f"{head}\n\n{events.table(sort_by=sort_by, row_limit=30)}\n")
+        self.profiler.export_chrome_trace(str(self.run_dir / "profile_trace.json"))
+        print0(f"profile: {head} -> {self.run_dir / 'profile.txt'}")
+        self.profiler = None

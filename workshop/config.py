@@ -114,6 +114,11 @@ class WorkshopArguments:
     logs_root: str = field(default="logs", metadata={"help": "Where run folders are created."})
     save_model: bool = field(
         default=True, metadata={"help": "Save the trained model to <run folder>/model (--no_save_model: benchmarks)."})
+    profile_steps: int = field(
+        default=0,
+        metadata={"help": "Profile this many optimizer steps after the first (warm-up) with torch.profiler: "
+                          "profile.txt (where the time goes, by operation) and profile_trace.json (open in "
+                          "chrome://tracing or ui.perfetto.dev) in the run folder. 3-5 is plenty; 0: off."})
 
 
 @dataclass
@@ -325,5 +330,7 @@ def validate(model_args: ModelArguments, data_args: DataArguments, ws_args: Work
         raise WorkshopError("--answer_eval_samples must be 0 (skip) or more")
     if ws_args.stage not in STAGES:
         raise WorkshopError(f"--stage {ws_args.stage} is not known: use one of {', '.join(STAGES)}")
+    if ws_args.profile_steps < 0:
+        raise WorkshopError(f"--profile_steps {ws_args.profile_steps} must be 0 (off) or more")
     if ws_args.run_dir is not None and Path(ws_args.run_dir).is_file():
         raise WorkshopError(f"--run_dir {ws_args.run_dir} is a file: give a folder")

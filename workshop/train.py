@@ -31,7 +31,7 @@ import transformers
 from workshop import config as cfg
 from workshop import data_loader, distributed, ds_preflight, estimate, evaluation, files
 from workshop import model as models
-from workshop.callbacks import MeasureCallback, all_ranks_sum, peak_flops
+from workshop.callbacks import MeasureCallback, ProfileCallback, all_ranks_sum, peak_flops
 from workshop.checkpoints import StopOnSignal, WorkshopTrainer, complete_checkpoints
 from workshop.errors import OutOfMemory, WorkshopError
 from workshop.report import format_table
@@ -339,6 +339,8 @@ def _train(run_dir, model_args, data_args, ws_args, training_args, tokenizer, mo
     trainer.add_callback(measure)
     stop = StopOnSignal()
     trainer.add_callback(stop)
+    if ws_args.profile_steps:
+        trainer.add_callback(ProfileCallback(run_dir, ws_args.profile_steps, distributed.is_main()))
 
     # A requeued job finds its own checkpoints in its run folder and goes on from the newest.
     resume = training_args.resume_from_checkpoint
