@@ -155,7 +155,7 @@ def train_in_subprocess(run_dir: Path, flags: list[str], timeout_s: float | None
     if returncode == 0 and metrics_path.exists():
         return {**row, "status": "completed", "error": None}, json.loads(metrics_path.read_text())
     status = json.loads((run_dir / "status.json").read_text()) if (run_dir / "status.json").exists() else {}
-    last_line = (output.strip().splitlines() or [""])[-1]
+    last_line = (output.strip().splitlines() or [""])[-1].removeprefix("error: ")
     if returncode is None:
         row.update(status="timeout", error=f"stopped after {timeout_s:.0f} s")
     elif returncode < 0:  # SIGKILL from the kernel's out-of-memory killer, most often: host memory ran out

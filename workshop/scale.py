@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", nargs="+", default=None, choices=list(STAGES),
                    help="default: every stage, zero3_nvme only when --nvme_path is given")
     p.add_argument("--models", nargs="+", default=LADDER,
-                   help="the ladder, smallest first; known names, scaled BLOOM shapes, or tiny-gpt2/tiny-bloom")
+                   help="the ladder (tried in order of size): known names, scaled BLOOM shapes, tiny-gpt2/tiny-bloom")
     p.add_argument("--steps", type=int, default=4, help="optimizer steps per attempt (the first one warms up)")
     p.add_argument("--seq_len", type=int, default=512, help="tokens per sample (every block is full)")
     p.add_argument("--gradient_checkpointing", action="store_true",
