@@ -10,7 +10,7 @@ def test_bench_runs_each_mode_into_its_own_run_folder_and_tabulates_them(tmp_pat
     assert bench.main(["--models", "tiny-gpt2", "--stages", "baseline", "--modes", "default",
                        "default_length_grouped", "--samples", "32", "--eval_samples", "8", "--no_reference",
                        "--out", str(out)]) == 0
-    rows = json.loads((out / "bench.json").read_text())
+    rows = json.loads((out / "bench.json").read_text())["rows"]
     assert [(r["mode"], r["status"]) for r in rows] == [("default", "completed"),
                                                        ("default_length_grouped", "completed")]
     for mode in ("default", "default_length_grouped"):
@@ -21,3 +21,24 @@ def test_bench_runs_each_mode_into_its_own_run_folder_and_tabulates_them(tmp_pat
     # a second invocation into the same folder would overwrite measurements: refused
     assert bench.main(["--models", "tiny-gpt2", "--out", str(out)]) == 2
     assert "is not empty" in capsys.readouterr().err
+
+
+def test_targets_are_judged_from_the_rows_of_one_invocation():
+    def row(stage, mode, time, loss, memory, model="gpt2-medium"):
+        return {"model": model, "stage": stage, "mode": mode, "status": "completed", "time_per_epoch_s": time,
+                "final_eval_loss": loss, "peak_gpu_allocated_gib": memory}
+
+    rows = [row("baseline", "original", 30.0, 2.00, 14.0), row("baseline", "default", 9.0, 2.03, 10.0),
+            row("zero3", "original", 100.0, 2.00, 12.0), row("zero3", "default", 60.0, 2.05, 12.5),
+            {**row("reference loop", "compiled", 8.0, None, 7.0)},
+            row("zero2", "default", 10.0, 2.0, 9.0)]  # no original row: nothing to judge
+    checks = {(c["stage"], c["target"]): c for c in bench.targets(rows)}
+    assert {stage for stage, _ in checks} == {"baseline", "zero3"}
+    assert checks[("baseline", "original/default time")]["met"] is True                 # 3.33x >= 3
+    assert checks[("baseline", "eval loss default/original")]["met"] is True            # 1.015 <= 1.02
+    assert checks[("baseline", "baseline default/reference loop time")]["met"] is True  # 1.125 <= 1.2
+    assert checks[("zero3", "original/default time")]["met"] is False                   # 1.67x < 2
+    assert checks[("zero3", "eval loss default/original")]["met"] is False              # 1.025 > 1.02
+    assert checks[("zero3", "peak allocated default/original")]["met"] is False         # more memory
+    assert "| gpt2-medium | zero3 | original/default time | 1.67 | >= 2 | **no** |" in bench.targets_table(
+        bench.targets(rows))

@@ -21,7 +21,9 @@ One invocation on one GPU, the same data for every run, one epoch each:
 Every run is an ordinary run folder under the output folder (``workshop report`` reads them),
 with an ``nvidia-smi`` CSV beside it. The table (Markdown and CSV) gives per stage: time per epoch,
 useful (non-padding) tokens/s, MFU, peak memory (PyTorch and nvidia-smi), final eval loss, and the
-original/default time ratio.
+original/default time ratio; then a verdict per target (``TIME_RATIO_TARGETS``, eval loss within 2%,
+peak memory no higher, the baseline within 1.2x of the reference loop), judged from this invocation
+alone.
 """
 
 from __future__ import annotations
@@ -271,6 +273,51 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# What the defaults must reach against the original workshop, one GPU, ratios within one invocation.
+TIME_RATIO_TARGETS = {"baseline": 3.0, "zero1": 3.0, "zero2": 3.0, "zero3": 2.0, "zero2_offload": 1.5}
+EVAL_LOSS_SLACK = 1.02       # the default's final eval loss at most 2% above the original's
+REFERENCE_SLACK = 1.2        # the baseline default at most 1.2x the plain PyTorch loop's time
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    """Each target, per model and stage that has both an original and a default row: value, bound, met."""
+    by_key = {(r["model"], r["stage"], r["mode"]): r for r in rows if r.get("status") == "completed"}
+    checks = []
+    for (model, stage, mode), default in by_key.items():
+        original = by_key.get((model, stage, "original"))
+        if mode != "default" or original is None:
+            continue
+
+        def check(what, value, bound, met):
+            checks.append({"model": model, "stage": stage, "target": what, "value": value, "bound": bound,
+                           "met": None if value is None else met(value, bound)})
+
+        ratio = (original["time_per_epoch_s"] / default["time_per_epoch_s"]
+                 if original.get("time_per_epoch_s") and default.get("time_per_epoch_s") else None)
+        check("original/default time", ratio, TIME_RATIO_TARGETS[stage], lambda v, b: v >= b)
+        loss = (default["final_eval_loss"] / original["final_eval_loss"]
+                if original.get("final_eval_loss") and default.get("final_eval_loss") is not None else None)
+        check("eval loss default/original", loss, EVAL_LOSS_SLACK, lambda v, b: v <= b)
+        memory = (default["peak_gpu_allocated_gib"] / original["peak_gpu_allocated_gib"]
+                  if original.get("peak_gpu_allocated_gib") and default.get("peak_gpu_allocated_gib") else None)
+        check("peak allocated default/original", memory, 1.0, lambda v, b: v <= b)
+        reference = by_key.get((model, "reference loop", "compiled"))
+        if stage == "baseline" and reference:
+            check("baseline default/reference loop time", default["time_per_epoch_s"] / reference["time_per_epoch_s"],
+                  REFERENCE_SLACK, lambda v, b: v <= b)
+    return checks
+
+
+def targets_table(checks: list[dict]) -> str:
+    lines = ["| model | stage | target | value | bound | met |", "|---|---|---|---|---|---|"]
+    for c in checks:
+        value = "-" if c["value"] is None else f"{c['value']:.2f}"
+        met = {True: "yes", False: "**no**", None: "-"}[c["met"]]
+        sign = ">=" if c["target"].startswith("original/default") else "<="
+        lines.append(f"| {c['model']} | {c['stage']} | {c['target']} | {value} | {sign} {c['bound']:g} | {met} |")
+    return "\n".join(lines)
+
+
 def environment_line() -> str:
     import torch
     import transformers
@@ -313,8 +360,11 @@ def main(argv: list[str] | None = None) -> int:
                                     + args.extra))
         if not args.no_reference and os.environ.get("CUDA_VISIBLE_DEVICES", "0") != "":
             rows.append(reference_loop(model, data, args.samples, out))
+    checks = targets(rows)
     text = f"{environment_line()}\n\n{table(rows)}\n"
+    if checks:
+        text += f"\nTargets (a row per target, model and stage; ratios from this invocation):\n\n{targets_table(checks)}\n"
     files.write_text(out / "bench.md", text)
-    files.write_json(out / "bench.json", rows)
+    files.write_json(out / "bench.json", {"rows": rows, "targets": checks})
     print(f"\n{text}\nwritten: {out / 'bench.md'}, {out / 'bench.json'}")
     return 0
