@@ -61,9 +61,10 @@ def init_deepspeed_comm() -> None:
 def shutdown() -> None:
     """Leave torch.distributed together, once every rank is done.
 
-    Left to interpreter exit, a rank that finishes first tears down its gloo/NCCL groups while their
-    threads still run, and aborts ("terminate called without an active exception", exit -6) after a
-    run that otherwise succeeded.
+    Left to interpreter exit, gloo's worker threads can still hold finished work whose tensors are
+    freed while the interpreter is torn down, and the rank aborts ("terminate called without an
+    active exception", SIGABRT) after a run that otherwise succeeded (pytorch/pytorch#179291).
+    The barrier keeps the first rank done from leaving while another still talks to it.
     """
     import torch.distributed as dist
 
