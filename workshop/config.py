@@ -118,7 +118,8 @@ class WorkshopArguments:
         default=0,
         metadata={"help": "Profile this many optimizer steps after the first (warm-up) with torch.profiler: "
                           "profile.txt (where the time goes, by operation) and profile_trace.json (open in "
-                          "chrome://tracing or ui.perfetto.dev) in the run folder. 3-5 is plenty; 0: off."})
+                          "chrome://tracing or ui.perfetto.dev) in the run folder. 3-5 is plenty; 0: off. It slows those "
+                          "steps: time runs without it."})
 
 
 @dataclass
