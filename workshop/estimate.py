@@ -117,7 +117,7 @@ def _known_architectures() -> dict[str, dict]:
     return KNOWN_ARCHITECTURES
 
 
-def _config_for(name: str, vocab_size: int | None = None):
+def config_for(name: str, vocab_size: int | None = None):
     """A transformers config for a known name, a local folder or config.json, or a cached hub name."""
     from transformers import AutoConfig
 
@@ -162,7 +162,7 @@ def shape_from_config(config, name: str | None = None) -> ModelShape:
 
 def model_shape(name: str, vocab_size: int | None = None) -> ModelShape:
     """Shape of a model given by known name (gpt2*, bloom-*), local path, config.json or cached hub name."""
-    config = _config_for(name, vocab_size)
+    config = config_for(name, vocab_size)
     if vocab_size:
         config.vocab_size = vocab_size
     return shape_from_config(config, name)

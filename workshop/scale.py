@@ -67,25 +67,16 @@ def write_configs(folder: Path, models: list[str]) -> dict[str, Path]:
     """config.json for every ladder entry (published shapes and scaled ones alike): one code path."""
     from transformers import AutoConfig
 
-    from workshop.model import KNOWN_ARCHITECTURES
-
     paths = {}
     for name in models:
-        short = name.split("/")[-1]
         if name in SCALED_BLOOM:
             layers, hidden = SCALED_BLOOM[name]
-            kwargs = dict(model_type="bloom", n_layer=layers, hidden_size=hidden, n_head=hidden // 128,
-                          vocab_size=250880)
-        elif name in KNOWN_ARCHITECTURES and KNOWN_ARCHITECTURES[name]["vocab_size"] is not None:
-            kwargs = dict(KNOWN_ARCHITECTURES[name])
-        else:  # the tiny presets: sized by the built-in tokenizer
-            from workshop import builtin_data
-
-            kwargs = dict(KNOWN_ARCHITECTURES[name], vocab_size=len(builtin_data.build_tokenizer()))
-        model_type = kwargs.pop("model_type")
-        path = folder / short
-        AutoConfig.for_model(model_type, **kwargs).save_pretrained(path)
-        paths[name] = path
+            config = AutoConfig.for_model("bloom", n_layer=layers, hidden_size=hidden, n_head=hidden // 128,
+                                          vocab_size=250880)
+        else:
+            config = estimate.config_for(name)  # the published shapes, the tiny ones sized by the built-in tokenizer
+        paths[name] = folder / name.split("/")[-1]
+        config.save_pretrained(paths[name])
     return paths
 
 
