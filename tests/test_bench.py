@@ -42,3 +42,9 @@ def test_targets_are_judged_from_the_rows_of_one_invocation():
     assert checks[("zero3", "peak allocated default/original")]["met"] is False         # more memory
     assert "| gpt2-medium | zero3 | original/default time | 1.67 | >= 2 | **no** |" in bench.targets_table(
         bench.targets(rows))
+
+
+def test_a_run_past_its_time_limit_is_stopped_and_reported(tmp_path, capsys):
+    row, metrics = bench.train_in_subprocess(tmp_path / "run", ["--preset", "tiny"], timeout_s=1)
+    assert (row["status"], row["error"], metrics) == ("timeout", "stopped after 1 s", {})
+    assert (tmp_path / "run" / "train.log").exists()

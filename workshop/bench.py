@@ -38,6 +38,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -140,15 +141,27 @@ def train_in_subprocess(run_dir: Path, flags: list[str], timeout_s: float | None
     print(f"{' '.join(cmd)}", flush=True)
     logger = GpuLogger(run_dir)
     started = time.perf_counter()
+    process = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    timed_out = threading.Event()
+
+    def stop_at_timeout():
+        timed_out.set()
+        process.kill()
+
+    timer = threading.Timer(timeout_s, stop_at_timeout) if timeout_s else None
+    if timer:
+        timer.start()
+    lines = []
     try:
-        result = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                timeout=timeout_s)
-        output, returncode = result.stdout, result.returncode
-    except subprocess.TimeoutExpired as expired:
-        output = expired.stdout.decode() if isinstance(expired.stdout, bytes) else (expired.stdout or "")
-        returncode = None
+        for line in process.stdout:  # shown as it comes: a large model's attempt takes minutes
+            print(f"    {line}", end="", flush=True)
+            lines.append(line)
+        returncode = process.wait()
     finally:
+        if timer:
+            timer.cancel()
         logger.stop()
+    output = "".join(lines)
     run_dir.mkdir(parents=True, exist_ok=True)  # a run refused before training made no folder
     (run_dir / "train.log").write_text(output)
     row = {"wall_s": time.perf_counter() - started,
@@ -158,7 +171,7 @@ def train_in_subprocess(run_dir: Path, flags: list[str], timeout_s: float | None
         return {**row, "status": "completed", "error": None}, json.loads(metrics_path.read_text())
     status = json.loads((run_dir / "status.json").read_text()) if (run_dir / "status.json").exists() else {}
     last_line = (output.strip().splitlines() or [""])[-1].removeprefix("error: ")
-    if returncode is None:
+    if timed_out.is_set():
         row.update(status="timeout", error=f"stopped after {timeout_s:.0f} s")
     elif returncode < 0:  # SIGKILL from the kernel's out-of-memory killer, most often: host memory ran out
         row.update(status="killed", error=f"killed by signal {-returncode} (host memory exhausted?)")
@@ -166,7 +179,6 @@ def train_in_subprocess(run_dir: Path, flags: list[str], timeout_s: float | None
         row.update(status=status["status"], error=status.get("error"))
     else:  # a pre-flight check refused it: its one-line error is the last line of the output
         row.update(status="refused" if returncode == 2 else "failed", error=last_line)
-    print(output[-4000:], flush=True)
     return row, {}
 
 
