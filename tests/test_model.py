@@ -36,3 +36,21 @@ def test_local_model_folder_loads_through_from_pretrained(tmp_path, tokenizer):
     loaded_tokenizer = models.load_tokenizer(local)
     loaded = models.build_model(local, loaded_tokenizer, models.model_config(local, loaded_tokenizer))
     assert torch.equal(loaded.transformer.wte.weight, model.transformer.wte.weight)
+
+
+def test_a_partitioned_embedding_keeps_the_models_vocabulary(tokenizer, monkeypatch):
+    # Under ZeRO-3 (deepspeed.zero.Init) every weight is a size-0 placeholder until gathered.
+    args = ModelArguments(model_name_or_path="gpt2", from_config=True)
+    config = models.model_config(args, tokenizer)
+    config.n_layer = 1
+    build = AutoModelForCausalLM.from_config
+
+    def partitioned(*a, **kw):
+        model = build(*a, **kw)
+        for p in model.parameters():
+            p.data = torch.empty(0)
+        return model
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_config", partitioned)
+    model = models.build_model(args, tokenizer, config)
+    assert len(tokenizer) < 50257 and model.get_input_embeddings().num_embeddings == 50257

@@ -124,7 +124,9 @@ def build_model(model_args, tokenizer, config: PretrainedConfig) -> torch.nn.Mod
                                                          dtype=torch.float32, **kwargs)
         except (OSError, ValueError) as e:
             raise _not_found("--model_name_or_path", model_args.model_name_or_path, e, model_args) from None
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+    # num_embeddings, not weight.shape: under ZeRO-3 the weight is a partitioned placeholder of size 0,
+    # which made every model look smaller than its tokenizer and shrank its vocabulary to the tokenizer's.
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     return model
 
