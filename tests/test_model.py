@@ -38,6 +38,27 @@ def test_local_model_folder_loads_through_from_pretrained(tmp_path, tokenizer):
     assert torch.equal(loaded.transformer.wte.weight, model.transformer.wte.weight)
 
 
+def test_fast_kernels_compute_what_the_stock_modules_compute(tokenizer):
+    stock_args = ModelArguments(model_name_or_path="tiny-gpt2", fast_kernels=False)
+    config = models.model_config(stock_args, tokenizer)
+    assert config.vocab_size % 64  # the builtin tokenizer's vocabulary is not aligned either
+    torch.manual_seed(0)
+    stock = models.build_model(stock_args, tokenizer, config)
+    torch.manual_seed(0)
+    fast = models.build_model(ModelArguments(model_name_or_path="tiny-gpt2"), tokenizer, config)
+    assert type(fast.lm_head) is models.AlignedLinear and fast.lm_head.weight is fast.transformer.wte.weight
+    assert type(fast.transformer.h[0].mlp.act).__name__ != "NewGELUActivation"
+    assert fast.state_dict().keys() == stock.state_dict().keys()
+    ids = torch.randint(0, config.vocab_size, (2, 12))
+    out_stock, out_fast = stock(input_ids=ids, labels=ids), fast(input_ids=ids, labels=ids)
+    assert out_fast.logits.shape == out_stock.logits.shape
+    torch.testing.assert_close(out_fast.logits, out_stock.logits)
+    out_stock.loss.backward()
+    out_fast.loss.backward()
+    for (name, a), (_, b) in zip(stock.named_parameters(), fast.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, msg=name)
+
+
 def test_a_partitioned_embedding_keeps_the_models_vocabulary(tokenizer, monkeypatch):
     # Under ZeRO-3 (deepspeed.zero.Init) every weight is a size-0 placeholder until gathered.
     args = ModelArguments(model_name_or_path="gpt2", from_config=True)

@@ -74,7 +74,7 @@ def test_prediction_beside_measurement(row):
     info = config["model_info"]
     expected = est.estimate(info["n_params"], info["n_layers"], info["hidden_size"], info["n_heads"],
                             info["vocab_size"], 512, 4, 2, None, None, 1, "bf16", model_type="gpt2",
-                            attn_implementation="sdpa",
+                            attn_implementation="sdpa", fast_kernels=False,  # recorded before the flag existed
                             deepspeed=est.DeepSpeedSettings.from_config(config["deepspeed_config"], 1024))
     assert row["predicted_peak_allocated_gib"] == expected.peak_allocated_bytes / est.GIB
     assert row["predicted_gpu_total_gib"] == expected.gpu_total_bytes / est.GIB

@@ -19,9 +19,9 @@ What is predicted, per GPU (all figures in bytes inside, GiB on screen):
   Megatron GPT layer; that is the fallback for unknown architectures. For the workshop's two
   architectures the coefficients are counted for the Hugging Face code and were checked on an H100
   (bytes saved for backward, per layer, measured with torch.autograd.graph.saved_tensors_hooks):
-  see ``ACTIVATION_COEFFICIENTS``. They are larger than the paper's because GPT-2's GELU is
-  written as six separate operations, and under torch autocast (the Trainer without DeepSpeed)
-  the residual stream and LayerNorm stay fp32.
+  see ``ACTIVATION_COEFFICIENTS``. Under torch autocast (the Trainer without DeepSpeed) the
+  residual stream and LayerNorm stay fp32. GPT-2's stock GELU, eight elementwise operations, keeps
+  their intermediates too (``STOCK_GELU_BYTES``); ``--fast_kernels`` (the default) runs it as one.
 * **Logits and loss**: the fp32 log-softmax of the logits and, at the start of backward, its
   gradient and the logits' gradient: 12 bytes x micro-batch x sequence x vocabulary.
 * **DeepSpeed buffers**: gradient reduction buckets (``reduce_bucket_size`` 16-bit elements, twice
@@ -31,9 +31,17 @@ The peak is the larger of two moments: the start of backward (parameters, optimi
 all activations and the loss buffers; gradients do not exist yet, the Trainer frees them each
 step) and the optimizer step (every state plus the flattened gradient copies). This predicts
 ``torch.cuda.max_memory_allocated``. ``nvidia-smi`` shows more: the allocator's cache (reserved
-minus allocated: measured 2-6 % without DeepSpeed, 15-27 % with it) plus the CUDA context,
+minus allocated: measured 2-6 % without DeepSpeed, 15-27 % with it, at one sequence length; with
+dynamic padding every batch has its own length, and at micro-batch 16 the cache grew to 0.6-1.1
+times the allocated peak on an H200, so the nvidia-smi prediction is then low) plus the CUDA context,
 cuBLAS workspaces and loaded kernels (1.75 GiB measured on an H100 with CUDA 13; the bare context
 is about 0.5 GiB) and NCCL's buffers (0.4 GiB more whenever torch.distributed is up).
+
+Checked again on one H200 with ``workshop bench`` (2026-12-01, the same versions; gpt2-medium,
+micro-batch 16 and 4, dynamic padding, the Trainer and ZeRO 1/2/3 and ZeRO-2 offload, with and
+without --fast_kernels, 21 runs): those at micro-batch 16 within 3 % of the allocated peak, those at
+micro-batch 4 and the original workshop's settings (fp16, eager attention, padding to 512) within
+19 %, all above the prediction (tests/test_estimate.py keeps the micro-batch 16 ones).
 
 Checked on one H100 (torch 2.11, transformers 5.17, DeepSpeed 0.19.8, bf16, sequence 512, the
 ds_configs/ settings): gpt2-medium, gpt2-large and bloom-560m, the Trainer in bf16/fp32/eager
@@ -72,18 +80,22 @@ RESERVED_FACTOR = {"trainer": 1.05, "deepspeed": 1.2}
 #   "16bit": the model itself in bf16/fp16 (DeepSpeed casts it)
 #   "fp32":  no mixed precision
 # 'sdpa' stores no s x s attention matrix (fused kernel); 'eager' does (softmax output, dropout).
+# GPT-2 as the workshop runs it (--fast_kernels): its GELU is one kernel that keeps only its input.
 ACTIVATION_COEFFICIENTS = {
-    # GPT-2, sdpa: ln 4+4, qkv 2+6, attention out 2+2, two dropout masks 1+1, fc in 2, GELU 48 (its
-    # intermediates run in fp32 under autocast), proj in 8, plus rounding: 90 measured. 16-bit: 62.
-    ("gpt2", "sdpa"): {"amp": (90, 0), "16bit": (62, 0), "fp32": (122, 0)},
+    # GPT-2, sdpa: ln 4+4, qkv 2+6, attention out 2+2, two dropout masks 1+1, fc in 2, proj in 8,
+    # plus rounding: 42 measured under autocast, 39 in 16-bit; fp32 counted from the stock figure.
+    ("gpt2", "sdpa"): {"amp": (42, 0), "16bit": (39, 0), "fp32": (74, 0)},
     # eager adds the attention matrix: softmax out (fp32 under autocast), dropout mask, dropout out.
     # amp and 16bit measured; fp32 counted (4 + 1 + 4), not measured.
-    ("gpt2", "eager"): {"amp": (90, 6.5), "16bit": (62, 4.5), "fp32": (122, 9)},
+    ("gpt2", "eager"): {"amp": (42, 6.5), "16bit": (39, 4.5), "fp32": (74, 9)},
     # BLOOM has no fused attention in transformers: fp32 softmax output (4) + its 16-bit copy (2).
     # Its GELU is one autograd function that saves only its input. All three measured.
     ("bloom", "eager"): {"amp": (36, 6), "16bit": (32, 6), "fp32": (64, 4)},
 }
 KORTHIKANTI = {"amp": (34, 5), "16bit": (34, 5), "fp32": (68, 10)}  # fp32: the 16-bit figure doubled
+# --fast_kernels false: GPT-2's stock GELU, eight elementwise operations, keeps their intermediates
+# too (measured: 90 under autocast, 62 in 16-bit, per s*b*h).
+STOCK_GELU_BYTES = {"amp": 48, "16bit": 23, "fp32": 48}
 # Bytes per layer and token*hidden kept with --gradient_checkpointing: the layer's input only.
 CHECKPOINT_INPUT_BYTES = {"amp": 4, "16bit": 2, "fp32": 4}
 LOSS_BYTES_PER_LOGIT = 12  # fp32 log-softmax output + its gradient + the logits' gradient
@@ -243,12 +255,21 @@ def precision_mode(zero_stage: int | None, precision: str) -> str:
     return "amp" if zero_stage is None else "16bit"
 
 
+def coefficients(model_type: str, attn_implementation: str, mode: str, fast_kernels: bool = True):
+    """(c1, c2) of the activation formula, and whether they were measured for this architecture."""
+    attention = "eager" if attn_implementation == "eager" else "sdpa"
+    known = (model_type, attention) in ACTIVATION_COEFFICIENTS
+    c1, c2 = ACTIVATION_COEFFICIENTS.get((model_type, attention), KORTHIKANTI)[mode]
+    if model_type == "gpt2" and not fast_kernels:
+        c1 += STOCK_GELU_BYTES[mode]
+    return c1, c2, known
+
+
 def activation_bytes(n_layers: int, hidden: int, heads: int, seq_len: int, micro_batch: int, mode: str = "16bit",
                      model_type: str = "gpt2", attn_implementation: str = "sdpa",
-                     gradient_checkpointing: bool = False) -> int:
+                     gradient_checkpointing: bool = False, fast_kernels: bool = True) -> int:
     """Activations saved for backward on one GPU (see ACTIVATION_COEFFICIENTS for the formula)."""
-    attention = "eager" if attn_implementation == "eager" else "sdpa"
-    c1, c2 = ACTIVATION_COEFFICIENTS.get((model_type, attention), KORTHIKANTI)[mode]
+    c1, c2, _ = coefficients(model_type, attn_implementation, mode, fast_kernels)
     sbh = seq_len * micro_batch * hidden
     per_layer = c1 * sbh + c2 * micro_batch * heads * seq_len * seq_len
     if gradient_checkpointing:
@@ -257,10 +278,9 @@ def activation_bytes(n_layers: int, hidden: int, heads: int, seq_len: int, micro
     return int(n_layers * per_layer)
 
 
-def activation_formula(model_type: str, attn_implementation: str, mode: str) -> str:
+def activation_formula(model_type: str, attn_implementation: str, mode: str, fast_kernels: bool = True) -> str:
     attention = "eager" if attn_implementation == "eager" else "sdpa"
-    known = (model_type, attention) in ACTIVATION_COEFFICIENTS
-    c1, c2 = ACTIVATION_COEFFICIENTS.get((model_type, attention), KORTHIKANTI)[mode]
+    c1, c2, known = coefficients(model_type, attn_implementation, mode, fast_kernels)
     source = f"measured for {model_type}/{attention}" if known else "Korthikanti et al. 2022"
     return f"per layer s*b*h*{c1:g} + b*a*s^2*{c2:g} bytes ({mode}, {source})"
 
@@ -365,11 +385,13 @@ def estimate(n_params: int, n_layers: int, hidden: int, heads: int, vocab: int, 
              zero_stage: int | None = None, offload_optimizer: str | None = None, offload_param: str | None = None,
              world_size: int = 1, precision: str = "bf16", *, num_nodes: int = 1, model_type: str = "gpt2",
              attn_implementation: str = "sdpa", largest_layer_params: int | None = None,
-             deepspeed: DeepSpeedSettings | None = None, gradient_checkpointing: bool = False) -> Estimate:
+             deepspeed: DeepSpeedSettings | None = None, gradient_checkpointing: bool = False,
+             fast_kernels: bool = True) -> Estimate:
     """Predicted per-GPU and per-node memory for one training configuration (see the module docstring).
 
     zero_stage None is the Trainer without DeepSpeed (torch autocast over fp32 weights);
-    offload_* are None, "cpu" or "nvme"; world_size counts GPUs over all nodes.
+    offload_* are None, "cpu" or "nvme"; world_size counts GPUs over all nodes; fast_kernels as
+    `workshop train --fast_kernels`.
     """
     offload_optimizer = None if offload_optimizer in (None, "none") else offload_optimizer
     offload_param = None if offload_param in (None, "none") else offload_param
@@ -386,7 +408,7 @@ def estimate(n_params: int, n_layers: int, hidden: int, heads: int, vocab: int, 
     mode = precision_mode(zero_stage, precision)
     mixed = mode != "fp32"
     acts = activation_bytes(n_layers, hidden, heads, seq_len, micro_batch, mode, model_type, attn_implementation,
-                            gradient_checkpointing)
+                            gradient_checkpointing, fast_kernels)
     loss = logits_bytes(micro_batch, seq_len, vocab)
 
     # --- model states by the paper's formulas (what the table's "model states" column shows)
@@ -469,13 +491,14 @@ def estimate(n_params: int, n_layers: int, hidden: int, heads: int, vocab: int, 
         logits_bytes=loss, backward_peak_bytes=backward, step_peak_bytes=step, peak_allocated_bytes=peak,
         reserved_bytes=reserved, cuda_context_bytes=context, gpu_total_bytes=reserved + context,
         host_bytes=int(host), nvme_bytes=int(nvme), deepspeed_gpu_bytes=ds_states,
-        formula=activation_formula(model_type, attn_implementation, mode))
+        formula=activation_formula(model_type, attn_implementation, mode, fast_kernels))
 
 
 def estimate_for_shape(shape: ModelShape, seq_len: int, micro_batch: int, zero_stage: int | None = None,
                        offload_optimizer: str | None = None, offload_param: str | None = None, world_size: int = 1,
                        precision: str = "bf16", num_nodes: int = 1, ds_config: dict | None = None,
-                       attn_implementation: str | None = None, gradient_checkpointing: bool = False) -> Estimate:
+                       attn_implementation: str | None = None, gradient_checkpointing: bool = False,
+                       fast_kernels: bool = True) -> Estimate:
     """``estimate()`` for a ModelShape, with DeepSpeed's bucket sizes taken from its JSON (or its defaults)."""
     return estimate(shape.n_params, shape.n_layers, shape.hidden_size, shape.n_heads, shape.vocab_size, seq_len,
                     micro_batch, zero_stage, offload_optimizer, offload_param, world_size, precision,
@@ -483,7 +506,7 @@ def estimate_for_shape(shape: ModelShape, seq_len: int, micro_batch: int, zero_s
                     attn_implementation=attn_implementation or shape.attn_implementation,
                     largest_layer_params=shape.largest_layer_params,
                     deepspeed=DeepSpeedSettings.from_config(ds_config, shape.hidden_size),
-                    gradient_checkpointing=gradient_checkpointing)
+                    gradient_checkpointing=gradient_checkpointing, fast_kernels=fast_kernels)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -525,7 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "used (and override --zero_stage/--offload)")
     p.add_argument("--num_gpus", type=int, default=1, help="GPUs per node")
     p.add_argument("--num_nodes", type=int, default=1, help="nodes")
-    p.add_argument("--micro_batch", type=int, default=4,
+    p.add_argument("--micro_batch", type=int, default=16,
                    help="per-GPU batch (--per_device_train_batch_size). Activations grow linearly with it: halve "
                         "it (and double gradient accumulation) when only activations do not fit")
     p.add_argument("--seq_len", type=int, default=512,
@@ -539,6 +562,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attn_implementation", choices=("sdpa", "eager"), default=None,
                    help="attention kernel; default: what transformers picks for the model (sdpa stores no s x s "
                         "matrix)")
+    p.add_argument("--stock_kernels", action="store_true",
+                   help="for runs with --fast_kernels false (GPT-2's stock GELU keeps more activations)")
     p.add_argument("--gpu_memory_gib", type=float, default=80.0,
                    help="GPU memory to check the predictions against (H100/A100: 80, A100: 40, V100: 32 or 16)")
     p.add_argument("--json", action="store_true", help="print the estimates as JSON instead of a table")
@@ -623,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
         world = args.num_gpus * args.num_nodes
         estimates = [estimate_for_shape(shape, args.seq_len, args.micro_batch, stage, opt, par, world, args.precision,
                                         args.num_nodes, ds_config, args.attn_implementation,
-                                        args.gradient_checkpointing)
+                                        args.gradient_checkpointing, fast_kernels=not args.stock_kernels)
                      for stage, opt, par in rows]
     except WorkshopError as e:
         print(f"error: {e}", file=sys.stderr)

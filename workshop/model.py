@@ -128,7 +128,44 @@ def build_model(model_args, tokenizer, config: PretrainedConfig) -> torch.nn.Mod
     # which made every model look smaller than its tokenizer and shrank its vocabulary to the tokenizer's.
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
+    if model_args.fast_kernels:
+        use_fast_kernels(model)
     return model
+
+
+class AlignedLinear(torch.nn.Linear):
+    """``nn.Linear`` whose product runs on out_features rounded up to a multiple of 64.
+
+    The extra rows of the weight are zeros made for the product and sliced off its output, so the
+    outputs and the gradients are those of the plain layer; only the kernel changes. With 50,257
+    outputs cuBLAS cannot use the Hopper/Ampere tensor-core kernels (rows must be aligned), and GPT-2's
+    output layer, the largest product of a step, ran at a fraction of their speed.
+    """
+
+    ALIGN = 64
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad = -self.out_features % self.ALIGN
+        weight = torch.nn.functional.pad(self.weight, (0, 0, 0, pad))
+        bias = None if self.bias is None else torch.nn.functional.pad(self.bias, (0, pad))
+        return torch.nn.functional.linear(x, weight, bias)[..., :self.out_features]
+
+
+def use_fast_kernels(model: torch.nn.Module) -> None:
+    """Swap modules for ones that compute the same function with faster kernels (``--fast_kernels``).
+
+    The weights, their names and the saved model stay as they are.
+    """
+    from transformers.activations import ACT2FN, NewGELUActivation
+
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            # tanh-approximated GELU, written out as eight elementwise operations; PyTorch's is one kernel
+            if type(child) is NewGELUActivation:
+                setattr(module, name, ACT2FN["gelu_pytorch_tanh"])
+    output = model.get_output_embeddings()
+    if type(output) is torch.nn.Linear and output.out_features % AlignedLinear.ALIGN:
+        output.__class__ = AlignedLinear
 
 
 def flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: float) -> float:

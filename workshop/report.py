@@ -357,7 +357,8 @@ def predict(run: Run, row: dict) -> est.Estimate | None:
     precision = row.get("precision") if row.get("precision") in ("bf16", "fp16", "fp32") else None
     if desc is None or not seq or not micro or precision is None:
         return None
-    attn = (run.config.get("model") or {}).get("attn_implementation") or (
+    model_settings = run.config.get("model") or {}
+    attn = model_settings.get("attn_implementation") or (
         "eager" if desc["model_type"] == "bloom" else "sdpa")  # BLOOM has no fused attention in transformers
     try:
         return est.estimate(
@@ -366,7 +367,8 @@ def predict(run: Run, row: dict) -> est.Estimate | None:
             precision, num_nodes=row.get("num_nodes") or 1, model_type=desc["model_type"], attn_implementation=attn,
             largest_layer_params=desc["largest_layer_params"],
             deepspeed=est.DeepSpeedSettings.from_config(_ds_config(run), desc["hidden"]),
-            gradient_checkpointing=bool((run.config.get("training") or {}).get("gradient_checkpointing")))
+            gradient_checkpointing=bool((run.config.get("training") or {}).get("gradient_checkpointing")),
+            fast_kernels=model_settings.get("fast_kernels", False))  # run folders from before the flag: stock
     except WorkshopError:
         return None
 
