@@ -18,17 +18,19 @@ def test_bench_runs_each_mode_into_its_own_run_folder_and_tabulates_them(tmp_pat
         assert metrics["train_samples"] == 32 and metrics["stage"] == "bench"
         assert rows[[r["mode"] for r in rows].index(mode)]["time_per_epoch_s"] == metrics["time_per_epoch_s"]
     assert "| tiny-gpt2 | baseline | default_length_grouped |" in (out / "bench.md").read_text()
+    assert "this/default" in (out / "bench.md").read_text()  # a lever's time against the default's
     # a second invocation into the same folder would overwrite measurements: refused
     assert bench.main(["--models", "tiny-gpt2", "--out", str(out)]) == 2
     assert "is not empty" in capsys.readouterr().err
 
 
 def test_targets_are_judged_from_the_rows_of_one_invocation():
-    def row(stage, mode, time, loss, memory, model="gpt2-medium"):
+    def row(stage, mode, time, loss, memory, micro=4, model="gpt2-medium"):
         return {"model": model, "stage": stage, "mode": mode, "status": "completed", "time_per_epoch_s": time,
-                "final_eval_loss": loss, "peak_gpu_allocated_gib": memory}
+                "final_eval_loss": loss, "peak_gpu_allocated_gib": memory, "per_device_train_batch_size": micro}
 
-    rows = [row("baseline", "original", 30.0, 2.00, 14.0), row("baseline", "default", 9.0, 2.03, 10.0),
+    rows = [row("baseline", "original", 30.0, 2.00, 14.0), row("baseline", "default", 9.0, 2.03, 20.0, micro=16),
+            row("baseline", "default_micro4", 20.0, 2.03, 10.0),
             row("zero3", "original", 100.0, 2.00, 12.0), row("zero3", "default", 60.0, 2.05, 12.5),
             {**row("reference loop", "compiled", 8.0, None, 7.0)},
             row("zero2", "default", 10.0, 2.0, 9.0)]  # no original row: nothing to judge
@@ -37,11 +39,16 @@ def test_targets_are_judged_from_the_rows_of_one_invocation():
     assert checks[("baseline", "original/default time")]["met"] is True                 # 3.33x >= 3
     assert checks[("baseline", "eval loss default/original")]["met"] is True            # 1.015 <= 1.02
     assert checks[("baseline", "baseline default/reference loop time")]["met"] is True  # 1.125 <= 1.2
+    # memory at the same micro-batch: the default's micro-batch 16 is held against nothing, micro4 is
+    assert checks[("baseline", "peak allocated default/original (micro-batch 4)")]["value"] == 10.0 / 14.0
     assert checks[("zero3", "original/default time")]["met"] is False                   # 1.67x < 2
     assert checks[("zero3", "eval loss default/original")]["met"] is False              # 1.025 > 1.02
-    assert checks[("zero3", "peak allocated default/original")]["met"] is False         # more memory
-    assert "| gpt2-medium | zero3 | original/default time | 1.67 | >= 2 | **no** |" in bench.targets_table(
+    assert checks[("zero3", "peak allocated default/original (micro-batch 4)")]["met"] is False  # more memory
+    assert "| gpt2-medium | zero3 | original/default time | 1.667 | >= 2 | **no** |" in bench.targets_table(
         bench.targets(rows))
+    # without a row at the original's micro-batch, memory is not judged
+    unjudged = {c["target"]: c for c in bench.targets(rows[:2]) if c["target"].startswith("peak")}
+    assert [c["met"] for c in unjudged.values()] == [None]
 
 
 def test_a_run_past_its_time_limit_is_stopped_and_reported(tmp_path, capsys):

@@ -10,7 +10,9 @@ def test_defaults_are_the_workshops():
     model, data, ws, args = config.parse([])
     assert model.model_name_or_path == "bigscience/bloom-560m" and data.dataset_name == "squad"
     assert data.max_train_samples == 500 and data.loss_on == "answer"
-    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.num_train_epochs) == (4, 4, 3)
+    # the original's global batch of 16 (4 x 4), as one micro-batch
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.num_train_epochs) == (16, 1, 3)
+    assert args.logging_nan_inf_filter is False  # its check waits for the GPU after every micro-batch
     assert (args.learning_rate, args.weight_decay) == (5e-5, 0.01)
     assert args.eval_strategy == "epoch" and args.save_strategy == "epoch"
     assert args.precision == "fp32"  # no GPU here; bf16/fp16 are picked on GPUs

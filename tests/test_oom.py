@@ -1,9 +1,9 @@
-"""Out of GPU memory: one line with the peak, the estimate and what to try; the run folder says oom."""
+"""GPU memory: a default batch made to fit before training; out of memory, one line and a run folder that says oom."""
 
 import torch
 
 from conftest import read_json
-from workshop import train
+from workshop import config, train
 from workshop.checkpoints import WorkshopTrainer
 
 
@@ -21,3 +21,33 @@ def test_out_of_memory_is_reported_in_one_line_and_recorded(tmp_path, monkeypatc
     assert "--gradient_checkpointing" in err[0] and "zero3_offload" in err[0]
     status = read_json(run_dir / "status.json")
     assert status["status"] == "oom" and status["error"] == err[0].removeprefix("error: ")
+
+
+GIB = 1024**3
+
+
+def test_the_default_micro_batch_is_halved_until_the_estimate_fits_the_gpu(tokenizer):
+    from workshop import model as models
+
+    argv = ["--model_name_or_path", "gpt2-medium", "--from_config", "--deepspeed", "ds_configs/zero2.json"]
+    parsed = config.parse(argv)
+    model_args, _, _, args = parsed
+    shape = train.architecture_shape(models.model_config(model_args, tokenizer), args)
+    need = {micro: train.predicted_memory(shape, model_args, args, 432, micro).gpu_total_bytes
+            for micro in (16, 8, 4, 2, 1)}
+    assert need[16] > need[8] > need[4] > need[2] > need[1]
+    assert train.micro_batch_that_fits(shape, model_args, args, 432, 2 * need[16]) == 16
+    assert train.micro_batch_that_fits(shape, model_args, args, 432, (need[4] + need[8]) / 2 / 0.9) == 4
+    assert train.micro_batch_that_fits(shape, model_args, args, 432, need[1] / 2) == 1  # nothing fits: 1
+
+    card = int(need[8] / 0.9) + 1
+    _, _, _, fitted = train.fit_batch_to_gpu(argv, parsed, shape, 432, card)
+    assert (fitted.per_device_train_batch_size, fitted.gradient_accumulation_steps) == (8, 2)  # the same 16
+    assert fitted.per_device_eval_batch_size == 8
+    ds = fitted.hf_deepspeed_config.config  # DeepSpeed's "auto" values follow the new flags
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (8, 2)
+    assert ds["train_batch_size"] == 16
+    # a batch given on the command line, or no GPU, is left as it is
+    given = [*argv, "--per_device_train_batch_size", "16"]
+    assert train.fit_batch_to_gpu(given, config.parse(given), shape, 432, card)[3].per_device_train_batch_size == 16
+    assert train.fit_batch_to_gpu(argv, parsed, shape, 432, None) is parsed

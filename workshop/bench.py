@@ -11,10 +11,13 @@ One invocation on one GPU, the same data for every run, one epoch each:
   depend on the values), tokenised with the built-in BPE;
 - original: fp16, every sample padded to 512 tokens, loss on every token, micro-batch 4 x
   accumulation 4, the original DeepSpeed JSON (AdamW written out, fp16, ``stage`` only), PyTorch's
-  unfused AdamW, eager attention;
-- default: the project's defaults (bf16, dynamic padding in random batches, fused AdamW,
-  the library's attention kernel, ds_configs/*.json), with the original's loss on every token so
-  that eval losses compare like with like (which tokens carry the loss costs nothing in speed);
+  unfused AdamW, eager attention, the library's modules as they are (``--fast_kernels false``);
+- default: the project's defaults (bf16, dynamic padding in random batches, the same global batch
+  of 16 as one micro-batch, fused AdamW, the library's attention kernel, ``--fast_kernels``, no wait
+  for the GPU after each micro-batch, ds_configs/*.json), with the original's loss on every token
+  so that eval losses compare like with like (which tokens carry the loss costs nothing in speed);
+- default_micro4: the defaults at the original's micro-batch 4 x accumulation 4, so that peak
+  memory is compared at the same micro-batch (and the micro-batch's own gain shows);
 - reference: a plain PyTorch loop on the default's batches (bf16 autocast, fused AdamW, SDPA,
   ``torch.compile``), the bar for the baseline.
 
@@ -65,20 +68,23 @@ def original_ds_config(stage: str) -> dict | None:
 
 
 COMMON = ["--no_save_model", "--from_config", "--tokenizer_name_or_path", "builtin", "--num_train_epochs", "1",
-          "--answer_eval_samples", "0", "--save_strategy", "no", "--eval_strategy", "epoch",
-          "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "4", "--logging_steps", "10"]
+          "--answer_eval_samples", "0", "--save_strategy", "no", "--eval_strategy", "epoch", "--logging_steps", "10"]
+MICRO4 = ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "4", "--per_device_eval_batch_size",
+          "4"]
 MODES = {
     "original": ["--precision", "fp16", "--pad_to_max_length", "--max_seq_length", "512", "--loss_on", "sequence",
-                 "--optim", "adamw_torch", "--attn_implementation", "eager", "--train_sampling_strategy", "random"],
+                 "--optim", "adamw_torch", "--attn_implementation", "eager", "--train_sampling_strategy", "random",
+                 "--logging_nan_inf_filter", "true", "--fast_kernels", "false", *MICRO4],
     "default": ["--loss_on", "sequence"],
+    "default_micro4": ["--loss_on", "sequence", *MICRO4],
     # One lever at a time, to measure what each default buys (select with --modes).
     "default_length_grouped": ["--loss_on", "sequence", "--train_sampling_strategy", "group_by_length"],
     "default_padded": ["--loss_on", "sequence", "--pad_to_max_length", "--max_seq_length", "512"],
     "default_compiled": ["--loss_on", "sequence", "--torch_compile"],
-    # The same global batch of 16 in one micro-batch: a quarter of the kernel launches, more memory.
-    "default_micro16": ["--loss_on", "sequence", "--per_device_train_batch_size", "16",
-                        "--gradient_accumulation_steps", "1"],
+    "default_stock_kernels": ["--loss_on", "sequence", "--fast_kernels", "false"],
+    "default_fp16": ["--loss_on", "sequence", "--precision", "fp16"],
 }
+DEFAULT_MODES = ["original", "default", "default_micro4"]
 
 
 def _short(model: str) -> str:
@@ -201,13 +207,23 @@ def run_one(out: Path, model: str, stage: str, mode: str, data: tuple[Path, Path
         return row
     row.update({k: metrics.get(k) for k in (
         "time_per_epoch_s", "tokens_per_second", "mfu", "peak_gpu_allocated_gib", "peak_gpu_reserved_gib",
-        "final_eval_loss", "length_mean")})
+        "final_eval_loss", "length_mean", "per_device_train_batch_size", "gradient_accumulation_steps")})
     print("    " + table([row]).splitlines()[-1], flush=True)
     return row
 
 
+def default_batching() -> tuple[int, int]:
+    """The default run's micro-batch and accumulation, as `workshop train` would use them."""
+    from dataclasses import fields
+
+    from workshop.config import WorkshopTrainingArguments
+
+    defaults = {f.name: f.default for f in fields(WorkshopTrainingArguments)}
+    return defaults["per_device_train_batch_size"], defaults["gradient_accumulation_steps"]
+
+
 def reference_loop(model: str, data: tuple[Path, Path], samples: int, out: Path, compile_model: bool = True) -> dict:
-    """A plain PyTorch loop on the default's data: bf16 autocast, fused AdamW, SDPA, torch.compile."""
+    """A plain PyTorch loop on the default's batches: bf16 autocast, fused AdamW, SDPA, torch.compile."""
     import torch
 
     from workshop import data_loader, model as models
@@ -222,22 +238,27 @@ def reference_loop(model: str, data: tuple[Path, Path], samples: int, out: Path,
     net = models.build_model(margs, tokenizer, config).cuda()
     prepared = data_loader.prepare(DataArguments(train_file=str(data[0]), validation_file=str(data[1]),
                                                  max_train_samples=samples, loss_on="sequence"), tokenizer, seed=42)
-    micro, accum = 4, 4
+    micro, accum = default_batching()
     collate = data_loader.Collator(tokenizer.pad_token_id, pad_to_multiple_of=8)
     # Random batches, as the default's sampler draws them: the same padding, on average, per batch.
     order = torch.randperm(len(prepared.train), generator=torch.Generator().manual_seed(42)).tolist()
     batches = [collate([prepared.train[i] for i in order[j:j + micro]]) for j in range(0, len(order), micro)]
     optimizer = torch.optim.AdamW(net.parameters(), lr=5e-5, weight_decay=0.01, fused=True)
-    step_fn = torch.compile(net, dynamic=True) if compile_model else net
+    if compile_model:
+        # Regional compilation: the decoder blocks share their code, so one compiled block serves all
+        # of them (a whole-model compile took minutes before the first step).
+        blocks = next(m for m in net.modules() if isinstance(m, torch.nn.ModuleList))
+        for block in blocks:
+            block.compile(dynamic=True)
 
     def train_step(batch):
         batch = {k: v.cuda(non_blocking=True) for k, v in batch.items()}
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = step_fn(**batch).loss / accum
+            loss = net(**batch).loss / accum
         loss.backward()
         return loss
 
-    for batch in batches[:3]:  # warm-up and compilation, not timed
+    for batch in batches[:3]:  # warm-up and compilation, not timed: the timed pass is the loop's best case
         train_step(batch)
     optimizer.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
@@ -254,28 +275,35 @@ def reference_loop(model: str, data: tuple[Path, Path], samples: int, out: Path,
     tokens = sum(len(s["input_ids"]) for s in prepared.train)
     return {"model": _short(model), "stage": "reference loop", "mode": "compiled" if compile_model else "eager",
             "status": "completed", "time_per_epoch_s": seconds, "tokens_per_second": tokens / seconds,
+            "per_device_train_batch_size": micro, "gradient_accumulation_steps": accum,
             "peak_gpu_allocated_gib": torch.cuda.max_memory_allocated() / 1024**3,
             "peak_gpu_reserved_gib": torch.cuda.max_memory_reserved() / 1024**3}
 
 
 def table(rows: list[dict]) -> str:
     head = ["model", "stage", "mode", "time/epoch s", "tokens/s", "MFU %", "peak alloc GiB", "peak reserved GiB",
-            "nvidia-smi GiB", "eval loss", "original/default"]
+            "nvidia-smi GiB", "eval loss", "original/this"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     by_key = {(r["model"], r["stage"], r["mode"]): r for r in rows}
 
     def f(value, spec):
         return format(value, spec) if isinstance(value, (int, float)) else "-"
 
+    def time_ratio(numerator, denominator):
+        if numerator and denominator and numerator.get("time_per_epoch_s") and denominator.get("time_per_epoch_s"):
+            return numerator["time_per_epoch_s"] / denominator["time_per_epoch_s"]
+        return None
+
     for r in rows:
-        ratio = "-"
-        original = by_key.get((r["model"], r["stage"], "original"))
-        if r["mode"].startswith("default") and original and original.get("time_per_epoch_s") and r.get("time_per_epoch_s"):
-            ratio = f"{original['time_per_epoch_s'] / r['time_per_epoch_s']:.2f}x"
-        if r["stage"] == "reference loop":
-            base = by_key.get((r["model"], "baseline", "default"))
-            if base and base.get("time_per_epoch_s"):
-                ratio = f"baseline default / loop = {base['time_per_epoch_s'] / r['time_per_epoch_s']:.2f}x"
+        notes = []
+        if r["mode"].startswith("default") and (x := time_ratio(by_key.get((r["model"], r["stage"], "original")), r)):
+            notes.append(f"{x:.2f}x")
+        if r["mode"] not in ("original", "default") and (
+                x := time_ratio(r, by_key.get((r["model"], r["stage"], "default")))):
+            notes.append(f"this/default {x:.2f}x")  # a lever turned on or off: its time against the default's
+        if r["stage"] == "reference loop" and (x := time_ratio(by_key.get((r["model"], "baseline", "default")), r)):
+            notes.append(f"baseline default / loop = {x:.2f}x")
+        ratio = "; ".join(notes) or "-"
         mode = r["mode"] if r.get("status") == "completed" else f"{r['mode']} ({r.get('status')})"
         lines.append("| " + " | ".join([
             r["model"], r["stage"], mode, f(r.get("time_per_epoch_s"), ".1f"), f(r.get("tokens_per_second"), ",.0f"),
@@ -310,9 +338,13 @@ def targets(rows: list[dict]) -> list[dict]:
         loss = (default["final_eval_loss"] / original["final_eval_loss"]
                 if original.get("final_eval_loss") and default.get("final_eval_loss") is not None else None)
         check("eval loss default/original", loss, EVAL_LOSS_SLACK, lambda v, b: v <= b)
-        memory = (default["peak_gpu_allocated_gib"] / original["peak_gpu_allocated_gib"]
-                  if original.get("peak_gpu_allocated_gib") and default.get("peak_gpu_allocated_gib") else None)
-        check("peak allocated default/original", memory, 1.0, lambda v, b: v <= b)
+        # Memory at the same micro-batch: the default's own, or default_micro4 when the default's is larger.
+        micro = original.get("per_device_train_batch_size")
+        same = next((r for r in (default, by_key.get((model, stage, "default_micro4")))
+                     if r and r.get("per_device_train_batch_size") == micro), None)
+        memory = (same["peak_gpu_allocated_gib"] / original["peak_gpu_allocated_gib"]
+                  if same and original.get("peak_gpu_allocated_gib") and same.get("peak_gpu_allocated_gib") else None)
+        check(f"peak allocated default/original (micro-batch {micro})", memory, 1.0, lambda v, b: v <= b)
         reference = by_key.get((model, "reference loop", "compiled"))
         if stage == "baseline" and reference:
             check("baseline default/reference loop time", default["time_per_epoch_s"] / reference["time_per_epoch_s"],
@@ -323,7 +355,7 @@ def targets(rows: list[dict]) -> list[dict]:
 def targets_table(checks: list[dict]) -> str:
     lines = ["| model | stage | target | value | bound | met |", "|---|---|---|---|---|---|"]
     for c in checks:
-        value = "-" if c["value"] is None else f"{c['value']:.2f}"
+        value = "-" if c["value"] is None else f"{c['value']:.3f}"
         met = {True: "yes", False: "**no**", None: "-"}[c["met"]]
         sign = ">=" if c["target"].startswith("original/default") else "<="
         lines.append(f"| {c['model']} | {c['stage']} | {c['target']} | {value} | {sign} {c['bound']:g} | {met} |")
@@ -350,8 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="+", default=["gpt2-medium", "bigscience/bloom-560m"],
                    help="Architectures, built from their configs.")
     p.add_argument("--stages", nargs="+", default=list(STAGE_CONFIGS), choices=list(STAGE_CONFIGS))
-    p.add_argument("--modes", nargs="+", default=["original", "default"], choices=list(MODES),
-                   help="original and default; the default_* modes change one lever each.")
+    p.add_argument("--modes", nargs="+", default=DEFAULT_MODES, choices=list(MODES),
+                   help="original, default and default_micro4; the other default_* modes change one lever each.")
     p.add_argument("--samples", type=int, default=1000, help="Training samples (one epoch).")
     p.add_argument("--eval_samples", type=int, default=100)
     p.add_argument("--no_reference", action="store_true", help="Skip the plain PyTorch loop.")
@@ -370,13 +402,20 @@ def main(argv: list[str] | None = None) -> int:
             for mode in args.modes:
                 rows.append(run_one(out, model, stage, mode, data, ["--max_train_samples", str(args.samples)]
                                     + args.extra))
+                write_results(out, rows)  # a job stopped at its time limit keeps the rows it finished
         if not args.no_reference and os.environ.get("CUDA_VISIBLE_DEVICES", "0") != "":
             rows.append(reference_loop(model, data, args.samples, out))
+            write_results(out, rows)
+    print(f"\n{write_results(out, rows)}\nwritten: {out / 'bench.md'}, {out / 'bench.json'}")
+    return 0
+
+
+def write_results(out: Path, rows: list[dict]) -> str:
+    """bench.md and bench.json for the rows so far; returns the Markdown."""
     checks = targets(rows)
     text = f"{environment_line()}\n\n{table(rows)}\n"
     if checks:
         text += f"\nTargets (a row per target, model and stage; ratios from this invocation):\n\n{targets_table(checks)}\n"
     files.write_text(out / "bench.md", text)
     files.write_json(out / "bench.json", {"rows": rows, "targets": checks})
-    print(f"\n{text}\nwritten: {out / 'bench.md'}, {out / 'bench.json'}")
-    return 0
+    return text

@@ -235,7 +235,8 @@ def run(argv: list[str]) -> dict:
     tokenizer = models.load_tokenizer(model_args)
     model_config = models.model_config(model_args, tokenizer)
     check_lengths(data_args, model_config)
-    n_params = architecture_shape(model_config, training_args).n_params
+    shape = architecture_shape(model_config, training_args)
+    n_params = shape.n_params
     check_room(run_dir, n_params, training_args, ws_args.save_model)
     if training_args.deepspeed:
         # Host memory, NVMe room, async_io, the CUDA arch list: before DeepSpeed builds anything.
@@ -243,6 +244,9 @@ def run(argv: list[str]) -> dict:
                                      f"--deepspeed {training_args.deepspeed_file}")
     with training_args.main_process_first(desc="loading and tokenising the data"):
         prepared = data_loader.prepare(data_args, tokenizer, seed=training_args.seed)
+    seq_len = peak_seq_len(data_args, prepared)
+    model_args, data_args, ws_args, training_args = fit_batch_to_gpu(
+        argv, (model_args, data_args, ws_args, training_args), shape, seq_len, gpu_bytes())
 
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -251,7 +255,7 @@ def run(argv: list[str]) -> dict:
         return _train(run_dir, model_args, data_args, ws_args, training_args, tokenizer, model_config, prepared,
                       launch)
     except torch.cuda.OutOfMemoryError:
-        message = oom_message(model_config, data_args, training_args)
+        message = oom_message(shape, model_args, training_args, seq_len)
         if distributed.is_main():
             files.write_json(run_dir / "status.json", {"status": "oom", "error": message})
         raise OutOfMemory(message) from None
@@ -262,16 +266,73 @@ def run(argv: list[str]) -> dict:
         raise
 
 
-def oom_message(model_config, data_args, training_args) -> str:
-    """One line: how far memory got, what this setup should need, and the next things to try."""
+def peak_seq_len(data_args, prepared) -> int:
+    """Tokens per sample in the longest batch: the collator pads to the batch's longest sample, to a multiple of 8."""
+    longest = data_args.max_seq_length if data_args.pad_to_max_length else prepared.stats["length_max"]
+    return math.ceil(longest / 8) * 8
+
+
+def predicted_memory(shape: estimate.ModelShape, model_args, training_args, seq_len: int,
+                     micro_batch: int) -> estimate.Estimate:
+    """What `workshop estimate` predicts for this run's settings at this micro-batch."""
     ds = training_args.deepspeed or {}
     stage = ds_preflight.zero_stage(ds) if ds else None
     offload = ds_preflight.offload_devices(ds) if ds else {"offload_optimizer": None, "offload_param": None}
+    return estimate.estimate_for_shape(
+        shape, seq_len, micro_batch, stage, offload["offload_optimizer"],
+        offload["offload_param"], distributed.world_size(), training_args.precision, distributed.num_nodes(),
+        ds or None, gradient_checkpointing=training_args.gradient_checkpointing, fast_kernels=model_args.fast_kernels)
+
+
+# The estimate's GPU total (allocator cache and CUDA context included) may use this share of the card.
+FIT_SHARE = 0.9
+
+
+def micro_batch_that_fits(shape: estimate.ModelShape, model_args, training_args, seq_len: int,
+                          gpu_bytes: float) -> int:
+    """The micro-batch, halved until `workshop estimate` puts the run within FIT_SHARE of the GPU (1 at least)."""
+    micro = training_args.per_device_train_batch_size
+    while micro > 1 and predicted_memory(shape, model_args, training_args, seq_len,
+                                         micro).gpu_total_bytes > FIT_SHARE * gpu_bytes:
+        micro //= 2
+    return micro
+
+
+def gpu_bytes() -> int | None:
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory if torch.cuda.is_available() \
+        else None
+
+
+def fit_batch_to_gpu(argv, parsed, shape: estimate.ModelShape, seq_len: int, card: int | None):
+    """The default micro-batch where it fits a GPU of card bytes; else a smaller one with more accumulation.
+
+    The global batch stays the same. Only when neither --per_device_train_batch_size nor
+    --gradient_accumulation_steps was given (a batch you chose is used as it is), and only on a GPU
+    (card None: nothing to fit). Returns the arguments, parsed again with the new flags.
+    """
+    model_args, _, _, training_args = parsed
+    if card is None or cfg.batch_given(argv):
+        return parsed
+    micro = training_args.per_device_train_batch_size
+    fitted = micro_batch_that_fits(shape, model_args, training_args, seq_len, card)
+    if fitted == micro:
+        return parsed
+    accum = training_args.gradient_accumulation_steps * (micro // fitted)
+    need = predicted_memory(shape, model_args, training_args, seq_len, micro).gpu_total_bytes
+    distributed.print0(f"micro-batch {micro} needs about {need / GIB:.1f} GiB by `workshop estimate` ({seq_len} tokens "
+                       f"in the longest batch), the GPU has {card / GIB:.1f}: using --per_device_train_batch_size "
+                       f"{fitted} --gradient_accumulation_steps {accum}, the same global batch (give either flag to "
+                       "choose yourself)")
+    return cfg.parse([*argv, "--per_device_train_batch_size", str(fitted), "--per_device_eval_batch_size", str(fitted),
+                      "--gradient_accumulation_steps", str(accum)])
+
+
+def oom_message(shape: estimate.ModelShape, model_args, training_args, seq_len: int) -> str:
+    """One line: how far memory got, what this setup should need, and the next things to try."""
+    ds = training_args.deepspeed or {}
+    stage = ds_preflight.zero_stage(ds) if ds else None
     micro, accum = training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps
-    predicted = estimate.estimate_for_shape(
-        architecture_shape(model_config, training_args), data_args.max_seq_length, micro, stage,
-        offload["offload_optimizer"], offload["offload_param"], distributed.world_size(), training_args.precision,
-        distributed.num_nodes(), ds or None, gradient_checkpointing=training_args.gradient_checkpointing)
+    predicted = predicted_memory(shape, model_args, training_args, seq_len, micro)
     peak = torch.cuda.max_memory_reserved() / GIB if torch.cuda.is_available() else float("nan")
     card = torch.cuda.get_device_properties(0).total_memory / GIB if torch.cuda.is_available() else float("nan")
     smaller = (f"--per_device_train_batch_size {micro // 2} --gradient_accumulation_steps {accum * 2}"
