@@ -55,3 +55,10 @@ def test_a_run_past_its_time_limit_is_stopped_and_reported(tmp_path, capsys):
     row, metrics = bench.train_in_subprocess(tmp_path / "run", ["--preset", "tiny"], timeout_s=1)
     assert (row["status"], row["error"], metrics) == ("timeout", "stopped after 1 s", {})
     assert (tmp_path / "run" / "train.log").exists()
+
+
+def test_the_reference_loop_takes_the_baseline_defaults_batching():
+    fitted = {"model": "gpt2-medium", "stage": "baseline", "mode": "default", "status": "completed",
+              "per_device_train_batch_size": 8, "gradient_accumulation_steps": 2}  # fitted to a small GPU
+    assert bench.baseline_batching([fitted], "gpt2-medium") == (8, 2)
+    assert bench.baseline_batching([], "gpt2-medium") == (16, 1)  # no baseline run: the defaults

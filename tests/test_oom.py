@@ -1,5 +1,8 @@
 """GPU memory: a default batch made to fit before training; out of memory, one line and a run folder that says oom."""
 
+import json
+from pathlib import Path
+
 import torch
 
 from conftest import read_json
@@ -51,3 +54,15 @@ def test_the_default_micro_batch_is_halved_until_the_estimate_fits_the_gpu(token
     given = [*argv, "--per_device_train_batch_size", "16"]
     assert train.fit_batch_to_gpu(given, config.parse(given), shape, 432, card)[3].per_device_train_batch_size == 16
     assert train.fit_batch_to_gpu(argv, parsed, shape, 432, None) is parsed
+
+
+def test_a_batch_written_into_the_deepspeed_json_is_not_fitted(tmp_path, tokenizer):
+    from workshop import model as models
+
+    ds = json.loads(Path("ds_configs/zero2.json").read_text())
+    ds.update(train_batch_size=16, train_micro_batch_size_per_gpu=16, gradient_accumulation_steps=1)
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    argv = ["--model_name_or_path", "gpt2-medium", "--from_config", "--deepspeed", str(tmp_path / "ds.json")]
+    parsed = config.parse(argv)
+    shape = train.architecture_shape(models.model_config(parsed[0], tokenizer), parsed[3])
+    assert train.fit_batch_to_gpu(argv, parsed, shape, 432, 1024**3) is parsed  # 1 GiB: nothing fits, none tried

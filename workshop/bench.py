@@ -212,18 +212,26 @@ def run_one(out: Path, model: str, stage: str, mode: str, data: tuple[Path, Path
     return row
 
 
-def default_batching() -> tuple[int, int]:
-    """The default run's micro-batch and accumulation, as `workshop train` would use them."""
+def baseline_batching(rows: list[dict], model: str) -> tuple[int, int]:
+    """The micro-batch and accumulation the baseline default ran with (fitted to the GPU), else the defaults."""
     from dataclasses import fields
 
     from workshop.config import WorkshopTrainingArguments
 
+    ran = next((r for r in rows if (r["model"], r["stage"], r["mode"]) == (_short(model), "baseline", "default")
+                and r.get("per_device_train_batch_size")), None)
+    if ran:
+        return ran["per_device_train_batch_size"], ran["gradient_accumulation_steps"]
     defaults = {f.name: f.default for f in fields(WorkshopTrainingArguments)}
     return defaults["per_device_train_batch_size"], defaults["gradient_accumulation_steps"]
 
 
-def reference_loop(model: str, data: tuple[Path, Path], samples: int, out: Path, compile_model: bool = True) -> dict:
-    """A plain PyTorch loop on the default's batches: bf16 autocast, fused AdamW, SDPA, torch.compile."""
+def reference_loop(model: str, data: tuple[Path, Path], samples: int, batching: tuple[int, int],
+                   compile_model: bool = True) -> dict:
+    """A plain PyTorch loop on the default's batches: bf16 autocast, fused AdamW, SDPA, torch.compile.
+
+    batching: (micro-batch, accumulation), the baseline default run's.
+    """
     import torch
 
     from workshop import data_loader, model as models
@@ -238,7 +246,7 @@ def reference_loop(model: str, data: tuple[Path, Path], samples: int, out: Path,
     net = models.build_model(margs, tokenizer, config).cuda()
     prepared = data_loader.prepare(DataArguments(train_file=str(data[0]), validation_file=str(data[1]),
                                                  max_train_samples=samples, loss_on="sequence"), tokenizer, seed=42)
-    micro, accum = default_batching()
+    micro, accum = batching
     collate = data_loader.Collator(tokenizer.pad_token_id, pad_to_multiple_of=8)
     # Random batches, as the default's sampler draws them: the same padding, on average, per batch.
     order = torch.randperm(len(prepared.train), generator=torch.Generator().manual_seed(42)).tolist()
@@ -404,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
                                     + args.extra))
                 write_results(out, rows)  # a job stopped at its time limit keeps the rows it finished
         if not args.no_reference and os.environ.get("CUDA_VISIBLE_DEVICES", "0") != "":
-            rows.append(reference_loop(model, data, args.samples, out))
+            rows.append(reference_loop(model, data, args.samples, baseline_batching(rows, model)))
             write_results(out, rows)
     print(f"\n{write_results(out, rows)}\nwritten: {out / 'bench.md'}, {out / 'bench.json'}")
     return 0

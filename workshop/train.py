@@ -307,11 +307,15 @@ def fit_batch_to_gpu(argv, parsed, shape: estimate.ModelShape, seq_len: int, car
     """The default micro-batch where it fits a GPU of card bytes; else a smaller one with more accumulation.
 
     The global batch stays the same. Only when neither --per_device_train_batch_size nor
-    --gradient_accumulation_steps was given (a batch you chose is used as it is), and only on a GPU
-    (card None: nothing to fit). Returns the arguments, parsed again with the new flags.
+    --gradient_accumulation_steps was given and the DeepSpeed JSON leaves the batch "auto" (a batch you
+    chose is used as it is), and only on a GPU (card None: nothing to fit). Returns the arguments,
+    parsed again with the new flags.
     """
     model_args, _, _, training_args = parsed
-    if card is None or cfg.batch_given(argv):
+    ds = training_args.deepspeed or {}
+    batch_in_json = any(ds.get(key, "auto") != "auto" for key in (
+        "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"))
+    if card is None or cfg.batch_given(argv) or batch_in_json:
         return parsed
     micro = training_args.per_device_train_batch_size
     fitted = micro_batch_that_fits(shape, model_args, training_args, seq_len, card)
