@@ -252,8 +252,8 @@ def run(argv: list[str]) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         files.write_json(run_dir / "status.json", {"status": "running", "error": None})
     try:
-        return _train(run_dir, model_args, data_args, ws_args, training_args, tokenizer, model_config, prepared,
-                      launch)
+        return _train(run_dir, model_args, data_args, ws_args, training_args, tokenizer, model_config, shape,
+                      prepared, launch)
     except torch.cuda.OutOfMemoryError:
         message = oom_message(shape, model_args, training_args, seq_len)
         if distributed.is_main():
@@ -353,7 +353,8 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
-def _train(run_dir, model_args, data_args, ws_args, training_args, tokenizer, model_config, prepared, launch) -> dict:
+def _train(run_dir, model_args, data_args, ws_args, training_args, tokenizer, model_config, shape, prepared,
+           launch) -> dict:
     training_args.output_dir = str(run_dir / "checkpoints")
     training_args.dataloader_pin_memory = torch.cuda.is_available()  # pinning needs a GPU; on CPU it only warns
     if "tensorboard" in training_args.report_to:
@@ -364,7 +365,7 @@ def _train(run_dir, model_args, data_args, ws_args, training_args, tokenizer, mo
     models.prefer_shape_agnostic_attention()
     ds_config = training_args.deepspeed
     model = models.build_model(model_args, tokenizer, model_config)
-    shape = dataclasses.asdict(architecture_shape(model_config, training_args))
+    shape = dataclasses.asdict(shape)
     shape.pop("name")
     run_info = {
         "labels": {
