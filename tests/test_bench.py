@@ -62,3 +62,24 @@ def test_the_reference_loop_takes_the_baseline_defaults_batching():
               "per_device_train_batch_size": 8, "gradient_accumulation_steps": 2}  # fitted to a small GPU
     assert bench.baseline_batching([fitted], "gpt2-medium") == (8, 2)
     assert bench.baseline_batching([], "gpt2-medium") == (16, 1)  # no baseline run: the defaults
+
+
+def test_rows_are_written_as_they_finish(tmp_path, monkeypatch):
+    # A job stopped at its time limit keeps the runs it finished: here the second run crashes the bench.
+    finished = {"model": "tiny-gpt2", "stage": "baseline", "mode": "default", "status": "completed",
+                "time_per_epoch_s": 1.0}
+
+    def run_one(out, model, stage, mode, data, extra):
+        if mode != "default":
+            raise KeyboardInterrupt  # what scancel's SIGINT looks like to Python
+        return finished
+
+    monkeypatch.setattr(bench, "run_one", run_one)
+    out = tmp_path / "bench"
+    try:
+        bench.main(["--models", "tiny-gpt2", "--stages", "baseline", "--modes", "default", "default_micro4",
+                    "--samples", "8", "--eval_samples", "4", "--no_reference", "--out", str(out)])
+    except KeyboardInterrupt:
+        pass
+    assert json.loads((out / "bench.json").read_text())["rows"] == [finished]
+    assert "| tiny-gpt2 | baseline | default |" in (out / "bench.md").read_text()

@@ -1,11 +1,10 @@
 """GPU memory: a default batch made to fit before training; out of memory, one line and a run folder that says oom."""
 
 import json
-from pathlib import Path
 
 import torch
 
-from conftest import read_json
+from conftest import REPO, read_json
 from workshop import config, train
 from workshop.checkpoints import WorkshopTrainer
 
@@ -32,7 +31,7 @@ GIB = 1024**3
 def test_the_default_micro_batch_is_halved_until_the_estimate_fits_the_gpu(tokenizer):
     from workshop import model as models
 
-    argv = ["--model_name_or_path", "gpt2-medium", "--from_config", "--deepspeed", "ds_configs/zero2.json"]
+    argv = ["--model_name_or_path", "gpt2-medium", "--from_config", "--deepspeed", str(REPO / "ds_configs/zero2.json")]
     parsed = config.parse(argv)
     model_args, _, _, args = parsed
     shape = train.architecture_shape(models.model_config(model_args, tokenizer), args)
@@ -59,10 +58,31 @@ def test_the_default_micro_batch_is_halved_until_the_estimate_fits_the_gpu(token
 def test_a_batch_written_into_the_deepspeed_json_is_not_fitted(tmp_path, tokenizer):
     from workshop import model as models
 
-    ds = json.loads(Path("ds_configs/zero2.json").read_text())
+    ds = json.loads((REPO / "ds_configs/zero2.json").read_text())
     ds.update(train_batch_size=16, train_micro_batch_size_per_gpu=16, gradient_accumulation_steps=1)
     (tmp_path / "ds.json").write_text(json.dumps(ds))
     argv = ["--model_name_or_path", "gpt2-medium", "--from_config", "--deepspeed", str(tmp_path / "ds.json")]
     parsed = config.parse(argv)
     shape = train.architecture_shape(models.model_config(parsed[0], tokenizer), parsed[3])
     assert train.fit_batch_to_gpu(argv, parsed, shape, 432, 1024**3) is parsed  # 1 GiB: nothing fits, none tried
+
+
+def test_workshop_train_fits_the_default_batch_before_training(tmp_path, monkeypatch, capsys):
+    # The tiny preset without its batch flags, on a pretend GPU just big enough for micro-batch 8 at the
+    # run's own longest batch (the CPU has no card to measure).
+    argv = ["--model_name_or_path", "tiny-gpt2", "--tokenizer_name_or_path", "builtin", "--dataset_name", "builtin",
+            "--max_train_samples", "64", "--max_eval_samples", "16", "--answer_eval_samples", "0",
+            "--max_seq_length", "128", "--num_train_epochs", "1", "--save_strategy", "no", "--no_save_model"]
+    real_fit = train.fit_batch_to_gpu
+
+    def fit_on_a_small_card(argv_, parsed, shape, seq_len, card):
+        card = int(train.predicted_memory(shape, parsed[0], parsed[3], seq_len, 8).gpu_total_bytes / 0.9) + 1
+        return real_fit(argv_, parsed, shape, seq_len, card)
+
+    monkeypatch.setattr(train, "fit_batch_to_gpu", fit_on_a_small_card)
+    run_dir = tmp_path / "run"
+    assert train.main([*argv, "--run_dir", str(run_dir)]) == 0
+    assert "using --per_device_train_batch_size 8 --gradient_accumulation_steps 2" in capsys.readouterr().out
+    metrics = read_json(run_dir / "metrics.json")
+    assert (metrics["per_device_train_batch_size"], metrics["gradient_accumulation_steps"]) == (8, 2)
+    assert metrics["global_batch_size"] == 16
