@@ -77,3 +77,12 @@ def test_a_partitioned_embedding_keeps_the_models_vocabulary(tokenizer, monkeypa
     monkeypatch.setattr(AutoModelForCausalLM, "from_config", partitioned)
     model = models.build_model(args, tokenizer, config)
     assert len(tokenizer) < 50257 and model.get_input_embeddings().num_embeddings == 50257
+
+
+def test_random_weights_are_made_on_the_device_they_train_on(tokenizer):
+    """The meta device stands in for a GPU: whatever device is given, the weights are created there."""
+    args = ModelArguments(model_name_or_path="tiny-gpt2")
+    model = models.build_model(args, tokenizer, models.model_config(args, tokenizer), torch.device("meta"))
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    assert {p.device.type for p in models.build_model(args, tokenizer, models.model_config(args, tokenizer))
+            .parameters()} == {"cpu"}

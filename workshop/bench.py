@@ -243,7 +243,7 @@ def reference_loop(model: str, data: tuple[Path, Path], samples: int, batching: 
                            attn_implementation="sdpa" if "gpt2" in model else None)
     tokenizer = models.load_tokenizer(margs)
     config = models.model_config(margs, tokenizer)
-    net = models.build_model(margs, tokenizer, config).cuda()
+    net = models.build_model(margs, tokenizer, config, torch.device("cuda"))
     prepared = data_loader.prepare(DataArguments(train_file=str(data[0]), validation_file=str(data[1]),
                                                  max_train_samples=samples, loss_on="sequence"), tokenizer, seed=42)
     micro, accum = batching

@@ -364,7 +364,7 @@ def _train(run_dir, model_args, data_args, ws_args, training_args, tokenizer, mo
     transformers.set_seed(training_args.seed)
     models.prefer_shape_agnostic_attention()
     ds_config = training_args.deepspeed
-    model = models.build_model(model_args, tokenizer, model_config)
+    model = models.build_model(model_args, tokenizer, model_config, training_args.device)
     shape = dataclasses.asdict(shape)
     shape.pop("name")
     run_info = {
