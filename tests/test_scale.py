@@ -84,3 +84,72 @@ def test_scale_refuses_bad_input_before_running_anything(tmp_path, capsys):
     assert scale.main(["--models", "gpt2-huge", "--gpu_memory_gib", "80", "--out", str(tmp_path / "b")]) == 2
     assert "--models gpt2-huge" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
+
+
+def test_predictions_grow_with_size_along_the_ladder(tmp_path):
+    """What summarize relies on: the predicted ceiling is the largest attempted size predicted to fit."""
+    configs = scale.write_configs(tmp_path, scale.LADDER)
+    shapes = [estimate.model_shape(str(configs[name])) for name in scale.LADDER]
+    for stage in scale.STAGES:
+        predicted = [scale.predict(s, stage, 512, "bf16", False) for s in shapes]
+        for key in ("gpu_total_bytes", "host_bytes", "nvme_bytes"):
+            values = [getattr(e, key) for e in predicted]
+            assert values == sorted(values), (stage, key)
+
+
+def fake_attempts(monkeypatch, trains):
+    """attempt_row without training: a size trains when trains(stage, model) says so."""
+    def attempt_row(out, stage, name, *args):
+        ok = trains(stage, name.split("/")[-1])
+        return {"status": "completed" if ok else "oom", "error": None if ok else "out of GPU memory", "wall_s": 1.0}
+
+    monkeypatch.setattr(scale, "attempt_row", attempt_row)
+
+
+def test_results_are_written_after_every_attempt_and_stage(tmp_path, monkeypatch):
+    """A job stopped at its time limit in the second stage keeps the first stage's rows and summary."""
+    out = tmp_path / "scale"
+
+    def trains(stage, model):
+        if stage == "zero2":
+            raise KeyboardInterrupt  # the job's time limit
+        return model != "bloom-1b1"
+
+    fake_attempts(monkeypatch, trains)
+    with pytest.raises(KeyboardInterrupt):
+        scale.main(["--stages", "baseline", "zero2", "--models", "gpt2-medium", "bigscience/bloom-560m",
+                    "bigscience/bloom-1b1", "--gpu_memory_gib", "12", "--out", str(out)])
+    result = json.loads((out / "scale.json").read_text())
+    assert [(r["model"], r["status"]) for r in result["rows"]] == [("bloom-560m", "completed"), ("bloom-1b1", "oom")]
+    assert [(s["stage"], s["largest_trained"], s["predicted_ceiling"], s["sizes_apart"]) for s in result["summary"]] \
+        == [("baseline", "bloom-560m", "bloom-560m", 0)]
+    assert result["ladder"] == ["gpt2-medium", "bloom-560m", "bloom-1b1"]
+    assert "| baseline | bloom-560m |" in (out / "scale.md").read_text()
+
+
+def test_combine_makes_one_ladder_from_runs_split_by_stage(tmp_path, monkeypatch, capsys):
+    models = ["--models", "gpt2-medium", "bigscience/bloom-560m", "bigscience/bloom-1b1", "--gpu_memory_gib", "12"]
+    fake_attempts(monkeypatch, lambda stage, model: model == "gpt2-medium" or stage == "zero3_offload")
+    assert scale.main(["--stages", "baseline", "zero2", *models, "--out", str(tmp_path / "a")]) == 0
+    fake_attempts(monkeypatch, lambda stage, model: model != "bloom-1b1")
+    assert scale.main(["--stages", "zero2", "zero3_offload", *models, "--out", str(tmp_path / "b")]) == 0
+    # b's zero2 rows lose their summary, as when a job is stopped before the stage's end
+    b = json.loads((tmp_path / "b" / "scale.json").read_text())
+    b["summary"] = [s for s in b["summary"] if s["stage"] != "zero2"]
+    (tmp_path / "b" / "scale.json").write_text(json.dumps(b))
+    capsys.readouterr()
+
+    assert scale.main(["--combine", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "all")]) == 0
+    result = json.loads((tmp_path / "all" / "scale.json").read_text())
+    summary = {s["stage"]: s for s in result["summary"]}
+    assert list(summary) == ["baseline", "zero2", "zero3_offload"]  # the order of STAGES
+    assert summary["baseline"]["largest_trained"] == "gpt2-medium" and summary["baseline"]["from"] == str(tmp_path / "a")
+    assert summary["zero2"]["from"] == str(tmp_path / "b")  # the later run's rows win, their summary made again
+    assert summary["zero2"]["largest_trained"] == "bloom-560m"
+    assert {r["stage"] for r in result["rows"] if r["model"] == "bloom-560m"} == {"baseline", "zero2", "zero3_offload"}
+    assert len([r for r in result["rows"] if r["stage"] == "zero2"]) == len([r for r in b["rows"] if r["stage"] == "zero2"])
+    assert "Combined from" in capsys.readouterr().out
+
+    assert scale.main(["--combine", str(tmp_path / "none"), "--out", str(tmp_path / "c")]) == 2
+    assert f"--combine {tmp_path / 'none'}: no scale.json" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()

@@ -45,9 +45,11 @@ STAGES = {"baseline": None, "zero2": "zero2.json", "zero3": "zero3.json", "zero2
           "zero3_nvme": "zero3_nvme.json"}
 # BLOOM's layout scaled past bloom-7b1 (30 x 4096): width and depth grown together, 128-wide heads.
 # Parameters ~ 12 x layers x hidden^2 + 250880 x hidden.
-SCALED_BLOOM = {"bloom-4b8": (30, 3328), "bloom-10b": (36, 4608), "bloom-14b": (40, 5120), "bloom-21b": (44, 6144)}
+# bloom-4b8 and bloom-6b3 fill the gap between bloom-3b and bloom-7b1, where one GPU's walls lie.
+SCALED_BLOOM = {"bloom-4b8": (30, 3328), "bloom-6b3": (30, 3840), "bloom-10b": (36, 4608), "bloom-14b": (40, 5120),
+                "bloom-21b": (44, 6144)}
 LADDER = ["gpt2-medium", "bigscience/bloom-560m", "bigscience/bloom-1b1", "bigscience/bloom-1b7", "bigscience/bloom-3b",
-          "bloom-4b8", "bigscience/bloom-7b1", "bloom-10b", "bloom-14b", "bloom-21b"]
+          "bloom-4b8", "bloom-6b3", "bigscience/bloom-7b1", "bloom-10b", "bloom-14b", "bloom-21b"]
 # Each attempt: a few full blocks, no evaluation, nothing saved but the run folder's own files.
 TRAIN_FLAGS = ["--stage", "scale", "--from_config", "--tokenizer_name_or_path", "builtin",
                "--dataset_name", "builtin_text", "--per_device_train_batch_size", "1",
@@ -182,7 +184,8 @@ def attempt_row(out: Path, stage: str, name: str, config_path: Path, steps: int,
 
 
 def scale_stage(out: Path, stage: str, ladder: list[str], shapes: dict, configs: dict, resources: Resources,
-                precision: str, args) -> tuple[list[dict], dict]:
+                precision: str, args, on_row=lambda rows: None) -> tuple[list[dict], dict]:
+    """The stage's attempts as rows, and its summary; ``on_row(rows)`` is told of each new row."""
     predictions = [predict(shapes[name], stage, args.seq_len, precision, args.gradient_checkpointing)
                    for name in ladder]
     predicted_fit = [fits(e, resources) for e in predictions]
@@ -199,16 +202,30 @@ def scale_stage(out: Path, stage: str, ladder: list[str], shapes: dict, configs:
                                args.timeout_s))
         rows.append(row)
         print("    " + table(rows[-1:]).splitlines()[-1], flush=True)
+        on_row(rows)
         return row["status"] == "completed"
 
-    largest = search(len(ladder), ceiling, attempt)
+    search(len(ladder), ceiling, attempt)
     rows.sort(key=lambda r: r["params"])
-    summary = {"stage": stage,
-               "largest_trained": ladder[largest].split("/")[-1] if largest is not None else None,
-               "largest_trained_params": shapes[ladder[largest]].n_params if largest is not None else None,
-               "predicted_ceiling": ladder[ceiling].split("/")[-1] if ceiling is not None else None,
-               "sizes_apart": (largest - ceiling) if largest is not None and ceiling is not None else None}
-    return rows, summary
+    return rows, summarize(stage, rows, [name.split("/")[-1] for name in ladder])
+
+
+def summarize(stage: str, rows: list[dict], ladder: list[str]) -> dict:
+    """A stage's summary from its attempts: the largest size that trained, the predicted ceiling, sizes apart.
+
+    The search starts at the predicted ceiling, and predictions grow with size along the ladder, so
+    the ceiling is the largest attempted size predicted to fit.
+    """
+    def largest(keep):
+        return max((r for r in rows if keep(r)), key=lambda r: r["params"], default=None)
+
+    trained, ceiling = largest(lambda r: r["status"] == "completed"), largest(lambda r: r["predicted_fits"])
+    return {"stage": stage,
+            "largest_trained": trained and trained["model"],
+            "largest_trained_params": trained and trained["params"],
+            "predicted_ceiling": ceiling and ceiling["model"],
+            "sizes_apart": (ladder.index(trained["model"]) - ladder.index(ceiling["model"])
+                            if trained and ceiling else None)}
 
 
 def gpu_memory_bytes() -> float | None:
@@ -272,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPU memory the predictions are checked against; default: what nvidia-smi reports")
     p.add_argument("--timeout_s", type=float, default=1800, help="an attempt running longer counts as failed")
     p.add_argument("--out", default=None, help="output folder; default logs/scale/<timestamp>")
+    p.add_argument("--combine", nargs="+", type=Path, default=None, metavar="DIR",
+                   help="train nothing: write one ladder from earlier runs' folders (a stage from the last that has it)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                    help="flags passed to every `workshop train` run (put last)")
     return p
@@ -285,6 +304,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if out.exists() and any(out.iterdir()):
             raise WorkshopError(f"--out {out} is not empty: give a new folder (earlier results stay untouched)")
+        if args.combine:
+            text = combine(args.combine, out)
+            print(f"{text}\nwritten: {out / 'scale.md'}, {out / 'scale.json'}")
+            return 0
         if "zero3_nvme" in args.stages and args.nvme_path is None:
             raise WorkshopError("--stages zero3_nvme offloads to NVMe: pass --nvme_path DIR on the node's local disk, "
                                 "or leave that stage out")
@@ -304,19 +327,60 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     shapes = {name: estimate.model_shape(str(path)) for name, path in configs.items()}
     ladder = sorted(args.models, key=lambda name: shapes[name].n_params)
+    short_ladder = [name.split("/")[-1] for name in ladder]
+    host_total = psutil.virtual_memory().total / GIB
+    header = (f"{bench.environment_line()}; host memory {host_total:.0f} GiB; micro-batch 1 x {args.seq_len} tokens, "
+              f"{args.steps} steps{', gradient checkpointing' if args.gradient_checkpointing else ''}")
     rows, summaries = [], []
     for stage in args.stages:
         resources = Resources(gpu_bytes, psutil.virtual_memory().available,
                               shutil.disk_usage(args.nvme_path).free if stage == "zero3_nvme" else None)
-        stage_rows, summary = scale_stage(out, stage, ladder, shapes, configs, resources, precision, args)
+        # Rewritten after every attempt and stage: a job stopped at its time limit keeps what it has.
+        stage_rows, summary = scale_stage(
+            out, stage, ladder, shapes, configs, resources, precision, args,
+            on_row=lambda new: write_results(out, header, short_ladder, rows + new, summaries))
         rows += stage_rows
         summaries.append({**summary, "gpu_gib": gpu_bytes / GIB, "host_available_gib": resources.host_bytes / GIB,
                           "nvme_free_gib": None if resources.nvme_bytes is None else resources.nvme_bytes / GIB})
-    host_total = psutil.virtual_memory().total / GIB
-    text = (f"{bench.environment_line()}; host memory {host_total:.0f} GiB; micro-batch 1 x {args.seq_len} tokens, "
-            f"{args.steps} steps{', gradient checkpointing' if args.gradient_checkpointing else ''}\n\n"
-            f"{summary_table(summaries)}\n\n{table(rows)}\n")
-    files.write_text(out / "scale.md", text)
-    files.write_json(out / "scale.json", {"summary": summaries, "rows": rows})
+        text = write_results(out, header, short_ladder, rows, summaries)
     print(f"\n{text}\nwritten: {out / 'scale.md'}, {out / 'scale.json'}")
     return 0
+
+
+def write_results(out: Path, header: str, ladder: list[str], rows: list[dict], summaries: list[dict]) -> str:
+    """scale.md and scale.json for the attempts so far (a summary for each finished stage); returns the Markdown."""
+    text = f"{header}\n\n{summary_table(summaries)}\n\n{table(rows)}\n"
+    files.write_text(out / "scale.md", text)
+    files.write_json(out / "scale.json", {"header": header, "ladder": ladder, "summary": summaries, "rows": rows})
+    return text
+
+
+def combine(folders: list[Path], out: Path) -> str:
+    """One ladder from several ``workshop scale`` runs (the stages split over jobs with --stages).
+
+    A stage's rows come from the last folder that has any; its summary is made again from them, so
+    a run stopped before a stage's summary was written still counts.
+    """
+    stages: dict[str, tuple] = {}
+    headers = []
+    for folder in folders:
+        path = folder / "scale.json"
+        if not path.is_file():
+            raise WorkshopError(f"--combine {folder}: no scale.json there; give folders written by `workshop scale`")
+        data = json.loads(path.read_text())
+        # Runs from before the header and ladder were kept in scale.json: the first line of scale.md, the default ladder.
+        headers.append(data.get("header") or (folder / "scale.md").read_text().splitlines()[0])
+        ladder = data.get("ladder") or [name.split("/")[-1] for name in LADDER]
+        resources = {s["stage"]: s for s in data["summary"]}
+        for stage in dict.fromkeys(r["stage"] for r in data["rows"]):
+            stage_rows = sorted((r for r in data["rows"] if r["stage"] == stage), key=lambda r: r["params"])
+            stages[stage] = (folder, stage_rows, ladder, resources.get(stage, {}))
+    rows, summaries = [], []
+    for stage, (folder, stage_rows, ladder, resources) in sorted(stages.items(), key=lambda s: list(STAGES).index(s[0])):
+        rows += stage_rows
+        summaries.append({**resources, **summarize(stage, stage_rows, ladder), "from": str(folder)})
+    header = "; ".join(dict.fromkeys(headers))  # one line when the runs shared their setting, as they should
+    out.mkdir(parents=True, exist_ok=True)
+    return write_results(out, f"{header}\n\nCombined from {', '.join(str(f) for f in folders)}.",
+                         list(dict.fromkeys(n for _, _, ladder, _ in stages.values() for n in ladder)),
+                         rows, summaries)
