@@ -86,3 +86,19 @@ def test_profile_steps_writes_where_the_time_goes(tmp_path):
     assert text.startswith("3 optimizer step(s) profiled (steps 2-4)")  # the first, warm-up step left out
     assert "aten::mm" in text  # the operations table: matrix products dominate even a tiny model
     assert read_json(run_dir / "profile_trace.json")["traceEvents"]  # the trace chrome://tracing opens
+
+
+def test_peak_host_memory_covers_what_no_step_saw(monkeypatch):
+    """A model built on the host and then moved to the GPU leaves no trace at the logged steps;
+    the kernel's high-water mark (ru_maxrss, KiB on Linux) keeps it."""
+    import resource
+    import types
+
+    import psutil
+
+    from workshop.callbacks import MeasureCallback
+
+    measure = MeasureCallback.__new__(MeasureCallback)  # only the memory bookkeeping is needed
+    measure.process, measure.cuda, measure.peak_host_rss = psutil.Process(), False, 0
+    monkeypatch.setattr(resource, "getrusage", lambda who: types.SimpleNamespace(ru_maxrss=64 * 1024**2))
+    assert measure.peaks()["peak_host_rss_gib"] == 64

@@ -11,6 +11,8 @@ so measuring adds no extra synchronisation. Tokens are the non-padding tokens of
 from __future__ import annotations
 
 import json
+import resource
+import sys
 import time
 
 import psutil
@@ -102,10 +104,12 @@ class MeasureCallback(TrainerCallback):
 
     def peaks(self) -> dict:
         self._memory()
+        # The kernel's high-water mark also covers what no step saw: loading the model, DeepSpeed's set-up.
+        max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
         return {
             "peak_gpu_allocated_gib": torch.cuda.max_memory_allocated() / GIB if self.cuda else None,
             "peak_gpu_reserved_gib": torch.cuda.max_memory_reserved() / GIB if self.cuda else None,
-            "peak_host_rss_gib": self.peak_host_rss / GIB,
+            "peak_host_rss_gib": max(self.peak_host_rss, max_rss) / GIB,
         }
 
     # -- events
