@@ -18,6 +18,8 @@ One invocation on one GPU, the same data for every run, one epoch each:
   so that eval losses compare like with like (which tokens carry the loss costs nothing in speed);
 - default_micro4: the defaults at the original's micro-batch 4 x accumulation 4, so that peak
   memory is compared at the same micro-batch (and the micro-batch's own gain shows);
+- the other default_* modes (``--modes``): the defaults with one lever changed, in the flags (``MODES``)
+  or in the stage's DeepSpeed JSON (``DS_LEVERS``), so that each lever's gain is measured on its own;
 - reference: a plain PyTorch loop on the default's batches (bf16 autocast, fused AdamW, SDPA,
   ``torch.compile``), the bar for the baseline.
 
@@ -85,6 +87,13 @@ MODES = {
     "default_fp16": ["--loss_on", "sequence", "--precision", "fp16"],
 }
 DEFAULT_MODES = ["original", "default", "default_micro4"]
+# Levers inside the DeepSpeed JSON: the stage's ds_configs/ file with these keys set (stages with DeepSpeed only).
+DS_LEVERS = {
+    # DeepSpeed 0.19 checks every gradient tensor for inf/NaN before each bf16 step and waits for the
+    # answer; the Trainer without DeepSpeed does no such check in bf16.
+    "default_no_overflow_check": {"bf16": {"check_grad_overflow": False}},
+}
+MODES.update({mode: MODES["default"] for mode in DS_LEVERS})
 
 
 def _short(model: str) -> str:
@@ -193,9 +202,11 @@ def run_one(out: Path, model: str, stage: str, mode: str, data: tuple[Path, Path
     flags = ["--stage", "bench", "--model_name_or_path", model, "--train_file", str(data[0]),
              "--validation_file", str(data[1]), *COMMON, *MODES[mode], *extra]
     ds = original_ds_config(stage) if mode == "original" else STAGE_CONFIGS[stage]
+    if mode in DS_LEVERS:
+        ds = with_keys(json.loads((REPO / "ds_configs" / ds).read_text()), DS_LEVERS[mode])
     if isinstance(ds, dict):
         out.joinpath("ds_configs").mkdir(exist_ok=True)
-        path = out / "ds_configs" / f"original_{stage}.json"
+        path = out / "ds_configs" / f"{mode}_{stage}.json"
         files.write_json(path, ds)
         flags += ["--deepspeed", str(path)]
     elif ds:
@@ -210,6 +221,14 @@ def run_one(out: Path, model: str, stage: str, mode: str, data: tuple[Path, Path
         "final_eval_loss", "length_mean", "per_device_train_batch_size", "gradient_accumulation_steps")})
     print("    " + table([row]).splitlines()[-1], flush=True)
     return row
+
+
+def with_keys(config: dict, keys: dict) -> dict:
+    """``config`` with the nested ``keys`` set, the rest as it was."""
+    merged = dict(config)
+    for key, value in keys.items():
+        merged[key] = with_keys(merged.get(key) or {}, value) if isinstance(value, dict) else value
+    return merged
 
 
 def baseline_batching(rows: list[dict], model: str) -> tuple[int, int]:
@@ -408,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     for model in args.models:
         for stage in args.stages:
             for mode in args.modes:
+                if mode in DS_LEVERS and STAGE_CONFIGS[stage] is None:
+                    continue  # a DeepSpeed setting: nothing to change where DeepSpeed does not run
                 rows.append(run_one(out, model, stage, mode, data, ["--max_train_samples", str(args.samples)]
                                     + args.extra))
                 write_results(out, rows)  # a job stopped at its time limit keeps the rows it finished
