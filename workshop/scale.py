@@ -4,6 +4,7 @@
     workshop scale --stages baseline zero3_offload_all --steps 3
     workshop scale --stages zero3_nvme --nvme_path /local/nvme/$USER
     workshop scale --gradient_checkpointing                    # how far recomputing activations moves it
+    workshop scale --combine logs/scale/A logs/scale/B --out logs/scale/all   # stages run in separate jobs
 
 For each stage it predicts, with ``workshop estimate``, which models of the ladder fit this GPU, this
 node's free host memory and (NVMe offload) the free disk, and starts at the largest predicted to fit:
@@ -16,10 +17,10 @@ the end of the benchmark.
 The ladder: the workshop's GPT-2 and BLOOM shapes, then BLOOM shapes widened and deepened past
 bloom-7b1 (``SCALED_BLOOM``), each written as a config.json into the output folder.
 
-Output: a run folder per attempt, ``scale.md`` and ``scale.json`` with one row per attempt
-(predicted GPU/host/NVMe memory, status, tokens/s, peak GPU memory by PyTorch and nvidia-smi, peak
-host memory, NVMe disk used) and a summary per stage: the largest size that trained, the estimator's
-predicted ceiling, and how many sizes apart they are.
+Output: a run folder per attempt, ``scale.md`` and ``scale.json`` (rewritten after every attempt)
+with one row per attempt (predicted GPU/host/NVMe memory, status, tokens/s, peak GPU memory by
+PyTorch and nvidia-smi, peak host memory, NVMe disk used) and a summary per stage: the largest size
+that trained, the estimator's predicted ceiling, and how many sizes apart they are.
 """
 
 from __future__ import annotations
