@@ -42,7 +42,8 @@ from workshop.errors import WorkshopError
 
 GIB = 1024**3
 STAGES = {"baseline": None, "zero2": "zero2.json", "zero3": "zero3.json", "zero2_offload": "zero2_offload.json",
-          "zero3_offload": "zero3_offload.json", "zero3_offload_all": "zero3_offload_all.json",
+          "zero2_offload_nopin": "zero2_offload_nopin.json", "zero3_offload": "zero3_offload.json",
+          "zero3_offload_nopin": "zero3_offload_nopin.json", "zero3_offload_all": "zero3_offload_all.json",
           "zero3_nvme": "zero3_nvme.json"}
 # BLOOM's layout scaled past bloom-7b1 (30 x 4096): width and depth grown together, 128-wide heads.
 # Parameters ~ 12 x layers x hidden^2 + 250880 x hidden.
