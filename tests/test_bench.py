@@ -69,7 +69,7 @@ def test_rows_are_written_as_they_finish(tmp_path, monkeypatch):
     finished = {"model": "tiny-gpt2", "stage": "baseline", "mode": "default", "status": "completed",
                 "time_per_epoch_s": 1.0}
 
-    def run_one(out, model, stage, mode, data, extra):
+    def run_one(out, model, stage, mode, data, extra, seed, name_seed):
         if mode != "default":
             raise KeyboardInterrupt  # what scancel's SIGINT looks like to Python
         return finished
@@ -97,3 +97,38 @@ def test_a_deepspeed_lever_runs_the_stage_json_with_its_keys_set(tmp_path):
     assert written == {**stage_json, "bf16": {**stage_json["bf16"], "check_grad_overflow": False}}
     config = json.loads((out / "tiny-gpt2-zero2-default_no_overflow_check" / "config.json").read_text())
     assert config["deepspeed_config"]["bf16"]["check_grad_overflow"] is False
+
+
+def test_with_several_seeds_the_targets_compare_means_and_show_the_spread():
+    def row(mode, seed, time, loss):
+        return {"model": "gpt2-medium", "stage": "baseline", "mode": mode, "seed": seed, "status": "completed",
+                "time_per_epoch_s": time, "final_eval_loss": loss, "peak_gpu_allocated_gib": 10.0,
+                "per_device_train_batch_size": 4}
+
+    rows = [row("original", 1, 30.0, 2.00), row("original", 2, 32.0, 2.04),
+            row("default", 1, 10.0, 2.05), row("default", 2, 10.0, 2.03)]
+    checks = {c["target"]: c for c in bench.targets(rows)}
+    assert checks["original/default time"]["value"] == 31.0 / 10.0
+    loss = checks["eval loss default/original"]
+    assert loss["value"] == 2.04 / 2.02 and loss["met"] is True and loss["runs"] == 2
+    assert abs(loss["seed_spread"] - 0.04 / 2.02) < 1e-12
+    assert "| 2; the original's spread 2.0% |" in bench.targets_table(bench.targets(rows))
+    # each run's ratio in the table is against the original of its own seed
+    assert [line.split("|")[-2].strip() for line in bench.table(rows).splitlines()[2:]] == ["-", "-", "3.00x", "3.20x"]
+
+
+def test_each_seed_is_a_run_of_its_own(tmp_path, monkeypatch):
+    asked = []
+
+    def train(run_dir, flags, timeout_s=None):
+        asked.append((run_dir.name, flags[flags.index("--seed") + 1]))
+        return {"status": "completed", "error": None, "wall_s": 1.0}, {"time_per_epoch_s": 1.0, "final_eval_loss": 2.0}
+
+    monkeypatch.setattr(bench, "train_in_subprocess", train)
+    assert bench.main(["--models", "tiny-gpt2", "--stages", "baseline", "--modes", "original", "default",
+                       "--seeds", "1", "2", "--samples", "8", "--eval_samples", "4", "--no_reference",
+                       "--out", str(tmp_path / "bench")]) == 0
+    assert asked == [("tiny-gpt2-baseline-original-seed1", "1"), ("tiny-gpt2-baseline-original-seed2", "2"),
+                     ("tiny-gpt2-baseline-default-seed1", "1"), ("tiny-gpt2-baseline-default-seed2", "2")]
+    checks = json.loads((tmp_path / "bench" / "bench.json").read_text())["targets"]
+    assert {c["runs"] for c in checks} == {2}

@@ -197,10 +197,11 @@ def train_in_subprocess(run_dir: Path, flags: list[str], timeout_s: float | None
     return row, {}
 
 
-def run_one(out: Path, model: str, stage: str, mode: str, data: tuple[Path, Path], extra: list[str]) -> dict:
-    run_dir = out / f"{_short(model)}-{stage}-{mode}"
+def run_one(out: Path, model: str, stage: str, mode: str, data: tuple[Path, Path], extra: list[str],
+            seed: int = 42, name_seed: bool = False) -> dict:
+    run_dir = out / f"{_short(model)}-{stage}-{mode}{f'-seed{seed}' if name_seed else ''}"
     flags = ["--stage", "bench", "--model_name_or_path", model, "--train_file", str(data[0]),
-             "--validation_file", str(data[1]), *COMMON, *MODES[mode], *extra]
+             "--validation_file", str(data[1]), *COMMON, *MODES[mode], "--seed", str(seed), *extra]
     ds = original_ds_config(stage) if mode == "original" else STAGE_CONFIGS[stage]
     if mode in DS_LEVERS:
         ds = with_keys(json.loads((REPO / "ds_configs" / ds).read_text()), DS_LEVERS[mode])
@@ -211,9 +212,9 @@ def run_one(out: Path, model: str, stage: str, mode: str, data: tuple[Path, Path
         flags += ["--deepspeed", str(path)]
     elif ds:
         flags += ["--deepspeed", str(REPO / "ds_configs" / ds)]
-    print(f"\n=== {model} | {stage} | {mode}", flush=True)
+    print(f"\n=== {model} | {stage} | {mode} | seed {seed}", flush=True)
     row, metrics = train_in_subprocess(run_dir, flags)
-    row = {"model": _short(model), "stage": stage, "mode": mode, **row}
+    row = {"model": _short(model), "stage": stage, "mode": mode, "seed": seed, **row}
     if row["status"] != "completed":
         return row
     row.update({k: metrics.get(k) for k in (
@@ -311,7 +312,10 @@ def table(rows: list[dict]) -> str:
     head = ["model", "stage", "mode", "time/epoch s", "tokens/s", "MFU %", "peak alloc GiB", "peak reserved GiB",
             "nvidia-smi GiB", "eval loss", "original/this"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    by_key = {(r["model"], r["stage"], r["mode"]): r for r in rows}
+    by_key = {}
+    for r in rows:  # a mode's rows for each seed; the first seed's where another stage has none (the reference)
+        by_key.setdefault((r["model"], r["stage"], r["mode"], r.get("seed")), r)
+        by_key.setdefault((r["model"], r["stage"], r["mode"], "any"), r)
 
     def f(value, spec):
         return format(value, spec) if isinstance(value, (int, float)) else "-"
@@ -322,13 +326,15 @@ def table(rows: list[dict]) -> str:
         return None
 
     for r in rows:
-        notes = []
-        if r["mode"].startswith("default") and (x := time_ratio(by_key.get((r["model"], r["stage"], "original")), r)):
+        notes, seed = [], r.get("seed")
+        if r["mode"].startswith("default") and (
+                x := time_ratio(by_key.get((r["model"], r["stage"], "original", seed)), r)):
             notes.append(f"{x:.2f}x")
         if r["mode"] not in ("original", "default") and (
-                x := time_ratio(r, by_key.get((r["model"], r["stage"], "default")))):
+                x := time_ratio(r, by_key.get((r["model"], r["stage"], "default", seed)))):
             notes.append(f"this/default {x:.2f}x")  # a lever turned on or off: its time against the default's
-        if r["stage"] == "reference loop" and (x := time_ratio(by_key.get((r["model"], "baseline", "default")), r)):
+        if r["stage"] == "reference loop" and (
+                x := time_ratio(by_key.get((r["model"], "baseline", "default", "any")), r)):
             notes.append(f"baseline default / loop = {x:.2f}x")
         ratio = "; ".join(notes) or "-"
         mode = r["mode"] if r.get("status") == "completed" else f"{r['mode']} ({r.get('status')})"
@@ -346,9 +352,35 @@ EVAL_LOSS_SLACK = 1.02       # the default's final eval loss at most 2% above th
 REFERENCE_SLACK = 1.2        # the baseline default at most 1.2x the plain PyTorch loop's time
 
 
+def averaged(rows: list[dict]) -> dict:
+    """One row per model, stage and mode: each measurement's mean over the seeds that completed.
+
+    ``runs`` says how many; ``final_eval_loss_spread`` is the largest minus the smallest eval loss.
+    """
+    groups: dict = {}
+    for r in rows:
+        if r.get("status") == "completed":
+            groups.setdefault((r["model"], r["stage"], r["mode"]), []).append(r)
+    means = {}
+    for key, group in groups.items():
+        mean = {**group[0], "runs": len(group)}
+        for name, value in group[0].items():
+            values = [g.get(name) for g in group]
+            numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+            if name != "seed" and numbers and len(set(values)) > 1:  # settings such as the micro-batch stay as they are
+                mean[name] = sum(values) / len(values)
+        losses = [g["final_eval_loss"] for g in group if g.get("final_eval_loss") is not None]
+        mean["final_eval_loss_spread"] = max(losses) - min(losses) if len(losses) > 1 else None
+        means[key] = mean
+    return means
+
+
 def targets(rows: list[dict]) -> list[dict]:
-    """Each target, per model and stage that has both an original and a default row: value, bound, met."""
-    by_key = {(r["model"], r["stage"], r["mode"]): r for r in rows if r.get("status") == "completed"}
+    """Each target, per model and stage that has both an original and a default row: value, bound, met.
+
+    With several seeds, each side is the mean over its seeds (``averaged``).
+    """
+    by_key = averaged(rows)
     checks = []
     for (model, stage, mode), default in by_key.items():
         original = by_key.get((model, stage, "original"))
@@ -357,7 +389,8 @@ def targets(rows: list[dict]) -> list[dict]:
 
         def check(what, value, bound, met):
             checks.append({"model": model, "stage": stage, "target": what, "value": value, "bound": bound,
-                           "met": None if value is None else met(value, bound)})
+                           "met": None if value is None else met(value, bound),
+                           "runs": min(default["runs"], original["runs"])})
 
         ratio = (original["time_per_epoch_s"] / default["time_per_epoch_s"]
                  if original.get("time_per_epoch_s") and default.get("time_per_epoch_s") else None)
@@ -365,6 +398,8 @@ def targets(rows: list[dict]) -> list[dict]:
         loss = (default["final_eval_loss"] / original["final_eval_loss"]
                 if original.get("final_eval_loss") and default.get("final_eval_loss") is not None else None)
         check("eval loss default/original", loss, EVAL_LOSS_SLACK, lambda v, b: v <= b)
+        if original["final_eval_loss_spread"] is not None:  # how far apart seeds alone put the original
+            checks[-1]["seed_spread"] = original["final_eval_loss_spread"] / original["final_eval_loss"]
         # Memory at the same micro-batch: the default's own, or default_micro4 when the default's is larger.
         micro = original.get("per_device_train_batch_size")
         same = next((r for r in (default, by_key.get((model, stage, "default_micro4")))
@@ -380,12 +415,15 @@ def targets(rows: list[dict]) -> list[dict]:
 
 
 def targets_table(checks: list[dict]) -> str:
-    lines = ["| model | stage | target | value | bound | met |", "|---|---|---|---|---|---|"]
+    lines = ["| model | stage | target | value | bound | met | seeds |", "|---|---|---|---|---|---|---|"]
     for c in checks:
         value = "-" if c["value"] is None else f"{c['value']:.3f}"
         met = {True: "yes", False: "**no**", None: "-"}[c["met"]]
         sign = ">=" if c["target"].startswith("original/default") else "<="
-        lines.append(f"| {c['model']} | {c['stage']} | {c['target']} | {value} | {sign} {c['bound']:g} | {met} |")
+        seeds = f"{c.get('runs', 1)}" + (f"; the original's spread {100 * c['seed_spread']:.1f}%"
+                                         if c.get("seed_spread") is not None else "")
+        lines.append(f"| {c['model']} | {c['stage']} | {c['target']} | {value} | {sign} {c['bound']:g} | {met} "
+                     f"| {seeds} |")
     return "\n".join(lines)
 
 
@@ -413,6 +451,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="original, default and default_micro4; the other default_* modes change one lever each.")
     p.add_argument("--samples", type=int, default=1000, help="Training samples (one epoch).")
     p.add_argument("--eval_samples", type=int, default=100)
+    p.add_argument("--seeds", nargs="+", type=int, default=[42],
+                   help="Training seeds (initial weights, batch order): every run once per seed, the targets "
+                        "judged on the means. The samples stay the same.")
     p.add_argument("--no_reference", action="store_true", help="Skip the plain PyTorch loop.")
     p.add_argument("--out", default=None, help="Output folder; default logs/bench/<timestamp>.")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
@@ -429,9 +470,10 @@ def main(argv: list[str] | None = None) -> int:
             for mode in args.modes:
                 if mode in DS_LEVERS and STAGE_CONFIGS[stage] is None:
                     continue  # a DeepSpeed setting: nothing to change where DeepSpeed does not run
-                rows.append(run_one(out, model, stage, mode, data, ["--max_train_samples", str(args.samples)]
-                                    + args.extra))
-                write_results(out, rows)  # a job stopped at its time limit keeps the rows it finished
+                for seed in args.seeds:
+                    rows.append(run_one(out, model, stage, mode, data, ["--max_train_samples", str(args.samples)]
+                                        + args.extra, seed, name_seed=len(args.seeds) > 1))
+                    write_results(out, rows)  # a job stopped at its time limit keeps the rows it finished
         if not args.no_reference and os.environ.get("CUDA_VISIBLE_DEVICES", "0") != "":
             rows.append(reference_loop(model, data, args.samples, baseline_batching(rows, model)))
             write_results(out, rows)
