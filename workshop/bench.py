@@ -364,7 +364,7 @@ def averaged(rows: list[dict]) -> dict:
     means = {}
     for key, group in groups.items():
         mean = {**group[0], "runs": len(group)}
-        for name, value in group[0].items():
+        for name in group[0]:
             values = [g.get(name) for g in group]
             numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
             if name != "seed" and numbers and len(set(values)) > 1:  # settings such as the micro-batch stay as they are
