@@ -7,7 +7,8 @@ there, and ``check_resources`` once the model's size is known, before DeepSpeed 
 
 The NVMe offload config says ``"nvme_path": "auto"``: the folder is only known when the job is
 submitted (each cluster mounts its node-local NVMe elsewhere), so ``resolve_config`` fills it in
-from ``--nvme_path``, the same way the Trainer fills every other ``"auto"``.
+from ``--nvme_path``, the same way the Trainer fills every other ``"auto"``. Its parameter buffers'
+``"buffer_size": "auto"`` waits for the model's shape (``size_param_buffers``).
 """
 
 from __future__ import annotations
@@ -89,6 +90,19 @@ def resolve_config(path: str, nvme_path: str | None) -> dict:
 
     fill(config)
     return config
+
+
+def size_param_buffers(config: dict, largest_layer_params: int) -> None:
+    """Fill ``offload_param.buffer_size: "auto"`` with the largest layer's parameter count, in place.
+
+    With the parameters on NVMe, DeepSpeed reads each one from disk into a pinned buffer of this many
+    elements, whole: a buffer must hold the largest tensor. That is the embedding, whose size grows with
+    the model (bloom-3b's is 642M elements), so no fixed number serves the ladder without pinning
+    gigabytes for small models. Filled once the model's shape is known, before DeepSpeed reads it.
+    """
+    offload = (config.get("zero_optimization") or {}).get("offload_param") or {}
+    if offload.get("buffer_size") == "auto":
+        offload["buffer_size"] = int(largest_layer_params)
 
 
 # ---------------------------------------------------------------------------------------------------
