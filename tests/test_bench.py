@@ -88,15 +88,15 @@ def test_rows_are_written_as_they_finish(tmp_path, monkeypatch):
 def test_a_deepspeed_lever_runs_the_stage_json_with_its_keys_set(tmp_path):
     out = tmp_path / "bench"
     assert bench.main(["--models", "tiny-gpt2", "--stages", "baseline", "zero2", "--modes",
-                       "default_no_overflow_check", "--samples", "16", "--eval_samples", "4", "--no_reference",
+                       "default_overflow_check", "--samples", "16", "--eval_samples", "4", "--no_reference",
                        "--out", str(out)]) == 0
     rows = json.loads((out / "bench.json").read_text())["rows"]
     assert [(r["stage"], r["status"]) for r in rows] == [("zero2", "completed")]  # no DeepSpeed, nothing to change
-    written = json.loads((out / "ds_configs" / "default_no_overflow_check_zero2.json").read_text())
+    written = json.loads((out / "ds_configs" / "default_overflow_check_zero2.json").read_text())
     stage_json = json.loads((bench.REPO / "ds_configs" / "zero2.json").read_text())
-    assert written == {**stage_json, "bf16": {**stage_json["bf16"], "check_grad_overflow": False}}
-    config = json.loads((out / "tiny-gpt2-zero2-default_no_overflow_check" / "config.json").read_text())
-    assert config["deepspeed_config"]["bf16"]["check_grad_overflow"] is False
+    assert written == {**stage_json, "bf16": {**stage_json["bf16"], "check_grad_overflow": True}}
+    config = json.loads((out / "tiny-gpt2-zero2-default_overflow_check" / "config.json").read_text())
+    assert config["deepspeed_config"]["bf16"]["check_grad_overflow"] is True
 
 
 def test_with_several_seeds_the_targets_compare_means_and_show_the_spread():

@@ -69,10 +69,12 @@ def original_ds_config(stage: str) -> dict | None:
     }
 
 
+# Every mode evaluates in the original's batches of 4: the Trainer's eval loss is a mean of per-batch
+# means, so batching the same samples differently moves it, which the modes must not do.
 COMMON = ["--no_save_model", "--from_config", "--tokenizer_name_or_path", "builtin", "--num_train_epochs", "1",
-          "--answer_eval_samples", "0", "--save_strategy", "no", "--eval_strategy", "epoch", "--logging_steps", "10"]
-MICRO4 = ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "4", "--per_device_eval_batch_size",
-          "4"]
+          "--answer_eval_samples", "0", "--save_strategy", "no", "--eval_strategy", "epoch", "--logging_steps", "10",
+          "--per_device_eval_batch_size", "4"]
+MICRO4 = ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "4"]
 MODES = {
     "original": ["--precision", "fp16", "--pad_to_max_length", "--max_seq_length", "512", "--loss_on", "sequence",
                  "--optim", "adamw_torch", "--attn_implementation", "eager", "--train_sampling_strategy", "random",
@@ -89,9 +91,9 @@ MODES = {
 DEFAULT_MODES = ["original", "default", "default_micro4"]
 # Levers inside the DeepSpeed JSON: the stage's ds_configs/ file with these keys set (stages with DeepSpeed only).
 DS_LEVERS = {
-    # DeepSpeed 0.19 checks every gradient tensor for inf/NaN before each bf16 step and waits for the
-    # answer; the Trainer without DeepSpeed does no such check in bf16.
-    "default_no_overflow_check": {"bf16": {"check_grad_overflow": False}},
+    # DeepSpeed's own default at ZeRO-1/2, which ds_configs/ turns off: an inf/NaN check of every gradient
+    # tensor before each bf16 step, ending in a wait for the GPU (the Trainer alone and ZeRO-3 make none).
+    "default_overflow_check": {"bf16": {"check_grad_overflow": True}},
 }
 MODES.update({mode: MODES["default"] for mode in DS_LEVERS})
 
