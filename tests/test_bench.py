@@ -132,3 +132,11 @@ def test_each_seed_is_a_run_of_its_own(tmp_path, monkeypatch):
                      ("tiny-gpt2-baseline-default-seed1", "1"), ("tiny-gpt2-baseline-default-seed2", "2")]
     checks = json.loads((tmp_path / "bench" / "bench.json").read_text())["targets"]
     assert {c["runs"] for c in checks} == {2}
+
+
+def test_a_refusal_is_reported_by_its_error_line_not_what_follows_it():
+    output = ("loading...\nerror: --nvme_path /x has 63.8 GiB free but ZeRO-Infinity will write about 80.9 GiB there\n"
+              "[rank0]:[W1201] Warning: WARNING: destroy_process_group() was not called before program exit\n")
+    assert bench.error_line(output) == "--nvme_path /x has 63.8 GiB free but ZeRO-Infinity will write about 80.9 GiB there"
+    assert bench.error_line("Traceback ...\nRuntimeError: boom\n") == "RuntimeError: boom"
+    assert bench.error_line("") == ""

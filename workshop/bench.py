@@ -187,16 +187,25 @@ def train_in_subprocess(run_dir: Path, flags: list[str], timeout_s: float | None
     if returncode == 0 and metrics_path.exists():
         return {**row, "status": "completed", "error": None}, json.loads(metrics_path.read_text())
     status = json.loads((run_dir / "status.json").read_text()) if (run_dir / "status.json").exists() else {}
-    last_line = (output.strip().splitlines() or [""])[-1].removeprefix("error: ")
     if timed_out.is_set():
         row.update(status="timeout", error=f"stopped after {timeout_s:.0f} s")
     elif returncode < 0:  # SIGKILL from the kernel's out-of-memory killer, most often: host memory ran out
         row.update(status="killed", error=f"killed by signal {-returncode} (host memory exhausted?)")
     elif status.get("status") in ("oom", "failed"):
         row.update(status=status["status"], error=status.get("error"))
-    else:  # a pre-flight check refused it: its one-line error is the last line of the output
-        row.update(status="refused" if returncode == 2 else "failed", error=last_line)
+    else:  # a pre-flight check refused it, in one line
+        row.update(status="refused" if returncode == 2 else "failed", error=error_line(output))
     return row, {}
+
+
+def error_line(output: str) -> str:
+    """The workshop's own ``error: ...`` line, the last one if several; else the last line of output.
+
+    Not simply the last line: libraries may still print on the way out (NCCL's warnings, for one).
+    """
+    lines = output.strip().splitlines() or [""]
+    errors = [line for line in lines if line.startswith("error: ")]
+    return (errors or lines)[-1].removeprefix("error: ")
 
 
 def run_one(out: Path, model: str, stage: str, mode: str, data: tuple[Path, Path], extra: list[str],

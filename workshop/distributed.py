@@ -73,6 +73,18 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def leave_on_error() -> None:
+    """Drop this rank's process group on the way out of an error, without waiting for the other ranks.
+
+    Left to interpreter exit, NCCL warns after the error line that the group was never destroyed;
+    a barrier could wait for a rank that never comes.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 

@@ -469,5 +469,6 @@ def main(argv: list[str] | None = None) -> int:
         distributed.shutdown()
     except WorkshopError as e:
         print(f"error: {e}", file=sys.stderr)
+        distributed.leave_on_error()
         return e.exit_code
     return 0
