@@ -320,8 +320,9 @@ def reference_loop(model: str, data: tuple[Path, Path], samples: int, batching: 
 
 
 def table(rows: list[dict]) -> str:
-    head = ["model", "stage", "mode", "time/epoch s", "tokens/s", "MFU %", "peak alloc GiB", "peak reserved GiB",
-            "nvidia-smi GiB", "eval loss", "original/this"]
+    seeds = len({r.get("seed") for r in rows if r.get("seed") is not None}) > 1  # a column only when they differ
+    head = ["model", "stage", "mode", *(["seed"] if seeds else []), "time/epoch s", "tokens/s", "MFU %",
+            "peak alloc GiB", "peak reserved GiB", "nvidia-smi GiB", "eval loss", "original/this"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     by_key = {}
     for r in rows:  # a mode's rows for each seed; the first seed's where another stage has none (the reference)
@@ -350,7 +351,7 @@ def table(rows: list[dict]) -> str:
         ratio = "; ".join(notes) or "-"
         mode = r["mode"] if r.get("status") == "completed" else f"{r['mode']} ({r.get('status')})"
         lines.append("| " + " | ".join([
-            r["model"], r["stage"], mode, f(r.get("time_per_epoch_s"), ".1f"), f(r.get("tokens_per_second"), ",.0f"),
+            r["model"], r["stage"], mode, *([f(seed, "d")] if seeds else []), f(r.get("time_per_epoch_s"), ".1f"), f(r.get("tokens_per_second"), ",.0f"),
             f(100 * r["mfu"] if r.get("mfu") is not None else None, ".1f"), f(r.get("peak_gpu_allocated_gib"), ".2f"),
             f(r.get("peak_gpu_reserved_gib"), ".2f"), f(r.get("nvidia_smi_peak_gib"), ".2f"),
             f(r.get("final_eval_loss"), ".4f"), ratio]) + " |")
