@@ -351,9 +351,10 @@ def table(rows: list[dict]) -> str:
         ratio = "; ".join(notes) or "-"
         mode = r["mode"] if r.get("status") == "completed" else f"{r['mode']} ({r.get('status')})"
         lines.append("| " + " | ".join([
-            r["model"], r["stage"], mode, *([f(seed, "d")] if seeds else []), f(r.get("time_per_epoch_s"), ".1f"), f(r.get("tokens_per_second"), ",.0f"),
-            f(100 * r["mfu"] if r.get("mfu") is not None else None, ".1f"), f(r.get("peak_gpu_allocated_gib"), ".2f"),
-            f(r.get("peak_gpu_reserved_gib"), ".2f"), f(r.get("nvidia_smi_peak_gib"), ".2f"),
+            r["model"], r["stage"], mode, *([f(seed, "d")] if seeds else []), f(r.get("time_per_epoch_s"), ".1f"),
+            f(r.get("tokens_per_second"), ",.0f"), f(100 * r["mfu"] if r.get("mfu") is not None else None, ".1f"),
+            f(r.get("peak_gpu_allocated_gib"), ".2f"), f(r.get("peak_gpu_reserved_gib"), ".2f"),
+            f(r.get("nvidia_smi_peak_gib"), ".2f"),
             f(r.get("final_eval_loss"), ".4f"), ratio]) + " |")
     return "\n".join(lines)
 
