@@ -383,6 +383,7 @@ CHILD = r"""
 import contextlib, io, json, os, shutil, sys, tempfile
 from unittest import mock
 import psutil
+import torch.distributed as dist
 from deepspeed.ops.op_builder import AsyncIOBuilder
 from workshop import cli
 
@@ -411,7 +412,7 @@ for name, case in json.loads(sys.argv[1]).items():
             stack.enter_context(mock.patch.object(AsyncIOBuilder, "is_compatible", lambda self, verbose=False: False))
         err = stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
         code = cli.main(["train", *case["argv"]])
-    results[name] = {"code": code, "stderr": err.getvalue()}
+    results[name] = {"code": code, "stderr": err.getvalue(), "process_group_left": not dist.is_initialized()}
 print("RESULTS " + json.dumps(results))
 """
 
@@ -472,3 +473,5 @@ def test_checks_once_deepspeed_has_started(after_deepspeed_starts, case, match):
     assert result["code"] == 2, line  # for "cli": the exit status of the process itself
     assert re.search(match, line), (match, line)
     assert logs.untouched()
+    if case != "cli":  # in process: DeepSpeed's group is destroyed on the way out (left, NCCL warns after the error)
+        assert result["process_group_left"]
