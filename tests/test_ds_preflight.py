@@ -281,6 +281,17 @@ def test_parsing_checks_the_file_and_fills_the_nvme_folder(parse, tmp_path):
     assert args.deepspeed["zero_optimization"]["offload_param"]["nvme_path"] == str(tmp_path)
 
 
+def test_the_parameter_buffers_are_sized_where_deepspeed_reads_them(parse, tmp_path):
+    from transformers.integrations.deepspeed import deepspeed_config
+
+    *_, args = parse("--deepspeed", str(CONFIG_DIR / "zero3_nvme.json"), "--nvme_path", str(tmp_path))
+    assert args.deepspeed["zero_optimization"]["offload_param"]["buffer_size"] == "auto"
+    ds_preflight.size_param_buffers(args, 642_252_800)
+    # the recorded JSON, and the config zero.Init and DeepSpeed's engine read
+    for config in (args.deepspeed, deepspeed_config()):
+        assert config["zero_optimization"]["offload_param"]["buffer_size"] == 642_252_800
+
+
 def test_a_conflict_stops_parsing_in_one_line(parse, tmp_path):
     path = write(tmp_path, json.dumps({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2}}))
     with fails(r"--deepspeed .*ds.json: train_micro_batch_size_per_gpu=2 but --per_device_train_batch_size gives 8"):

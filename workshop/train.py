@@ -247,9 +247,8 @@ def run(argv: list[str]) -> dict:
     seq_len = peak_seq_len(data_args, prepared)
     model_args, data_args, ws_args, training_args = fit_batch_to_gpu(
         argv, (model_args, data_args, ws_args, training_args), shape, seq_len, gpu_bytes())
-    if training_args.deepspeed:  # the JSON as recorded, and the Trainer's copy that DeepSpeed reads
-        for config in (training_args.deepspeed, training_args.hf_deepspeed_config.config):
-            ds_preflight.size_param_buffers(config, shape.largest_layer_params)
+    if training_args.deepspeed:
+        ds_preflight.size_param_buffers(training_args, shape.largest_layer_params)
 
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
