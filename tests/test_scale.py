@@ -1,6 +1,7 @@
 """workshop scale on the CPU: the search, the prediction, failures kept as rows (the ladder itself runs on a GPU)."""
 
 import json
+import shutil
 
 import pytest
 
@@ -172,4 +173,45 @@ def test_combine_makes_one_ladder_from_runs_split_by_stage(tmp_path, monkeypatch
 
     assert scale.main(["--combine", str(tmp_path / "none"), "--out", str(tmp_path / "c")]) == 2
     assert f"--combine {tmp_path / 'none'}: no scale.json" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
+def test_combine_can_predict_again_against_the_resources_each_run_recorded(tmp_path, monkeypatch, capsys):
+    models = ["--models", "gpt2-medium", "bigscience/bloom-560m", "bigscience/bloom-1b1", "--gpu_memory_gib", "12"]
+    fake_attempts(monkeypatch, lambda stage, model: model != "bloom-1b1")
+    assert scale.main(["--stages", "baseline", "zero2", *models, "--out", str(tmp_path / "a")]) == 0
+    fresh = json.loads((tmp_path / "a" / "scale.json").read_text())
+    # As if an older estimator had predicted these rows: nothing fits, nothing on the host. The zero2
+    # stage lost its summary (its job stopped), so it takes the run's other recorded resources.
+    old = {**fresh, "rows": [{**r, "predicted_fits": False, "predicted_host_gib": 0.0} for r in fresh["rows"]],
+           "summary": [s for s in fresh["summary"] if s["stage"] != "zero2"]}
+    (tmp_path / "a" / "scale.json").write_text(json.dumps(old))
+
+    assert scale.main(["--combine", str(tmp_path / "a"), "--out", str(tmp_path / "kept")]) == 0
+    kept = json.loads((tmp_path / "kept" / "scale.json").read_text())
+    assert not any(r["predicted_fits"] for r in kept["rows"])  # without --repredict the runs' own predictions
+    assert scale.main(["--combine", str(tmp_path / "a"), "--repredict", "--out", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "scale.json").read_text())
+    assert again["rows"] == fresh["rows"]
+    assert [{k: s[k] for k in ("stage", "predicted_ceiling", "sizes_apart")} for s in again["summary"]] == [
+        {k: s[k] for k in ("stage", "predicted_ceiling", "sizes_apart")} for s in fresh["summary"]]
+    assert "Predictions made again by the current estimator" in capsys.readouterr().out
+
+    # The ceiling is predicted over the whole ladder, not only over the sizes attempted: here bloom-1b1,
+    # which the run never tried (bloom-560m failed).
+    fake_attempts(monkeypatch, lambda stage, model: model == "gpt2-medium")
+    assert scale.main(["--stages", "baseline", *models, "--out", str(tmp_path / "b")]) == 0
+    b = json.loads((tmp_path / "b" / "scale.json").read_text())
+    assert "bloom-1b1" not in {r["model"] for r in b["rows"]}
+    b["summary"] = [{**s, "gpu_gib": 1000.0} for s in b["summary"]]
+    (tmp_path / "b" / "scale.json").write_text(json.dumps(b))
+    assert scale.main(["--combine", str(tmp_path / "b"), "--repredict", "--out", str(tmp_path / "big")]) == 0
+    big = json.loads((tmp_path / "big" / "scale.json").read_text())["summary"][0]
+    assert (big["predicted_ceiling"], big["sizes_apart"]) == ("bloom-1b1", -2)
+
+    assert scale.main(["--repredict", "--out", str(tmp_path / "c")]) == 2
+    assert "--repredict predicts earlier runs again: give their folders with --combine" in capsys.readouterr().err
+    shutil.rmtree(tmp_path / "a" / "models" / "bloom-560m")
+    assert scale.main(["--combine", str(tmp_path / "a"), "--repredict", "--out", str(tmp_path / "c")]) == 2
+    assert "bloom-560m/config.json is missing; leave out --repredict" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()

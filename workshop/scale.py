@@ -106,6 +106,12 @@ def fits(e: estimate.Estimate, resources: Resources) -> bool:
     return e.fits(resources.gpu_bytes) and e.host_bytes <= resources.host_bytes and room_on_disk
 
 
+def prediction_fields(e: estimate.Estimate, resources: Resources) -> dict:
+    """An attempt row's predicted columns."""
+    return {"predicted_gpu_gib": e.gpu_total_bytes / GIB, "predicted_host_gib": e.host_bytes / GIB,
+            "predicted_nvme_gib": e.nvme_bytes / GIB, "predicted_fits": fits(e, resources)}
+
+
 def predicted_ceiling(predicted_fit: list[bool]) -> int | None:
     """Index of the largest size predicted to fit below the first that does not (sizes grow along the ladder)."""
     ceiling = None
@@ -186,10 +192,9 @@ def attempt_row(out: Path, stage: str, name: str, config_path: Path, steps: int,
 
 
 def scale_stage(out: Path, stage: str, ladder: list[str], shapes: dict, configs: dict, resources: Resources,
-                precision: str, args, on_row=lambda rows: None) -> tuple[list[dict], dict]:
+                settings: dict, args, on_row=lambda rows: None) -> tuple[list[dict], dict]:
     """The stage's attempts as rows, and its summary; ``on_row(rows)`` is told of each new row."""
-    predictions = [predict(shapes[name], stage, args.seq_len, precision, args.gradient_checkpointing)
-                   for name in ladder]
+    predictions = [predict(shapes[name], stage, **settings) for name in ladder]
     predicted_fit = [fits(e, resources) for e in predictions]
     ceiling = predicted_ceiling(predicted_fit)
     extra = (["--gradient_checkpointing"] if args.gradient_checkpointing else []) + args.extra
@@ -198,8 +203,7 @@ def scale_stage(out: Path, stage: str, ladder: list[str], shapes: dict, configs:
     def attempt(i: int) -> bool:
         name, e = ladder[i], predictions[i]
         row = {"stage": stage, "model": name.split("/")[-1], "params": shapes[name].n_params,
-               "predicted_gpu_gib": e.gpu_total_bytes / GIB, "predicted_host_gib": e.host_bytes / GIB,
-               "predicted_nvme_gib": e.nvme_bytes / GIB, "predicted_fits": predicted_fit[i]}
+               **prediction_fields(e, resources)}
         row.update(attempt_row(out, stage, name, configs[name], args.steps, args.seq_len, args.nvme_path, extra,
                                args.timeout_s))
         rows.append(row)
@@ -212,22 +216,45 @@ def scale_stage(out: Path, stage: str, ladder: list[str], shapes: dict, configs:
     return rows, summarize(stage, rows, [name.split("/")[-1] for name in ladder])
 
 
-def summarize(stage: str, rows: list[dict], ladder: list[str]) -> dict:
+def summarize(stage: str, rows: list[dict], ladder: list[str], ceiling: str | None = None) -> dict:
     """A stage's summary from its attempts: the largest size that trained, the predicted ceiling, sizes apart.
 
-    The search starts at the predicted ceiling, and predictions grow with size along the ladder, so
-    the ceiling is the largest attempted size predicted to fit.
+    ``ceiling``: the predicted ceiling where it was predicted over the whole ladder again (``repredict``).
+    Otherwise: the search starts at the predicted ceiling, and predictions grow with size along the
+    ladder, so the ceiling is the largest attempted size predicted to fit.
     """
     def largest(keep):
         return max((r for r in rows if keep(r)), key=lambda r: r["params"], default=None)
 
-    trained, ceiling = largest(lambda r: r["status"] == "completed"), largest(lambda r: r["predicted_fits"])
+    trained = largest(lambda r: r["status"] == "completed")
+    if ceiling is None:
+        fitted = largest(lambda r: r["predicted_fits"])
+        ceiling = fitted and fitted["model"]
     return {"stage": stage,
             "largest_trained": trained and trained["model"],
             "largest_trained_params": trained and trained["params"],
-            "predicted_ceiling": ceiling and ceiling["model"],
-            "sizes_apart": (ladder.index(trained["model"]) - ladder.index(ceiling["model"])
-                            if trained and ceiling else None)}
+            "predicted_ceiling": ceiling,
+            "sizes_apart": ladder.index(trained["model"]) - ladder.index(ceiling) if trained and ceiling else None}
+
+
+def repredict(folder: Path, stage: str, rows: list[dict], ladder: list[str], recorded: dict,
+              settings: dict) -> tuple[list, str]:
+    """A stage's rows predicted again by the current estimator, against the GPU, host memory and disk its
+    run recorded, and the predicted ceiling over the whole ladder; shapes from the run's own configs,
+    ``settings`` (seq_len, precision, gradient_checkpointing) as the run predicted with."""
+    if recorded.get("gpu_gib") is None:
+        raise WorkshopError(f"--combine {folder}: no GPU or host memory recorded for {stage}; leave out --repredict")
+    nvme = recorded.get("nvme_free_gib")
+    resources = Resources(recorded["gpu_gib"] * GIB, recorded["host_available_gib"] * GIB, nvme and nvme * GIB)
+    predictions = {}
+    for name in ladder:
+        config = folder / "models" / name
+        if not (config / "config.json").is_file():
+            raise WorkshopError(f"--combine {folder}: {config}/config.json is missing; leave out --repredict")
+        predictions[name] = predict(estimate.model_shape(str(config)), stage, **settings)
+    ceiling = predicted_ceiling([fits(predictions[name], resources) for name in ladder])
+    rows = [{**r, **prediction_fields(predictions[r["model"]], resources)} for r in rows]
+    return rows, ceiling if ceiling is None else ladder[ceiling]
 
 
 def gpu_memory_bytes() -> float | None:
@@ -293,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder; default logs/scale/<timestamp>")
     p.add_argument("--combine", nargs="+", type=Path, default=None, metavar="DIR",
                    help="train nothing: write one ladder from earlier runs' folders (a stage from the last that has it)")
+    p.add_argument("--repredict", action="store_true",
+                   help="with --combine: predict again with the current estimator, against the GPU, host memory and "
+                        "disk each run recorded (give the runs' --seq_len and --gradient_checkpointing)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                    help="flags passed to every `workshop train` run (put last)")
     return p
@@ -306,8 +336,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if out.exists() and any(out.iterdir()):
             raise WorkshopError(f"--out {out} is not empty: give a new folder (earlier results stay untouched)")
+        if args.repredict and not args.combine:
+            raise WorkshopError("--repredict predicts earlier runs again: give their folders with --combine")
         if args.combine:
-            text = combine(args.combine, out)
+            text = combine(args.combine, out, args)
             print(f"{text}\nwritten: {out / 'scale.md'}, {out / 'scale.json'}")
             return 0
         if "zero3_nvme" in args.stages and args.nvme_path is None:
@@ -333,35 +365,49 @@ def main(argv: list[str] | None = None) -> int:
     host_total = psutil.virtual_memory().total / GIB
     header = (f"{bench.environment_line()}; host memory {host_total:.0f} GiB; micro-batch 1 x {args.seq_len} tokens, "
               f"{args.steps} steps{', gradient checkpointing' if args.gradient_checkpointing else ''}")
+    settings = {"seq_len": args.seq_len, "precision": precision, "gradient_checkpointing": args.gradient_checkpointing}
     rows, summaries = [], []
     for stage in args.stages:
         resources = Resources(gpu_bytes, psutil.virtual_memory().available,
                               shutil.disk_usage(args.nvme_path).free if stage == "zero3_nvme" else None)
         # Rewritten after every attempt and stage: a job stopped at its time limit keeps what it has.
         stage_rows, summary = scale_stage(
-            out, stage, ladder, shapes, configs, resources, precision, args,
-            on_row=lambda new: write_results(out, header, short_ladder, rows + new, summaries))
+            out, stage, ladder, shapes, configs, resources, settings, args,
+            on_row=lambda new: write_results(out, header, short_ladder, rows + new, summaries, settings))
         rows += stage_rows
         summaries.append({**summary, "gpu_gib": gpu_bytes / GIB, "host_available_gib": resources.host_bytes / GIB,
                           "nvme_free_gib": None if resources.nvme_bytes is None else resources.nvme_bytes / GIB})
-        text = write_results(out, header, short_ladder, rows, summaries)
+        text = write_results(out, header, short_ladder, rows, summaries, settings)
     print(f"\n{text}\nwritten: {out / 'scale.md'}, {out / 'scale.json'}")
     return 0
 
 
-def write_results(out: Path, header: str, ladder: list[str], rows: list[dict], summaries: list[dict]) -> str:
-    """scale.md and scale.json for the attempts so far (a summary for each finished stage); returns the Markdown."""
+def write_results(out: Path, header: str, ladder: list[str], rows: list[dict], summaries: list[dict],
+                  predicted_with: dict | None) -> str:
+    """scale.md and scale.json for the attempts so far (a summary for each finished stage); returns the Markdown.
+
+    ``predicted_with``: the estimator's settings (seq_len, precision, gradient_checkpointing), or None
+    for a combined ladder whose runs differed."""
     text = f"{header}\n\n{summary_table(summaries)}\n\n{table(rows)}\n"
     files.write_text(out / "scale.md", text)
-    files.write_json(out / "scale.json", {"header": header, "ladder": ladder, "summary": summaries, "rows": rows})
+    files.write_json(out / "scale.json", {"header": header, "ladder": ladder, "predicted_with": predicted_with,
+                                          "summary": summaries, "rows": rows})
     return text
 
 
-def combine(folders: list[Path], out: Path) -> str:
+def common(settings) -> dict | None:
+    """The settings all the runs shared, or None."""
+    distinct = {json.dumps(s, sort_keys=True): s for s in settings}
+    return next(iter(distinct.values())) if len(distinct) == 1 else None
+
+
+def combine(folders: list[Path], out: Path, args) -> str:
     """One ladder from several ``workshop scale`` runs (the stages split over jobs with --stages).
 
     A stage's rows come from the last folder that has any; its summary is made again from them, so
-    a run stopped before a stage's summary was written still counts.
+    a run stopped before a stage's summary was written still counts. ``args.repredict`` makes the
+    predictions again (``repredict``); a stage whose run stopped before its summary then takes the GPU
+    and host memory that run recorded for its other stages.
     """
     stages: dict[str, tuple] = {}
     headers = []
@@ -373,16 +419,28 @@ def combine(folders: list[Path], out: Path) -> str:
         # Runs from before the header and ladder were kept in scale.json: the first line of scale.md, the default ladder.
         headers.append(data.get("header") or (folder / "scale.md").read_text().splitlines()[0])
         ladder = data.get("ladder") or [name.split("/")[-1] for name in LADDER]
+        # ... and before the prediction's settings were: the flags given now, and bf16 (the runs had GPUs).
+        settings = data.get("predicted_with") or {"seq_len": args.seq_len, "precision": "bf16",
+                                                  "gradient_checkpointing": args.gradient_checkpointing}
         resources = {s["stage"]: s for s in data["summary"]}
+        run_resources = {k: v for k, v in (data["summary"] or [{}])[0].items()
+                         if k in ("gpu_gib", "host_available_gib")}
         for stage in dict.fromkeys(r["stage"] for r in data["rows"]):
             stage_rows = sorted((r for r in data["rows"] if r["stage"] == stage), key=lambda r: r["params"])
-            stages[stage] = (folder, stage_rows, ladder, resources.get(stage, {}))
+            stages[stage] = (folder, stage_rows, ladder, resources.get(stage, {}), run_resources, settings)
     rows, summaries = [], []
-    for stage, (folder, stage_rows, ladder, resources) in sorted(stages.items(), key=lambda s: list(STAGES).index(s[0])):
+    for stage, (folder, stage_rows, ladder, resources, run_resources, settings) in sorted(
+            stages.items(), key=lambda s: list(STAGES).index(s[0])):
+        ceiling = None
+        if args.repredict:
+            resources = resources or run_resources
+            stage_rows, ceiling = repredict(folder, stage, stage_rows, ladder, resources, settings)
         rows += stage_rows
-        summaries.append({**resources, **summarize(stage, stage_rows, ladder), "from": str(folder)})
+        summaries.append({**resources, **summarize(stage, stage_rows, ladder, ceiling), "from": str(folder)})
     header = "; ".join(dict.fromkeys(headers))  # one line when the runs shared their setting, as they should
+    predicted = (" Predictions made again by the current estimator, against the GPU, host memory and disk each "
+                 "run recorded." if args.repredict else "")
     out.mkdir(parents=True, exist_ok=True)
-    return write_results(out, f"{header}\n\nCombined from {', '.join(str(f) for f in folders)}.",
-                         list(dict.fromkeys(n for _, _, ladder, _ in stages.values() for n in ladder)),
-                         rows, summaries)
+    return write_results(out, f"{header}\n\nCombined from {', '.join(str(f) for f in folders)}.{predicted}",
+                         list(dict.fromkeys(n for _, _, ladder, *_ in stages.values() for n in ladder)),
+                         rows, summaries, common(s for *_, s in stages.values()))
