@@ -125,9 +125,12 @@ def build_model(model_args, tokenizer, config: PretrainedConfig, device: torch.d
     if model_args.from_config or model_args.model_name_or_path in TINY_MODELS:
         from transformers.integrations import is_deepspeed_zero3_enabled
 
-        where = contextlib.nullcontext() if device is None or is_deepspeed_zero3_enabled() else torch.device(device)
+        zero3 = is_deepspeed_zero3_enabled()
+        where = contextlib.nullcontext() if device is None or zero3 else torch.device(device)
         with where:
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **kwargs)
+        if zero3:
+            init_children_under_zero3(model)
     else:
         try:
             model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, config=config,
@@ -141,6 +144,29 @@ def build_model(model_args, tokenizer, config: PretrainedConfig, device: torch.d
     if model_args.fast_kernels:
         use_fast_kernels(model)
     return model
+
+
+def init_children_under_zero3(model: torch.nn.Module) -> None:
+    """Initialise again, with their children's weights gathered, the modules whose ``_init_weights`` sets them.
+
+    ZeRO-3 partitions each weight as it is made (``zero.Init``), and transformers before 5.23 gathered
+    only a module's own parameters around its ``_init_weights``. A module that sets its children's
+    weights wrote into empty shards: GPT-2's attention and MLP, which scale their residual projection
+    (``c_proj``) to 0.02 / sqrt(2 x layers), kept the plain 0.02 instead, and gpt2-medium built from its
+    configuration under ZeRO-3 ended a bench epoch at an eval loss of 2.9-3.1 where every other stage
+    reached 1.8 (H200, transformers 5.17). Later versions gather the children too; there this draws
+    those weights a second time, from the same distribution.
+    """
+    import deepspeed
+
+    for module in model.modules():
+        if next(module.parameters(recurse=False), None) is not None:
+            continue  # initialised with its own weights gathered already
+        children = [p for child in module.children() for p in child.parameters(recurse=False)]
+        if children:
+            with deepspeed.zero.GatheredParameters(children, modifier_rank=0), torch.no_grad():
+                if deepspeed.comm.get_rank() == 0:
+                    model._init_weights(module)
 
 
 class AlignedLinear(torch.nn.Linear):
