@@ -51,7 +51,7 @@ H200_HOST_MEASURED = {
     ("zero2_offload", "bloom-4b8"): 119.9, ("zero2_offload_nopin", "bloom-4b8"): 84.4,
     ("zero2_offload_nopin", "bloom-6b3"): 108.9, ("zero2_offload_nopin", "bigscience/bloom-7b1"): 122.4,
     ("zero3_offload", "bloom-4b8"): 91.9, ("zero3_offload", "bloom-6b3"): 113.1,
-    ("zero3_offload_all", "bloom-4b8"): 122.2,
+    ("zero3_offload_nopin", "bigscience/bloom-7b1"): 122.4, ("zero3_offload_all", "bloom-4b8"): 122.2,
 }
 
 

@@ -5,6 +5,7 @@
     workshop scale --stages zero3_nvme --nvme_path /local/nvme/$USER
     workshop scale --gradient_checkpointing                    # how far recomputing activations moves it
     workshop scale --combine logs/scale/A logs/scale/B --out logs/scale/all   # stages run in separate jobs
+    workshop scale --combine logs/scale/A --repredict --out logs/scale/A2     # predicted again, no GPU time
 
 For each stage it predicts, with ``workshop estimate``, which models of the ladder fit this GPU, this
 node's free host memory and (NVMe offload) the free disk, and starts at the largest predicted to fit:
