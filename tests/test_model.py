@@ -1,6 +1,8 @@
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.activations import ACT2FN, NewGELUActivation
+from transformers.models.bloom.modeling_bloom import BloomGelu
 
 from workshop import estimate
 from workshop import model as models
@@ -39,17 +41,22 @@ def test_local_model_folder_loads_through_from_pretrained(tmp_path, tokenizer):
     assert torch.equal(loaded.transformer.wte.weight, model.transformer.wte.weight)
 
 
-def test_fast_kernels_compute_what_the_stock_modules_compute(tokenizer):
-    stock_args = ModelArguments(model_name_or_path="tiny-gpt2", fast_kernels=False)
+@pytest.mark.parametrize("name, activation, stock_type", [
+    ("tiny-gpt2", lambda m: m.transformer.h[0].mlp.act, NewGELUActivation),
+    ("tiny-bloom", lambda m: m.transformer.h[0].mlp.gelu_impl, BloomGelu),
+])
+def test_fast_kernels_compute_what_the_stock_modules_compute(tokenizer, name, activation, stock_type):
+    stock_args = ModelArguments(model_name_or_path=name, fast_kernels=False)
     config = models.model_config(stock_args, tokenizer)
     assert config.vocab_size % 64  # the builtin tokenizer's vocabulary is not aligned either
     torch.manual_seed(0)
     stock = models.build_model(stock_args, tokenizer, config)
     torch.manual_seed(0)
-    fast = models.build_model(ModelArguments(model_name_or_path="tiny-gpt2"), tokenizer, config)
-    assert type(fast.lm_head) is models.AlignedLinear and fast.lm_head.weight is fast.transformer.wte.weight
-    assert type(fast.transformer.h[0].mlp.act) is type(ACT2FN["gelu_pytorch_tanh"])  # one kernel
-    assert type(stock.transformer.h[0].mlp.act) is NewGELUActivation
+    fast = models.build_model(ModelArguments(model_name_or_path=name), tokenizer, config)
+    assert type(fast.lm_head) is models.AlignedLinear
+    assert fast.lm_head.weight is fast.get_input_embeddings().weight
+    assert type(activation(fast)) is type(ACT2FN["gelu_pytorch_tanh"])  # one kernel
+    assert type(activation(stock)) is stock_type
     assert fast.state_dict().keys() == stock.state_dict().keys()
     ids = torch.randint(0, config.vocab_size, (2, 12))
     out_stock, out_fast = stock(input_ids=ids, labels=ids), fast(input_ids=ids, labels=ids)

@@ -65,7 +65,7 @@ class ModelArguments:
         metadata={"help": "Attention kernel: 'sdpa' (PyTorch fused attention), 'eager', ...; default: the model's."})
     fast_kernels: bool = field(
         default=True,
-        metadata={"help": "The same arithmetic through faster kernels: GPT-2's GELU as one kernel instead of eight, "
+        metadata={"help": "The same arithmetic through faster kernels: GPT-2's and BLOOM's GELU as one kernel instead of eight, "
                           "and the output layer's matrix product on a vocabulary padded to a multiple of 64 (GPT-2's "
                           "50,257 sends cuBLAS to slow kernels); the padding never reaches the logits. "
                           "--fast_kernels false: the library's modules as they are."})

@@ -193,11 +193,13 @@ def use_fast_kernels(model: torch.nn.Module) -> None:
     The weights, their names and the saved model stay as they are.
     """
     from transformers.activations import ACT2FN, NewGELUActivation
+    from transformers.models.bloom.modeling_bloom import BloomGelu
 
     for module in list(model.modules()):
         for name, child in module.named_children():
-            # tanh-approximated GELU, written out as eight elementwise operations; PyTorch's is one kernel
-            if type(child) is NewGELUActivation:
+            # tanh-approximated GELU written out as elementwise operations (GPT-2's eight; BLOOM's as many
+            # again in its hand-written backward); PyTorch's is one kernel each way
+            if type(child) in (NewGELUActivation, BloomGelu):
                 setattr(module, name, ACT2FN["gelu_pytorch_tanh"])
     output = model.get_output_embeddings()
     if type(output) is torch.nn.Linear and output.out_features % AlignedLinear.ALIGN:
