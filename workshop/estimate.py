@@ -275,7 +275,7 @@ def cpu_offload_host_bytes(n_params: int, zero_stage: int, world_size: int, larg
       partition (2); with parameter offload also the 16-bit parameters twice: once flat (2), and once
       tensor by tensor by ``zero.Init`` (2), which PyTorch's pinned-memory cache keeps once freed.
 
-    That is 18 bytes per parameter unpinned (20 with parameter offload), and more pinned: each pinned
+    That is 18 bytes per parameter unpinned (22 with parameter offload), and more pinned: each pinned
     allocation is rounded up to a power of two (``host_allocation_bytes``), so a flat buffer just past
     one takes nearly twice its size. The Trainer's second parameter group (biases and norms, which take
     no weight decay) is small: one group is counted.

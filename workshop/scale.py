@@ -323,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train nothing: write one ladder from earlier runs' folders (a stage from the last that has it)")
     p.add_argument("--repredict", action="store_true",
                    help="with --combine: predict again with the current estimator, against the GPU, host memory and "
-                        "disk each run recorded (give the runs' --seq_len and --gradient_checkpointing)")
+                        "disk each run recorded, with its sequence length and checkpointing (runs older than that "
+                        "record take --seq_len and --gradient_checkpointing as given here)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                    help="flags passed to every `workshop train` run (put last)")
     return p
