@@ -97,7 +97,7 @@ def test_random_weights_are_made_on_the_device_they_train_on(tokenizer):
 
 # Run in a process of its own: DeepSpeed's process group and HfDeepSpeedConfig are process-wide.
 ZERO3_INIT_SCRIPT = """
-import math, os, socket, sys
+import os, socket
 import deepspeed, torch
 from transformers.integrations import HfDeepSpeedConfig
 from workshop import builtin_data, model as models
