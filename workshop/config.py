@@ -66,8 +66,9 @@ class ModelArguments:
     fast_kernels: bool = field(
         default=True,
         metadata={"help": "The same arithmetic through faster kernels: GPT-2's and BLOOM's GELU as one kernel instead of eight, "
-                          "and the output layer's matrix product on a vocabulary padded to a multiple of 64 (GPT-2's "
-                          "50,257 sends cuBLAS to slow kernels); the padding never reaches the logits. "
+                          "the output layer's matrix product on a vocabulary padded to a multiple of 64 (GPT-2's "
+                          "50,257 sends cuBLAS to slow kernels; the padding never reaches the logits), and logits "
+                          "only at the positions that have a target (the loss ignores the others). "
                           "--fast_kernels false: the library's modules as they are."})
 
 
@@ -104,6 +105,12 @@ class DataArguments:
         default=False,
         metadata={"help": "Pad every sample to --max_seq_length, as the original workshop did. Default: pad each "
                           "batch to its longest sample only (same loss, far fewer wasted tokens)."})
+    packing: bool = field(
+        default=True,
+        metadata={"help": "Lay each batch's samples end to end in rows of its longest sample, each attending only to "
+                          "itself with positions from 0, instead of one padded row per sample: the same loss on "
+                          "about half the positions. GPT-2 and BLOOM; other models, and --pad_to_max_length, pad. "
+                          "--packing false: one row per sample."})
     preprocessing_num_workers: int | None = field(
         default=None, metadata={"help": "Processes for tokenisation (datasets.map)."})
 

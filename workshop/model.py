@@ -15,7 +15,7 @@ import logging
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
-from workshop import builtin_data
+from workshop import builtin_data, packing
 from workshop.errors import WorkshopError
 
 log = logging.getLogger(__name__)
@@ -190,7 +190,8 @@ class AlignedLinear(torch.nn.Linear):
 def use_fast_kernels(model: torch.nn.Module) -> None:
     """Swap modules for ones that compute the same function with faster kernels (``--fast_kernels``).
 
-    The weights, their names and the saved model stay as they are.
+    And the forward for one that computes logits only where the loss has a target
+    (``packing.install_target_forward``). The weights, their names and the saved model stay as they are.
     """
     from transformers.activations import ACT2FN, NewGELUActivation
     from transformers.models.bloom.modeling_bloom import BloomGelu
@@ -204,6 +205,7 @@ def use_fast_kernels(model: torch.nn.Module) -> None:
     output = model.get_output_embeddings()
     if type(output) is torch.nn.Linear and output.out_features % AlignedLinear.ALIGN:
         output.__class__ = AlignedLinear
+    packing.install_target_forward(model)
 
 
 def flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: float) -> float:
