@@ -7,6 +7,7 @@ from transformers.models.bloom.modeling_bloom import BloomGelu
 from workshop import estimate
 from workshop import model as models
 from workshop.config import ModelArguments
+from workshop.data_loader import IGNORE_INDEX, Collator
 
 
 def test_known_shapes_build_offline_with_the_published_sizes(tokenizer):
@@ -68,6 +69,33 @@ def test_fast_kernels_compute_what_the_stock_modules_compute(tokenizer, name, ac
     out_fast.loss.backward()
     for (name, a), (_, b) in zip(stock.named_parameters(), fast.named_parameters()):
         torch.testing.assert_close(b.grad, a.grad, msg=name)
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-bloom"])
+@pytest.mark.parametrize("num_items", [False, True])
+def test_logits_at_targets_only_give_the_library_models_loss_and_gradients(tokenizer, name, num_items):
+    stock_args = ModelArguments(model_name_or_path=name, fast_kernels=False)
+    config = models.model_config(stock_args, tokenizer)
+    torch.manual_seed(0)
+    stock = models.build_model(stock_args, tokenizer, config)
+    torch.manual_seed(0)
+    fast = models.build_model(ModelArguments(model_name_or_path=name), tokenizer, config)
+    g = torch.Generator().manual_seed(0)
+    samples = []
+    for n in (13, 4, 9, 2, 11):  # a prompt without loss, then the answer; padded to the longest
+        ids = torch.randint(3, config.vocab_size, (n,), generator=g).tolist()
+        samples.append({"input_ids": ids, "labels": [IGNORE_INDEX] * (n // 2) + ids[n // 2:]})
+    batch = Collator(tokenizer.pad_token_id)(samples)
+    extra = {"num_items_in_batch": (batch["labels"][:, 1:] != IGNORE_INDEX).sum()} if num_items else {}
+    out_stock, out_fast = stock(**batch, **extra), fast(**batch, **extra)
+    assert out_fast.logits is None  # not computed: the loss is all a training step needs
+    torch.testing.assert_close(out_fast.loss, out_stock.loss)
+    out_stock.loss.backward()
+    out_fast.loss.backward()
+    for (n, a), (_, b) in zip(stock.named_parameters(), fast.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, msg=n)
+    # without labels (generation) every position's logits, as the library computes them
+    assert fast.generate(batch["input_ids"][:1, :3], max_new_tokens=2, do_sample=False).shape == (1, 5)
 
 
 def test_a_partitioned_embedding_keeps_the_models_vocabulary(tokenizer, monkeypatch):

@@ -12,11 +12,11 @@ One invocation on one GPU, the same data for every run, one epoch each:
 - original: fp16, every sample padded to 512 tokens, loss on every token, micro-batch 4 x
   accumulation 4, the original DeepSpeed JSON (AdamW written out, fp16, ``stage`` only), PyTorch's
   unfused AdamW, eager attention, the library's modules as they are (``--fast_kernels false``);
-- default: the project's defaults (bf16, random batches packed into rows of their longest sample,
-  the same global batch of 16 as one micro-batch, fused AdamW, the library's attention kernel,
-  ``--fast_kernels``, no wait for the GPU after each micro-batch, ds_configs/*.json), with the
-  original's loss on every token so that eval losses compare like with like (the defaults' own loss
-  on the answer would be faster still: logits are computed only where there is a target);
+- default: the project's defaults (bf16, dynamic padding in random batches, the same global batch
+  of 16 as one micro-batch, fused AdamW, the library's attention kernel, ``--fast_kernels``, no wait
+  for the GPU after each micro-batch, ds_configs/*.json), with the original's loss on every token
+  so that eval losses compare like with like (the defaults' own loss on the answer is faster still:
+  ``--fast_kernels`` computes logits only where there is a target);
 - default_micro4: the defaults at the original's micro-batch 4 x accumulation 4, so that peak
   memory is compared at the same micro-batch (and the micro-batch's own gain shows);
 - the other default_* modes (``--modes``): the defaults with one lever changed, in the flags (``MODES``)
@@ -85,7 +85,6 @@ MODES = {
     # One lever at a time, to measure what each default buys (select with --modes).
     "default_length_grouped": ["--loss_on", "sequence", "--train_sampling_strategy", "group_by_length"],
     "default_padded": ["--loss_on", "sequence", "--pad_to_max_length", "--max_seq_length", "512"],
-    "default_unpacked": ["--loss_on", "sequence", "--packing", "false"],
     "default_compiled": ["--loss_on", "sequence", "--torch_compile"],
     "default_stock_kernels": ["--loss_on", "sequence", "--fast_kernels", "false"],
     "default_fp16": ["--loss_on", "sequence", "--precision", "fp16"],
@@ -269,7 +268,6 @@ def reference_loop(model: str, data: tuple[Path, Path], samples: int, batching: 
 
     from workshop import data_loader, model as models
     from workshop.config import DataArguments, ModelArguments
-    from workshop.train import packs
 
     torch.manual_seed(42)
     models.prefer_shape_agnostic_attention()
@@ -281,8 +279,7 @@ def reference_loop(model: str, data: tuple[Path, Path], samples: int, batching: 
     prepared = data_loader.prepare(DataArguments(train_file=str(data[0]), validation_file=str(data[1]),
                                                  max_train_samples=samples, loss_on="sequence"), tokenizer, seed=42)
     micro, accum = batching
-    collate = data_loader.Collator(tokenizer.pad_token_id, pad_to_multiple_of=8,
-                                   pack=packs(DataArguments(), config))
+    collate = data_loader.Collator(tokenizer.pad_token_id, pad_to_multiple_of=8)
     # Random batches, as the default's sampler draws them: the same padding, on average, per batch.
     order = torch.randperm(len(prepared.train), generator=torch.Generator().manual_seed(42)).tolist()
     batches = [collate([prepared.train[i] for i in order[j:j + micro]]) for j in range(0, len(order), micro)]

@@ -174,7 +174,8 @@ class ProfileCallback(TrainerCallback):
     The first step is left out: it builds kernels, allocates the optimizer state and (under
     DeepSpeed) its buffers. profile.txt opens with how busy the GPU was (kernel time over wall
     time: a low figure means the GPU waits for Python, kernel launches or the CPU optimizer), then
-    the operations that took the most time.
+    the operations that took the most time: on a GPU by GPU time, then again by CPU time (where a
+    GPU that waits is waiting).
     """
 
     def __init__(self, run_dir, steps: int, is_main: bool):
@@ -219,7 +220,10 @@ class ProfileCallback(TrainerCallback):
         if self.cuda:
             head += (f"; GPU kernels {device_s:.3f} s = {100 * device_s / wall_s:.0f}% of the wall time "
                      "(the rest the GPU waits)")
-        (self.run_dir / "profile.txt").write_text(f"{head}\n\n{events.table(sort_by=sort_by, row_limit=30)}\n")
+        text = f"{head}\n\n{events.table(sort_by=sort_by, row_limit=30)}\n"
+        if self.cuda:  # where a GPU that waits is waiting: the operations that kept the CPU busiest
+            text += f"\nBy CPU time:\n{events.table(sort_by='self_cpu_time_total', row_limit=30)}\n"
+        (self.run_dir / "profile.txt").write_text(text)
         self.profiler.export_chrome_trace(str(self.run_dir / "profile_trace.json"))
         print0(f"profile: {head} -> {self.run_dir / 'profile.txt'}")
         self.profiler = None

@@ -105,12 +105,6 @@ class DataArguments:
         default=False,
         metadata={"help": "Pad every sample to --max_seq_length, as the original workshop did. Default: pad each "
                           "batch to its longest sample only (same loss, far fewer wasted tokens)."})
-    packing: bool = field(
-        default=True,
-        metadata={"help": "Lay each batch's samples end to end in rows of its longest sample, each attending only to "
-                          "itself with positions from 0, instead of one padded row per sample: the same loss on "
-                          "about half the positions. GPT-2 and BLOOM; other models, and --pad_to_max_length, pad. "
-                          "--packing false: one row per sample."})
     preprocessing_num_workers: int | None = field(
         default=None, metadata={"help": "Processes for tokenisation (datasets.map)."})
 

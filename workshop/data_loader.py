@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from workshop import builtin_data, packing
+from workshop import builtin_data
 from workshop.errors import WorkshopError
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = packing.IGNORE_INDEX  # the label PyTorch's cross-entropy skips
+IGNORE_INDEX = -100  # the label PyTorch's cross-entropy skips
 SQUAD_HUB_ID = "rajpurkar/squad"
 WIKITEXT_HUB_ID = ("Salesforce/wikitext", "wikitext-2-raw-v1")
 
@@ -234,24 +234,18 @@ def prepare(data_args, tokenizer, seed: int) -> Prepared:
 class Collator:
     """Pads each batch to its longest sample (or to a fixed length); padding is -100 and unattended.
 
-    ``pack=True`` lays the samples end to end in rows of that length instead (``packing.packed_batch``),
-    for a model with ``packing.install_target_forward``. ``pad_to_multiple_of=8`` on GPU keeps
-    tensor-core shapes at the cost of at most 7 tokens a row.
+    ``pad_to_multiple_of=8`` on GPU keeps tensor-core shapes at the cost of at most 7 tokens a row.
     """
 
-    def __init__(self, pad_token_id: int, pad_to_length: int | None = None, pad_to_multiple_of: int | None = None,
-                 pack: bool = False):
+    def __init__(self, pad_token_id: int, pad_to_length: int | None = None, pad_to_multiple_of: int | None = None):
         self.pad_token_id = pad_token_id
         self.pad_to_length = pad_to_length
         self.pad_to_multiple_of = pad_to_multiple_of
-        self.pack = pack
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         length = self.pad_to_length or max(len(s["input_ids"]) for s in samples)
         if self.pad_to_multiple_of and not self.pad_to_length:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        if self.pack:
-            return packing.packed_batch(samples, length, self.pad_token_id)
         batch = {k: torch.full((len(samples), length), v, dtype=torch.long)
                  for k, v in (("input_ids", self.pad_token_id), ("labels", IGNORE_INDEX), ("attention_mask", 0))}
         for row, s in enumerate(samples):

@@ -23,7 +23,9 @@ What is predicted, per GPU (all figures in bytes inside, GiB on screen):
   residual stream and LayerNorm stay fp32. GPT-2's stock GELU, eight elementwise operations, keeps
   their intermediates too (``STOCK_GELU_BYTES``); ``--fast_kernels`` (the default) runs it as one.
 * **Logits and loss**: the fp32 log-softmax of the logits and, at the start of backward, its
-  gradient and the logits' gradient: 12 bytes x micro-batch x sequence x vocabulary.
+  gradient and the logits' gradient: 12 bytes x micro-batch x sequence x vocabulary, every
+  position a target. ``--fast_kernels`` makes logits only at the targets, so a run with fewer (the
+  loss on the answer only, batches shorter than the longest) needs less than this.
 * **DeepSpeed buffers**: gradient reduction buckets (``reduce_bucket_size`` 16-bit elements, twice
   with ``overlap_comm``), ZeRO-3 gathered layers, and the optimizer step's temporary copies.
 

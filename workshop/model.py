@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import types
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
-from workshop import builtin_data, packing
+from workshop import builtin_data
+from workshop.data_loader import IGNORE_INDEX
 from workshop.errors import WorkshopError
 
 log = logging.getLogger(__name__)
@@ -191,7 +193,7 @@ def use_fast_kernels(model: torch.nn.Module) -> None:
     """Swap modules for ones that compute the same function with faster kernels (``--fast_kernels``).
 
     And the forward for one that computes logits only where the loss has a target
-    (``packing.install_target_forward``). The weights, their names and the saved model stay as they are.
+    (``compute_logits_at_targets_only``). The weights, their names and the saved model stay as they are.
     """
     from transformers.activations import ACT2FN, NewGELUActivation
     from transformers.models.bloom.modeling_bloom import BloomGelu
@@ -205,7 +207,37 @@ def use_fast_kernels(model: torch.nn.Module) -> None:
     output = model.get_output_embeddings()
     if type(output) is torch.nn.Linear and output.out_features % AlignedLinear.ALIGN:
         output.__class__ = AlignedLinear
-    packing.install_target_forward(model)
+    compute_logits_at_targets_only(model)
+
+
+def compute_logits_at_targets_only(model: torch.nn.Module) -> None:
+    """Give ``model`` a forward that runs the output layer only at the positions the loss has a target for.
+
+    The library's forward computes the logits of every position (BLOOM: 250,880 of them, cast to
+    fp32 for the loss), padding and, with ``--loss_on answer``, the prompt included, and the loss
+    then ignores those rows. Here the loss is the library's own (``model.loss_function``) on the
+    positions with a target only: the same sum over the same targets, divided by the same count.
+    Without labels (generation) the library's forward runs as it is. With labels the output carries
+    the loss only. Only this instance changes; its class, weights and saved files do not.
+    """
+    from transformers.modeling_outputs import CausalLMOutput
+
+    library_forward = model.forward
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        if labels is None:
+            return library_forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        hidden = self.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)[0]
+        # as the library's loss shifts them: position t predicts token t + 1
+        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+        targets = shift_labels != IGNORE_INDEX
+        logits = self.get_output_embeddings()(hidden[targets])
+        loss = self.loss_function(logits=logits, labels=None, shift_labels=shift_labels[targets],
+                                  vocab_size=self.config.vocab_size, num_items_in_batch=num_items_in_batch)
+        return CausalLMOutput(loss=loss)
+
+    model.forward = types.MethodType(forward, model)
 
 
 def flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: float) -> float:

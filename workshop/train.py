@@ -29,7 +29,7 @@ import torch
 import transformers
 
 from workshop import config as cfg
-from workshop import data_loader, distributed, ds_preflight, estimate, evaluation, files, packing
+from workshop import data_loader, distributed, ds_preflight, estimate, evaluation, files
 from workshop import model as models
 from workshop.callbacks import MeasureCallback, ProfileCallback, all_ranks_sum, peak_flops
 from workshop.checkpoints import StopOnSignal, WorkshopTrainer, complete_checkpoints
@@ -268,12 +268,6 @@ def run(argv: list[str]) -> dict:
         raise
 
 
-def packs(data_args, model_config) -> bool:
-    """Whether batches are packed: asked for, not padded to a fixed length, and a model packing knows."""
-    return (data_args.packing and not data_args.pad_to_max_length
-            and model_config.model_type in packing.PACKED_MODEL_TYPES)
-
-
 def peak_seq_len(data_args, prepared) -> int:
     """Tokens per sample in the longest batch: the collator pads to the batch's longest sample, to a multiple of 8."""
     longest = data_args.max_seq_length if data_args.pad_to_max_length else prepared.stats["length_max"]
@@ -397,12 +391,9 @@ def _train(run_dir, model_args, data_args, ws_args, training_args, tokenizer, mo
         distributed.print0(f"run folder: {run_dir}\nconfiguration:\n{format_table(_flat_config(run_info))}")
 
     pad_multiple = 8 if torch.cuda.is_available() else None
-    pack = packs(data_args, model_config)
-    if pack and not model_args.fast_kernels:
-        packing.install_target_forward(model)  # the forward that reads packed rows
     collator = data_loader.Collator(tokenizer.pad_token_id,
                                     pad_to_length=data_args.max_seq_length if data_args.pad_to_max_length else None,
-                                    pad_to_multiple_of=pad_multiple, pack=pack)
+                                    pad_to_multiple_of=pad_multiple)
     trainer = WorkshopTrainer(model=model, args=training_args, data_collator=collator,
                                    train_dataset=prepared.train, eval_dataset=prepared.eval,
                                    processing_class=tokenizer)
