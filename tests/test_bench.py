@@ -49,6 +49,12 @@ def test_targets_are_judged_from_the_rows_of_one_invocation():
     # without a row at the original's micro-batch, memory is not judged
     unjudged = {c["target"]: c for c in bench.targets(rows[:2]) if c["target"].startswith("peak")}
     assert [c["met"] for c in unjudged.values()] == [None]
+    # a reference loop far slower than the Trainer on the same batches is no reference: not judged, and said
+    rows[5]["time_per_epoch_s"] = 12.0  # the default's 9.0 / 12.0 = 0.75 < 1 / 1.2
+    loop = next(c for c in bench.targets(rows) if c["target"].startswith("baseline default/reference"))
+    assert (loop["met"], round(loop["value"], 2)) == (None, 0.75)
+    assert ("| baseline default/reference loop time | 0.750 | <= 1.2 | - | 1; the loop ran slower than the default: "
+            "no reference |") in bench.targets_table(bench.targets(rows))
 
 
 def test_a_run_past_its_time_limit_is_stopped_and_reported(tmp_path, capsys):

@@ -22,7 +22,8 @@ One invocation on one GPU, the same data for every run, one epoch each:
 - the other default_* modes (``--modes``): the defaults with one lever changed, in the flags (``MODES``)
   or in the stage's DeepSpeed JSON (``DS_LEVERS``), so that each lever's gain is measured on its own;
 - reference: a plain PyTorch loop on the default's batches (bf16 autocast, fused AdamW, SDPA,
-  ``torch.compile``), the bar for the baseline.
+  ``torch.compile``), the bar for the baseline; a loop more than 1.2x slower than the baseline
+  default is no bar, and that target is left unjudged with a note saying so.
 
 Every run is an ordinary run folder under the output folder (``workshop report`` reads them),
 with an ``nvidia-smi`` CSV beside it. The table (Markdown and CSV) gives per stage: time per epoch,
@@ -425,6 +426,10 @@ def targets(rows: list[dict]) -> list[dict]:
         if stage == "baseline" and reference:
             check("baseline default/reference loop time", default["time_per_epoch_s"] / reference["time_per_epoch_s"],
                   REFERENCE_SLACK, lambda v, b: v <= b)
+            if checks[-1]["value"] < 1 / REFERENCE_SLACK:
+                # The loop runs the Trainer's batches with less around them: the bar to reach, not one to beat
+                # by this much. A loop this slow ran badly (README, J: 3.5x slower than the Trainer).
+                checks[-1].update(met=None, note="the loop ran slower than the default: no reference")
     return checks
 
 
@@ -436,6 +441,7 @@ def targets_table(checks: list[dict]) -> str:
         sign = ">=" if c["target"].startswith("original/default") else "<="
         seeds = f"{c.get('runs', 1)}" + (f"; the original's spread {100 * c['seed_spread']:.1f}%"
                                          if c.get("seed_spread") is not None else "")
+        seeds += f"; {c['note']}" if c.get("note") else ""
         lines.append(f"| {c['model']} | {c['stage']} | {c['target']} | {value} | {sign} {c['bound']:g} | {met} "
                      f"| {seeds} |")
     return "\n".join(lines)
