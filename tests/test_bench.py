@@ -150,3 +150,14 @@ def test_a_refusal_is_reported_by_its_error_line_not_what_follows_it():
     assert bench.error_line(output) == "--nvme_path /x has 63.8 GiB free but ZeRO-Infinity will write about 80.9 GiB there"
     assert bench.error_line("Traceback ...\nRuntimeError: boom\n") == "RuntimeError: boom"
     assert bench.error_line("") == ""
+
+
+def test_every_mode_is_flags_that_workshop_train_accepts(tmp_path, monkeypatch):
+    """A mode with a mistyped flag would fail only on the GPU machine, after the runs before it."""
+    from workshop import config
+
+    monkeypatch.setattr(config, "_cuda_available", lambda: True)  # the original's fp16 needs one
+    data = bench.write_data(tmp_path, 4, 2)
+    for mode, flags in bench.MODES.items():
+        config.parse(["--stage", "bench", "--model_name_or_path", "gpt2-medium", "--train_file", str(data[0]),
+                      "--validation_file", str(data[1]), *bench.COMMON, *flags])

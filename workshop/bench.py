@@ -89,6 +89,7 @@ MODES = {
     "default_compiled": ["--loss_on", "sequence", "--torch_compile"],
     "default_stock_kernels": ["--loss_on", "sequence", "--fast_kernels", "false"],
     "default_fp16": ["--loss_on", "sequence", "--precision", "fp16"],
+    "default_workers": ["--loss_on", "sequence", "--dataloader_num_workers", "2"],
 }
 DEFAULT_MODES = ["original", "default", "default_micro4"]
 # Levers inside the DeepSpeed JSON: the stage's ds_configs/ file with these keys set (stages with DeepSpeed only).
