@@ -48,6 +48,20 @@ def test_collator_pads_to_fixed_length_or_multiple():
     assert Collator(0, pad_to_multiple_of=8)([sample])["input_ids"].shape == (1, 8)
 
 
+def test_a_runs_collator_follows_its_padding_flags(monkeypatch):
+    from workshop.config import DataArguments
+
+    def length(longest, **flags):
+        return Collator.for_run(DataArguments(**flags), pad_token_id=0).padded_length(longest)
+
+    assert length(426) == 426                                  # on a CPU, no multiple unless asked
+    assert length(426, pad_to_multiple_of=64) == 448
+    assert length(426, pad_to_max_length=True, max_seq_length=500) == 500
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    assert length(426) == 432                                  # on a GPU, tensor-core shapes by default
+    assert length(426, pad_to_multiple_of=1) == 426
+
+
 def test_text_is_concatenated_into_full_blocks(tokenizer):
     lines = builtin_data.text_lines(20)
     ids = [t for line in tokenizer(lines, add_special_tokens=False)["input_ids"] for t in line]

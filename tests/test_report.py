@@ -178,3 +178,15 @@ def test_report_on_a_real_tiny_run_with_a_recorded_nvidia_smi_csv(tiny_run, tmp_
     for name in ("loss.png", "gpu_memory.png", "peaks.png"):
         data = (tmp_path / "out" / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 5000, name
+
+
+def test_the_peak_batch_length_follows_the_padding_the_run_recorded(tmp_path):
+    def seq(data, device="cuda"):
+        config = {"data": {"max_seq_length": 512, **data}, "data_stats": {"length_max": 426},
+                  "environment": {"device": device}}
+        return report._seq_len_at_peak(report.Run(tmp_path, config=config))
+
+    assert seq({"pad_to_multiple_of": 64}) == 448
+    assert seq({"pad_to_multiple_of": None}, device="cpu") == 426
+    assert seq({}) == 432                          # a run folder from before the flag: 8 on a GPU
+    assert seq({"pad_to_max_length": True}) == 512

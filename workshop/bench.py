@@ -90,6 +90,7 @@ MODES = {
     "default_stock_kernels": ["--loss_on", "sequence", "--fast_kernels", "false"],
     "default_fp16": ["--loss_on", "sequence", "--precision", "fp16"],
     "default_workers": ["--loss_on", "sequence", "--dataloader_num_workers", "2"],
+    "default_pad64": ["--loss_on", "sequence", "--pad_to_multiple_of", "64"],
 }
 DEFAULT_MODES = ["original", "default", "default_micro4"]
 # Levers inside the DeepSpeed JSON: the stage's ds_configs/ file with these keys set (stages with DeepSpeed only).
@@ -278,10 +279,11 @@ def reference_loop(model: str, data: tuple[Path, Path], samples: int, batching: 
     tokenizer = models.load_tokenizer(margs)
     config = models.model_config(margs, tokenizer)
     net = models.build_model(margs, tokenizer, config, torch.device("cuda"))
-    prepared = data_loader.prepare(DataArguments(train_file=str(data[0]), validation_file=str(data[1]),
-                                                 max_train_samples=samples, loss_on="sequence"), tokenizer, seed=42)
+    data_args = DataArguments(train_file=str(data[0]), validation_file=str(data[1]), max_train_samples=samples,
+                              loss_on="sequence")
+    prepared = data_loader.prepare(data_args, tokenizer, seed=42)
     micro, accum = batching
-    collate = data_loader.Collator(tokenizer.pad_token_id, pad_to_multiple_of=8)
+    collate = data_loader.Collator.for_run(data_args, tokenizer.pad_token_id)
     # Random batches, as the default's sampler draws them: the same padding, on average, per batch.
     order = torch.randperm(len(prepared.train), generator=torch.Generator().manual_seed(42)).tolist()
     batches = [collate([prepared.train[i] for i in order[j:j + micro]]) for j in range(0, len(order), micro)]

@@ -105,6 +105,12 @@ class DataArguments:
         default=False,
         metadata={"help": "Pad every sample to --max_seq_length, as the original workshop did. Default: pad each "
                           "batch to its longest sample only (same loss, far fewer wasted tokens)."})
+    pad_to_multiple_of: int | None = field(
+        default=None,
+        metadata={"help": "Round each batch's length up to a multiple of this. Default: 8 on a GPU (tensor-core "
+                          "shapes, at most 7 padding tokens a row), none on a CPU. A larger multiple makes fewer "
+                          "distinct batch shapes, each of which costs CPU time the first time the kernels meet it, "
+                          "for more padding."})
     preprocessing_num_workers: int | None = field(
         default=None, metadata={"help": "Processes for tokenisation (datasets.map)."})
 
@@ -348,6 +354,8 @@ def validate(model_args: ModelArguments, data_args: DataArguments, ws_args: Work
     for flag in ("max_seq_length", "max_train_samples", "max_eval_samples"):
         if getattr(data_args, flag) < 1:
             raise WorkshopError(f"--{flag} must be at least 1")
+    if data_args.pad_to_multiple_of is not None and data_args.pad_to_multiple_of < 1:
+        raise WorkshopError(f"--pad_to_multiple_of {data_args.pad_to_multiple_of} must be at least 1")
     if data_args.answer_eval_samples < 0:
         raise WorkshopError("--answer_eval_samples must be 0 (skip) or more")
     if ws_args.stage not in STAGES:

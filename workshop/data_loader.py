@@ -234,7 +234,8 @@ def prepare(data_args, tokenizer, seed: int) -> Prepared:
 class Collator:
     """Pads each batch to its longest sample (or to a fixed length); padding is -100 and unattended.
 
-    ``pad_to_multiple_of=8`` on GPU keeps tensor-core shapes at the cost of at most 7 tokens a row.
+    ``pad_to_multiple_of`` rounds each batch's length up: 8 on a GPU keeps tensor-core shapes at the
+    cost of at most 7 tokens a row.
     """
 
     def __init__(self, pad_token_id: int, pad_to_length: int | None = None, pad_to_multiple_of: int | None = None):
@@ -242,10 +243,23 @@ class Collator:
         self.pad_to_length = pad_to_length
         self.pad_to_multiple_of = pad_to_multiple_of
 
+    @classmethod
+    def for_run(cls, data_args, pad_token_id: int) -> Collator:
+        """A run's collator: every sample to --max_seq_length with --pad_to_max_length, else each batch
+        to its longest sample, rounded up to --pad_to_multiple_of (default 8 on a GPU, none on a CPU)."""
+        multiple = data_args.pad_to_multiple_of or (8 if torch.cuda.is_available() else None)
+        return cls(pad_token_id, pad_to_length=data_args.max_seq_length if data_args.pad_to_max_length else None,
+                   pad_to_multiple_of=multiple)
+
+    def padded_length(self, longest: int) -> int:
+        """The length of a batch whose longest sample has ``longest`` tokens."""
+        if self.pad_to_length:
+            return self.pad_to_length
+        multiple = self.pad_to_multiple_of or 1
+        return -(-longest // multiple) * multiple
+
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
-        length = self.pad_to_length or max(len(s["input_ids"]) for s in samples)
-        if self.pad_to_multiple_of and not self.pad_to_length:
-            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        length = self.padded_length(max(len(s["input_ids"]) for s in samples))
         batch = {k: torch.full((len(samples), length), v, dtype=torch.long)
                  for k, v in (("input_ids", self.pad_token_id), ("labels", IGNORE_INDEX), ("attention_mask", 0))}
         for row, s in enumerate(samples):

@@ -313,12 +313,14 @@ def _seq_len_at_peak(run: Run) -> int | None:
     max_len = _first(m.get("max_seq_length"), data.get("max_seq_length"))
     longest = _first(m.get("length_max"), stats.get("length_max"))
     if data.get("pad_to_max_length") or longest is None:
-        seq = max_len
-    else:
-        seq = min(longest, max_len) if max_len else longest
-    if seq and (cfg.get("environment") or {}).get("device", "cpu") != "cpu":
-        seq = math.ceil(seq / 8) * 8  # the collator pads to a multiple of 8 on GPUs
-    return int(seq) if seq else None
+        return int(max_len) if max_len else None
+    seq = min(longest, max_len) if max_len else longest
+    # the multiple the collator rounded to; run folders from before --pad_to_multiple_of: 8 on GPUs
+    on_gpu = (cfg.get("environment") or {}).get("device", "cpu") != "cpu"
+    multiple = data["pad_to_multiple_of"] if "pad_to_multiple_of" in data else (8 if on_gpu else None)
+    if multiple:
+        seq = math.ceil(seq / multiple) * multiple
+    return int(seq)
 
 
 def _model_description(run: Run, name: str | None) -> dict | None:

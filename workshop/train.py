@@ -269,9 +269,8 @@ def run(argv: list[str]) -> dict:
 
 
 def peak_seq_len(data_args, prepared) -> int:
-    """Tokens per sample in the longest batch: the collator pads to the batch's longest sample, to a multiple of 8."""
-    longest = data_args.max_seq_length if data_args.pad_to_max_length else prepared.stats["length_max"]
-    return math.ceil(longest / 8) * 8
+    """Tokens per sample in the longest batch, as the run's collator will pad it."""
+    return data_loader.Collator.for_run(data_args, pad_token_id=0).padded_length(prepared.stats["length_max"])
 
 
 def predicted_memory(shape: estimate.ModelShape, model_args, training_args, seq_len: int,
@@ -369,6 +368,7 @@ def _train(run_dir, model_args, data_args, ws_args, training_args, tokenizer, mo
     model = models.build_model(model_args, tokenizer, model_config, training_args.device)
     shape = dataclasses.asdict(shape)
     shape.pop("name")
+    collator = data_loader.Collator.for_run(data_args, tokenizer.pad_token_id)
     run_info = {
         "labels": {
             "run_id": run_dir.name, "stage": ws_args.stage, "model": model_args.model_name_or_path,
@@ -379,7 +379,9 @@ def _train(run_dir, model_args, data_args, ws_args, training_args, tokenizer, mo
                {"offload_optimizer": None, "offload_param": None}),
         },
         "deepspeed_config": ds_config,
-        "model": vars(model_args), "data": vars(data_args), "workshop": {**vars(ws_args), "launch": launch},
+        "model": vars(model_args),
+        "data": {**vars(data_args), "pad_to_multiple_of": collator.pad_to_multiple_of},  # as resolved for this device
+        "workshop": {**vars(ws_args), "launch": launch},
         "training": training_args.to_dict(), "environment": environment(),
         "model_info": {**shape, "seq_len": prepared.stats["length_mean"],
                        "flops_per_token": models.flops_per_token(shape["n_params"], shape["n_layers"],
@@ -390,10 +392,6 @@ def _train(run_dir, model_args, data_args, ws_args, training_args, tokenizer, mo
         files.write_json(run_dir / "config.json", run_info)
         distributed.print0(f"run folder: {run_dir}\nconfiguration:\n{format_table(_flat_config(run_info))}")
 
-    pad_multiple = 8 if torch.cuda.is_available() else None
-    collator = data_loader.Collator(tokenizer.pad_token_id,
-                                    pad_to_length=data_args.max_seq_length if data_args.pad_to_max_length else None,
-                                    pad_to_multiple_of=pad_multiple)
     trainer = WorkshopTrainer(model=model, args=training_args, data_collator=collator,
                                    train_dataset=prepared.train, eval_dataset=prepared.eval,
                                    processing_class=tokenizer)
