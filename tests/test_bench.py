@@ -3,6 +3,7 @@
 import json
 
 from workshop import bench
+from workshop.errors import WorkshopError
 
 
 def test_bench_runs_each_mode_into_its_own_run_folder_and_tabulates_them(tmp_path, capsys):
@@ -158,6 +159,11 @@ def test_every_mode_is_flags_that_workshop_train_accepts(tmp_path, monkeypatch):
 
     monkeypatch.setattr(config, "_cuda_available", lambda: True)  # the original's fp16 needs one
     data = bench.write_data(tmp_path, 4, 2)
+    refused = {}
     for mode, flags in bench.MODES.items():
-        config.parse(["--stage", "bench", "--model_name_or_path", "gpt2-medium", "--train_file", str(data[0]),
-                      "--validation_file", str(data[1]), *bench.COMMON, *flags])
+        try:
+            config.parse(["--stage", "bench", "--model_name_or_path", "gpt2-medium", "--train_file", str(data[0]),
+                          "--validation_file", str(data[1]), *bench.COMMON, *flags])
+        except WorkshopError as e:
+            refused[mode] = str(e)
+    assert refused == {}
