@@ -50,6 +50,9 @@ def test_targets_are_judged_from_the_rows_of_one_invocation():
     # without a row at the original's micro-batch, memory is not judged
     unjudged = {c["target"]: c for c in bench.targets(rows[:2]) if c["target"].startswith("peak")}
     assert [c["met"] for c in unjudged.values()] == [None]
+    # original and default_micro4 alone (``--modes original default_micro4``): memory is judged, nothing else
+    alone = bench.targets([rows[0], rows[2]])
+    assert [(c["target"], c["met"]) for c in alone] == [("peak allocated default/original (micro-batch 4)", True)]
     # a reference loop far slower than the Trainer on the same batches is no reference: not judged, and said
     rows[5]["time_per_epoch_s"] = 12.0  # the default's 9.0 / 12.0 = 0.75 < 1 / 1.2
     loop = next(c for c in bench.targets(rows) if c["target"].startswith("baseline default/reference"))
