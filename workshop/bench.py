@@ -23,7 +23,8 @@ One invocation on one GPU, the same data for every run, one epoch each:
   or in the stage's DeepSpeed JSON (``DS_LEVERS``), so that each lever's gain is measured on its own;
 - reference: a plain PyTorch loop on the default's batches (bf16 autocast, fused AdamW, SDPA,
   ``torch.compile``), the bar for the baseline; a loop more than 1.2x slower than the baseline
-  default is no bar, and that target is left unjudged with a note saying so.
+  default is no bar, and that target is left unjudged with a note saying so. The same loop runs
+  eager as well (its row ``eager``), so that what the compiler adds or takes away shows.
 
 Every run is an ordinary run folder under the output folder (``workshop report`` reads them),
 with an ``nvidia-smi`` CSV beside it. The table (Markdown and CSV) gives per stage: time per epoch,
@@ -38,6 +39,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
+import gc
 import io
 import json
 import os
@@ -272,6 +274,8 @@ def reference_loop(model: str, data: tuple[Path, Path], samples: int, batching: 
     from workshop import data_loader, model as models
     from workshop.config import DataArguments, ModelArguments
 
+    gc.collect()  # an earlier loop's model (its patched forward refers back to it) and its cached memory
+    torch.cuda.empty_cache()
     torch.manual_seed(42)
     models.prefer_shape_agnostic_attention()
     margs = ModelArguments(model_name_or_path=model, tokenizer_name_or_path="builtin", from_config=True,
@@ -504,8 +508,9 @@ def main(argv: list[str] | None = None) -> int:
                                         + args.extra, seed, name_seed=len(args.seeds) > 1))
                     write_results(out, rows)  # a job stopped at its time limit keeps the rows it finished
         if not args.no_reference and os.environ.get("CUDA_VISIBLE_DEVICES", "0") != "":
-            rows.append(reference_loop(model, data, args.samples, baseline_batching(rows, model)))
-            write_results(out, rows)
+            for compiled in (False, True):  # the eager loop tells what torch.compile itself adds or takes away
+                rows.append(reference_loop(model, data, args.samples, baseline_batching(rows, model), compiled))
+                write_results(out, rows)
     print(f"\n{write_results(out, rows)}\nwritten: {out / 'bench.md'}, {out / 'bench.json'}")
     return 0
 
