@@ -173,3 +173,107 @@ def test_random_weights_under_zero3_get_the_models_own_initialisation():
              if line.startswith(("built", "again"))}
     for when in ("built", "again"):
         assert len(lines[when]) == 16 and all(abs(s / expected - 1) < 0.1 for s in lines[when]), (when, lines[when])
+
+
+def _bloom_pair(tokenizer, **model_flags):
+    """tiny-bloom twice from one seed: the library's attention (--attn_implementation eager), and the default."""
+    args = ModelArguments(model_name_or_path="tiny-bloom", attn_implementation="eager", **model_flags)
+    config = models.model_config(args, tokenizer)
+    torch.manual_seed(0)
+    library = models.build_model(args, tokenizer, config)
+    torch.manual_seed(0)
+    sdpa = models.build_model(ModelArguments(model_name_or_path="tiny-bloom", **model_flags), tokenizer, config)
+    assert all("forward" in vars(block.self_attention) for block in sdpa.transformer.h)  # instances, not the class
+    assert not any("forward" in vars(block.self_attention) for block in library.transformer.h)
+    assert sdpa.state_dict().keys() == library.state_dict().keys()
+    return config, library, sdpa
+
+
+def _ids(config, *lengths, left=False):
+    """Random tokens, padded to the longest row (left for generation, as evaluation does, else right)."""
+    g = torch.Generator().manual_seed(0)
+    longest = max(lengths)
+    ids = torch.randint(3, config.vocab_size, (len(lengths), longest), generator=g)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        mask[row, slice(longest - n, None) if left else slice(n)] = 1
+    return ids.masked_fill(mask == 0, config.pad_token_id), mask
+
+
+def test_bloom_gets_the_workshops_sdpa_unless_eager_is_asked_for(tokenizer):
+    def built(name, attention):
+        args = ModelArguments(model_name_or_path=name, attn_implementation=attention)
+        model = models.build_model(args, tokenizer, models.model_config(args, tokenizer))
+        patched = any("forward" in vars(m) for m in model.modules() if type(m).__name__ == "BloomAttention")
+        return patched, models.attention_used(args, model)
+
+    assert built("tiny-bloom", None) == built("tiny-bloom", "sdpa") == (True, "sdpa")  # transformers refuses sdpa
+    assert built("tiny-bloom", "eager") == (False, "eager")
+    assert built("tiny-gpt2", None) == built("tiny-gpt2", "sdpa") == (False, "sdpa")  # the library's own
+    assert built("tiny-gpt2", "eager") == (False, "eager")
+
+
+# fast_kernels off: the library's forward, which with the configuration's use_cache gives every layer a cache
+@pytest.mark.parametrize("fast_kernels", [True, False])
+def test_sdpa_bloom_attention_gives_the_library_loss_and_gradients(tokenizer, fast_kernels):
+    config, library, sdpa = _bloom_pair(tokenizer, fast_kernels=fast_kernels)
+    assert config.attention_dropout == 0.0
+    library.train(), sdpa.train()
+    ids, mask = _ids(config, 11, 6, 9)  # padded at the right, as training pads
+    labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+    labels[:, :3] = IGNORE_INDEX  # a prompt without loss
+    loss_library = library(input_ids=ids, attention_mask=mask, labels=labels).loss
+    loss_sdpa = sdpa(input_ids=ids, attention_mask=mask, labels=labels).loss
+    torch.testing.assert_close(loss_sdpa, loss_library, rtol=1e-5, atol=0)
+    loss_library.backward()
+    loss_sdpa.backward()
+    for (name, a), (_, b) in zip(library.named_parameters(), sdpa.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_sdpa_bloom_attention_generates_what_the_library_generates(tokenizer):
+    config, library, sdpa = _bloom_pair(tokenizer)
+    library.eval(), sdpa.eval()
+    ids, mask = _ids(config, 5, 8, 3, left=True)  # a query row at a left pad sees no key at all
+    with torch.no_grad():
+        out_library, out_sdpa = (m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                                            use_cache=True, output_scores=True, return_dict_in_generate=True,
+                                            pad_token_id=config.pad_token_id)
+                                 for m in (library, sdpa))
+        assert torch.equal(out_sdpa.sequences, out_library.sequences)
+        for a, b in zip(out_library.scores, out_sdpa.scores):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+        # every position, padding included, and the cache the next step would read
+        a = library(input_ids=ids, attention_mask=mask, use_cache=True, output_hidden_states=True)
+        b = sdpa(input_ids=ids, attention_mask=mask, use_cache=True, output_hidden_states=True)
+        for x, y in zip(a.hidden_states, b.hidden_states):
+            torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b.logits, a.logits, rtol=1e-4, atol=1e-5)
+        for layer_a, layer_b in zip(a.past_key_values.layers, b.past_key_values.layers):
+            torch.testing.assert_close(layer_b.keys, layer_a.keys)
+            torch.testing.assert_close(layer_b.values, layer_a.values)
+
+
+def test_sdpa_bloom_attention_under_16_bit_autocast_keeps_rows_without_keys(tokenizer):
+    """The fp32 mask's minimum becomes -inf in bf16; a left pad's query sees no key and would come out as zeros."""
+    config, library, sdpa = _bloom_pair(tokenizer)
+    library.eval(), sdpa.eval()
+    ids, mask = _ids(config, 4, 9, left=True)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        a = library(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        b = sdpa(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    for x, y in zip(a.hidden_states, b.hidden_states):
+        assert y.isfinite().all()
+        torch.testing.assert_close(y, x, rtol=0, atol=5e-3)  # bf16 rounding; a row of zeros misses by ~3e-2
+
+
+def test_sdpa_bloom_attention_falls_back_where_the_kernel_cannot_match(tokenizer):
+    config, library, sdpa = _bloom_pair(tokenizer)
+    library.eval(), sdpa.eval()
+    ids, mask = _ids(config, 7, 4)
+    with torch.no_grad():  # the weights themselves: only the library's forward has them
+        a = library(input_ids=ids, attention_mask=mask, output_attentions=True)
+        b = sdpa(input_ids=ids, attention_mask=mask, output_attentions=True)
+    assert len(b.attentions) == config.n_layer
+    for x, y in zip(a.attentions, b.attentions):
+        assert torch.equal(y, x)

@@ -13,7 +13,8 @@ One invocation on one GPU, the same data for every run, one epoch each:
   accumulation 4, the original DeepSpeed JSON (AdamW written out, fp16, ``stage`` only), PyTorch's
   unfused AdamW, eager attention, the library's modules as they are (``--fast_kernels false``);
 - default: the project's defaults (bf16, dynamic padding in random batches, the same global batch
-  of 16 as one micro-batch, fused AdamW, the library's attention kernel, ``--fast_kernels``, no wait
+  of 16 as one micro-batch, fused AdamW, fused attention (SDPA; BLOOM's through the workshop's own
+  forward, ``model.use_sdpa_for_bloom_attention``), ``--fast_kernels``, no wait
   for the GPU after each micro-batch, ds_configs/*.json), with the original's loss on every token
   so that eval losses compare like with like (the defaults' own loss on the answer is faster still:
   ``--fast_kernels`` computes logits only where there is a target);
@@ -21,7 +22,7 @@ One invocation on one GPU, the same data for every run, one epoch each:
   memory is compared at the same micro-batch (and the micro-batch's own gain shows);
 - the other default_* modes (``--modes``): the defaults with one lever changed, in the flags (``MODES``)
   or in the stage's DeepSpeed JSON (``DS_LEVERS``), so that each lever's gain is measured on its own;
-- reference: a plain PyTorch loop on the default's batches (bf16 autocast, fused AdamW, SDPA,
+- reference: a plain PyTorch loop on the default's batches and model (bf16 autocast, fused AdamW, SDPA,
   ``torch.compile``), the bar for the baseline; a loop more than 1.2x slower than the baseline
   default is no bar, and that target is left unjudged with a note saying so. The same loop runs
   eager as well (its row ``eager``), so that what the compiler adds or takes away shows.
@@ -93,6 +94,7 @@ MODES = {
     "default_fp16": ["--loss_on", "sequence", "--precision", "fp16"],
     "default_workers": ["--loss_on", "sequence", "--dataloader_num_workers", "2"],
     "default_pad64": ["--loss_on", "sequence", "--pad_to_multiple_of", "64"],
+    "default_eager_attention": ["--loss_on", "sequence", "--attn_implementation", "eager"],
 }
 DEFAULT_MODES = ["original", "default", "default_micro4"]
 # Levers inside the DeepSpeed JSON: the stage's ds_configs/ file with these keys set (stages with DeepSpeed only).
@@ -279,7 +281,7 @@ def reference_loop(model: str, data: tuple[Path, Path], samples: int, batching: 
     torch.manual_seed(42)
     models.prefer_shape_agnostic_attention()
     margs = ModelArguments(model_name_or_path=model, tokenizer_name_or_path="builtin", from_config=True,
-                           attn_implementation="sdpa" if "gpt2" in model else None)
+                           attn_implementation="sdpa")
     tokenizer = models.load_tokenizer(margs)
     config = models.model_config(margs, tokenizer)
     net = models.build_model(margs, tokenizer, config, torch.device("cuda"))

@@ -62,7 +62,10 @@ class ModelArguments:
                           "depend on the weights, so benchmarks use this."})
     attn_implementation: str | None = field(
         default=None,
-        metadata={"help": "Attention kernel: 'sdpa' (PyTorch fused attention), 'eager', ...; default: the model's."})
+        metadata={"help": "Attention kernel: 'sdpa' (PyTorch's fused attention; for BLOOM, which transformers runs "
+                          "eager only, the workshop's own forward through it, the same function), 'eager' (the "
+                          "library's scores, softmax and probabilities written out per layer), ...; default: sdpa "
+                          "for GPT-2 and BLOOM, the model's for others."})
     fast_kernels: bool = field(
         default=True,
         metadata={"help": "The same arithmetic through faster kernels: GPT-2's and BLOOM's GELU as one kernel instead of eight, "

@@ -123,7 +123,9 @@ def build_model(model_args, tokenizer, config: PretrainedConfig, device: torch.d
     the CPU, a 7B model's weights took most of a two-minute ``workshop scale`` attempt that trained
     for 1.2 s. Under ZeRO-3 DeepSpeed's ``zero.Init`` places (and partitions) them instead.
     """
-    kwargs = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
+    bloom_sdpa = workshop_sdpa(config.model_type, model_args.attn_implementation)
+    attention = "eager" if bloom_sdpa else model_args.attn_implementation
+    kwargs = {"attn_implementation": attention} if attention else {}
     if model_args.from_config or model_args.model_name_or_path in TINY_MODELS:
         from transformers.integrations import is_deepspeed_zero3_enabled
 
@@ -145,6 +147,8 @@ def build_model(model_args, tokenizer, config: PretrainedConfig, device: torch.d
         model.resize_token_embeddings(len(tokenizer))
     if model_args.fast_kernels:
         use_fast_kernels(model)
+    if bloom_sdpa:
+        use_sdpa_for_bloom_attention(model)
     return model
 
 
@@ -238,6 +242,91 @@ def compute_logits_at_targets_only(model: torch.nn.Module) -> None:
         return CausalLMOutput(loss=loss)
 
     model.forward = types.MethodType(forward, model)
+
+
+def workshop_sdpa(model_type: str, attn_implementation: str | None) -> bool:
+    """Whether --attn_implementation (None: unset) means the workshop's fused attention for this model: BLOOM's.
+
+    transformers refuses 'sdpa' for BLOOM; the workshop loads it eager and replaces the attention's forward
+    (``use_sdpa_for_bloom_attention``), the default as it is for GPT-2, whose library default is sdpa.
+    """
+    return model_type == "bloom" and attn_implementation in (None, "sdpa")
+
+
+def attention_used(model_args, model: torch.nn.Module) -> str:
+    """The attention ``build_model(model_args, ...)`` gave ``model``, as --attn_implementation names it."""
+    if workshop_sdpa(model.config.model_type, model_args.attn_implementation):
+        return "sdpa"
+    return model.config._attn_implementation or "eager"
+
+
+def use_sdpa_for_bloom_attention(model: torch.nn.Module) -> int:
+    """Give each BLOOM attention of ``model`` a forward through ``F.scaled_dot_product_attention``.
+
+    Returns how many were changed (0: not a BLOOM model, nothing changes). The library has no fused
+    path for BLOOM (transformers 5.17 and 5.23 refuse ``attn_implementation="sdpa"`` for it): its
+    forward writes out the scores (``baddbmm`` with ALiBi), their fp32 softmax and the probabilities
+    as tensors of batch x heads x query x key, each layer. This computes the same function, ALiBi and
+    the additive mask given to the kernel as its ``attn_mask`` and ``inv_norm_factor`` as its scale;
+    that mask is built once per forward and shared by the layers. The cache is updated as the library
+    does it. The library's forward still runs where this one would differ: attention weights asked for
+    (``output_attentions``, which this kernel does not return), the ``pretraining_tp`` > 1
+    ``slow_but_exact`` projection, and a mask that is not additive floats (the library's eager masks
+    are). Only these instances change; their class, weights and saved files do not. Attention dropout
+    draws other random numbers than the library's (the same probability).
+    """
+    from transformers.models.bloom.modeling_bloom import BloomAttention, dropout_add
+
+    def forward(self, hidden_states, residual, alibi, attention_mask, layer_past=None, use_cache=False,
+                output_attentions=False, **kwargs):
+        if (output_attentions or (self.pretraining_tp > 1 and self.slow_but_exact)
+                or (attention_mask is not None and not attention_mask.is_floating_point())):
+            return BloomAttention.forward(self, hidden_states, residual, alibi, attention_mask, layer_past=layer_past,
+                                          use_cache=use_cache, output_attentions=output_attentions, **kwargs)
+        batch_size, q_length, _ = hidden_states.shape
+        # 3 x [batch, heads, length, head_dim]
+        query, key, value = self._reshape(self.query_key_value(hidden_states))
+        if layer_past is not None:
+            key, value = layer_past.update(key, value, self.layer_idx)
+        bias = _alibi_and_mask(alibi, attention_mask, batch_size, self.num_heads, query.dtype)
+        context = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=bias, dropout_p=self.attention_dropout.p if self.training else 0.0,
+            scale=self.inv_norm_factor)
+        context = context.transpose(1, 2).reshape(batch_size, q_length, self.hidden_size)
+        output = dropout_add(self.dense(context), residual, self.hidden_dropout, self.training)
+        return output, None  # BloomBlock and BloomModel pass the weights on only with output_attentions
+
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, BloomAttention):
+            module.forward = types.MethodType(forward, module)
+            changed += 1
+    return changed
+
+
+def _alibi_and_mask(alibi: torch.Tensor, attention_mask: torch.Tensor | None, batch_size: int, num_heads: int,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """ALiBi ([batch x heads, 1, key]) plus the additive mask ([batch, 1, query, key]) as one ``attn_mask``.
+
+    In the kernel's dtype, which must be the query's: under autocast that is 16-bit while the mask is
+    fp32. The mask's fp32 minimum is clamped to the 16-bit one first: cast as it is it becomes -inf, and
+    a query row with no key left (a padding position under left padding) is then not the library's
+    (PyTorch 2.13's CPU kernel returns zeros for it, where the library's fp32 softmax of equal minima
+    averages the values); kept finite, it is. Every layer gets the same ``alibi`` and ``attention_mask``,
+    so the sum is made once and kept on ``alibi`` (freed with it) for the other layers, which then also
+    keep one copy for the backward instead of one each.
+    """
+    shared = getattr(alibi, "_workshop_sdpa_bias", None)
+    if shared is not None and shared[0] is attention_mask and shared[1] == dtype:
+        return shared[2]
+    bias = alibi.view(batch_size, num_heads, 1, -1)
+    if attention_mask is not None:  # none: the library adds none either
+        bias = bias + attention_mask
+    if torch.finfo(bias.dtype).min < torch.finfo(dtype).min:
+        bias = bias.clamp(min=torch.finfo(dtype).min)
+    bias = bias.to(dtype)
+    alibi._workshop_sdpa_bias = (attention_mask, dtype, bias)
+    return bias
 
 
 def flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: float) -> float:

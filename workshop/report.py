@@ -360,8 +360,8 @@ def predict(run: Run, row: dict) -> est.Estimate | None:
     if desc is None or not seq or not micro or precision is None:
         return None
     model_settings = run.config.get("model") or {}
-    attn = model_settings.get("attn_implementation") or (
-        "eager" if desc["model_type"] == "bloom" else "sdpa")  # BLOOM has no fused attention in transformers
+    attn = model_settings.get("attn_implementation") or (  # unset: a run folder from before it was recorded
+        "eager" if desc["model_type"] == "bloom" else "sdpa")  # resolved, when BLOOM had no fused attention
     try:
         return est.estimate(
             desc["n_params"], desc["n_layers"], desc["hidden"], desc["heads"], desc["vocab"], seq, micro,

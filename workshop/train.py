@@ -379,7 +379,7 @@ def _train(run_dir, model_args, data_args, ws_args, training_args, tokenizer, mo
                {"offload_optimizer": None, "offload_param": None}),
         },
         "deepspeed_config": ds_config,
-        "model": vars(model_args),
+        "model": {**vars(model_args), "attn_implementation": models.attention_used(model_args, model)},  # resolved
         "data": {**vars(data_args), "pad_to_multiple_of": collator.pad_to_multiple_of},  # as resolved for this device
         "workshop": {**vars(ws_args), "launch": launch},
         "training": training_args.to_dict(), "environment": environment(),
