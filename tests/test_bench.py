@@ -95,6 +95,21 @@ def test_rows_are_written_as_they_finish(tmp_path, monkeypatch):
     assert "| tiny-gpt2 | baseline | default |" in (out / "bench.md").read_text()
 
 
+def test_the_reference_loops_run_after_every_training_run(tmp_path, monkeypatch):
+    # in the bench's own process: what they leave cached would show in a later run's nvidia-smi reading
+    calls = []
+    monkeypatch.setattr(bench, "run_one", lambda out, model, stage, mode, *rest, **kw: calls.append(
+        ("run", model)) or {"model": model, "stage": stage, "mode": mode, "status": "completed"})
+    monkeypatch.setattr(bench, "reference_loop", lambda model, data, samples, batching, compiled: calls.append(
+        ("loop", model)) or {"model": model, "stage": "reference loop", "mode": "compiled" if compiled else "eager",
+                             "status": "completed"})
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    assert bench.main(["--models", "tiny-bloom", "tiny-gpt2", "--stages", "baseline", "--modes", "default",
+                       "--samples", "8", "--eval_samples", "4", "--out", str(tmp_path / "bench")]) == 0
+    assert calls == [("run", "tiny-bloom"), ("run", "tiny-gpt2")] + [("loop", "tiny-bloom")] * 2 + \
+        [("loop", "tiny-gpt2")] * 2
+
+
 def test_a_deepspeed_lever_runs_the_stage_json_with_its_keys_set(tmp_path):
     out = tmp_path / "bench"
     assert bench.main(["--models", "tiny-gpt2", "--stages", "baseline", "zero2", "--modes",
