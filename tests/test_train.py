@@ -26,6 +26,7 @@ def test_run_folder_is_complete(tiny_run):
     assert read_json(tiny_run / "status.json")["status"] == "completed"
     config = read_json(tiny_run / "config.json")
     assert config["training"]["precision"] == "fp32" and config["model_info"]["n_params"] > 0
+    assert config["model"]["attn_implementation"] == "sdpa"  # as resolved: the flag was left unset
 
 
 def test_metrics_table_is_filled_from_the_run(tiny_run):

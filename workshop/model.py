@@ -260,20 +260,19 @@ def attention_used(model_args, model: torch.nn.Module) -> str:
     return model.config._attn_implementation or "eager"
 
 
-def use_sdpa_for_bloom_attention(model: torch.nn.Module) -> int:
+def use_sdpa_for_bloom_attention(model: torch.nn.Module) -> None:
     """Give each BLOOM attention of ``model`` a forward through ``F.scaled_dot_product_attention``.
 
-    Returns how many were changed (0: not a BLOOM model, nothing changes). The library has no fused
-    path for BLOOM (transformers 5.17 and 5.23 refuse ``attn_implementation="sdpa"`` for it): its
-    forward writes out the scores (``baddbmm`` with ALiBi), their fp32 softmax and the probabilities
-    as tensors of batch x heads x query x key, each layer. This computes the same function, ALiBi and
-    the additive mask given to the kernel as its ``attn_mask`` and ``inv_norm_factor`` as its scale;
-    that mask is built once per forward and shared by the layers. The cache is updated as the library
-    does it. The library's forward still runs where this one would differ: attention weights asked for
-    (``output_attentions``, which this kernel does not return), the ``pretraining_tp`` > 1
-    ``slow_but_exact`` projection, and a mask that is not additive floats (the library's eager masks
-    are). Only these instances change; their class, weights and saved files do not. Attention dropout
-    draws other random numbers than the library's (the same probability).
+    The library has no fused path for BLOOM (transformers 5.17 and 5.23 refuse
+    ``attn_implementation="sdpa"`` for it): its forward writes out the scores (``baddbmm`` with ALiBi),
+    their fp32 softmax and the probabilities as tensors of batch x heads x query x key, each layer. This
+    computes the same function, ALiBi and the additive mask given to the kernel as its ``attn_mask`` and
+    ``inv_norm_factor`` as its scale; that mask is built once per forward and shared by the layers. The
+    cache is updated as the library does it. The library's forward still runs where this one would differ:
+    attention weights asked for (``output_attentions``, which this kernel does not return), the
+    ``pretraining_tp`` > 1 ``slow_but_exact`` projection, and a mask that is not additive floats (the
+    library's eager masks are). Only these instances change; their class, weights and saved files do not.
+    Attention dropout draws other random numbers than the library's (the same probability).
     """
     from transformers.models.bloom.modeling_bloom import BloomAttention, dropout_add
 
@@ -296,12 +295,9 @@ def use_sdpa_for_bloom_attention(model: torch.nn.Module) -> int:
         output = dropout_add(self.dense(context), residual, self.hidden_dropout, self.training)
         return output, None  # BloomBlock and BloomModel pass the weights on only with output_attentions
 
-    changed = 0
     for module in model.modules():
         if isinstance(module, BloomAttention):
             module.forward = types.MethodType(forward, module)
-            changed += 1
-    return changed
 
 
 def _alibi_and_mask(alibi: torch.Tensor, attention_mask: torch.Tensor | None, batch_size: int, num_heads: int,
