@@ -95,7 +95,7 @@ def test_rows_are_written_as_they_finish(tmp_path, monkeypatch):
     assert "| tiny-gpt2 | baseline | default |" in (out / "bench.md").read_text()
 
 
-def test_the_reference_loops_run_after_every_training_run(tmp_path, monkeypatch):
+def test_the_reference_loops_run_after_every_training_run(tmp_path, monkeypatch, capsys):
     # in the bench's own process: what they leave cached would show in a later run's nvidia-smi reading
     calls = []
     monkeypatch.setattr(bench, "run_one", lambda out, model, stage, mode, *rest, **kw: calls.append(
@@ -108,6 +108,9 @@ def test_the_reference_loops_run_after_every_training_run(tmp_path, monkeypatch)
                        "--samples", "8", "--eval_samples", "4", "--out", str(tmp_path / "bench")]) == 0
     assert calls == [("run", "tiny-bloom"), ("run", "tiny-gpt2")] + [("loop", "tiny-bloom")] * 2 + \
         [("loop", "tiny-gpt2")] * 2
+    out = capsys.readouterr().out  # each loop says it started (its untimed pass compiles first) and what it measured
+    assert "=== tiny-gpt2 | reference loop | compiled: an untimed pass" in out
+    assert "    | tiny-gpt2 | reference loop | compiled |" in out
 
 
 def test_a_deepspeed_lever_runs_the_stage_json_with_its_keys_set(tmp_path):

@@ -518,7 +518,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_reference and os.environ.get("CUDA_VISIBLE_DEVICES", "0") != "":
         for model in args.models:
             for compiled in (False, True):  # the eager loop tells what torch.compile itself adds or takes away
+                print(f"\n=== {model} | reference loop | {'compiled' if compiled else 'eager'}: an untimed pass "
+                      "over every batch, then the timed one", flush=True)
                 rows.append(reference_loop(model, data, args.samples, baseline_batching(rows, model), compiled))
+                print("    " + table([rows[-1]]).splitlines()[-1], flush=True)
                 write_results(out, rows)
     print(f"\n{write_results(out, rows)}\nwritten: {out / 'bench.md'}, {out / 'bench.json'}")
     return 0
