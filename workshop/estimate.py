@@ -190,8 +190,8 @@ def shape_from_config(config, name: str | None = None) -> ModelShape:
         model_type=config.model_type, n_params=n_params, largest_layer_params=largest,
         n_layers=config.num_hidden_layers, hidden_size=config.hidden_size, n_heads=config.num_attention_heads,
         vocab_size=config.vocab_size,
-        attn_implementation="sdpa" if workshop_sdpa(config.model_type, None) else
-        model.config._attn_implementation or "eager")
+        attn_implementation=("sdpa" if workshop_sdpa(config.model_type, None)
+                             else model.config._attn_implementation or "eager"))  # what workshop train runs
 
 
 def model_shape(name: str, vocab_size: int | None = None) -> ModelShape:
