@@ -103,6 +103,9 @@ DS_LEVERS = {
     # DeepSpeed's own default at ZeRO-1/2, which ds_configs/ turns off: an inf/NaN check of every gradient
     # tensor before each bf16 step, ending in a wait for the GPU (the Trainer alone and ZeRO-3 make none).
     "default_overflow_check": {"bf16": {"check_grad_overflow": True}},
+    # Gradients accumulated in fp32: at ZeRO-1 DeepSpeed then takes its BF16_Optimizer, which keeps them in
+    # one flat buffer per parameter group, instead of the ZeRO optimizer ZeRO-2 runs too.
+    "default_fp32_grad_accum": {"data_types": {"grad_accum_dtype": "fp32"}},
 }
 MODES.update({mode: MODES["default"] for mode in DS_LEVERS})
 
