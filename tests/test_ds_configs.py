@@ -47,7 +47,7 @@ def test_every_key_is_one_deepspeed_accepts(path):
 def test_deepspeed_parses_every_value_once_the_autos_are_filled(path, tmp_path):
     from deepspeed.runtime.config import DeepSpeedConfig
 
-    config = ds_preflight.resolve_config(str(path), str(tmp_path))
+    config = ds_preflight.resolve_config(str(path), str(tmp_path), "bf16")
     filled = {"train_batch_size": 8, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2,
               "gradient_clipping": 1.0, "fp16.enabled": False, "bf16.enabled": True,
               "optimizer.params.lr": 5e-5, "optimizer.params.betas": [0.9, 0.999], "optimizer.params.eps": 1e-8,
@@ -84,10 +84,10 @@ def test_the_file_name_says_the_stage_and_where_memory_goes(path):
     assert pinned <= ({False} if name.endswith("_nopin") else {True})
 
 
-def test_the_readme_has_a_row_for_every_key_that_is_not_auto():
+def test_the_readme_has_a_row_for_every_key_the_trainer_does_not_fill():
     readme = (CONFIG_DIR / "README.md").read_text()
     rows = {match for line in readme.splitlines() if line.startswith("|")
             for match in re.findall(r"`([\w.]+)`", line.split("|")[1])}
     set_here = {dotted for path in CONFIGS for dotted, value in leaves(ds_preflight.load_config(str(path)))
-                if value != "auto"}
+                if value != "auto" or dotted not in TRAINER_OWNED + OPTIMIZER_OWNED}  # workshop train fills the rest
     assert set_here - rows == set()

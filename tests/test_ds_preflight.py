@@ -71,14 +71,24 @@ def test_the_top_must_be_an_object(tmp_path):
 
 
 def test_the_nvme_path_comes_from_the_flag(tmp_path):
-    config = ds_preflight.resolve_config(str(CONFIG_DIR / "zero3_nvme.json"), str(tmp_path))
+    config = ds_preflight.resolve_config(str(CONFIG_DIR / "zero3_nvme.json"), str(tmp_path), "bf16")
     zero = config["zero_optimization"]
     assert zero["offload_optimizer"]["nvme_path"] == zero["offload_param"]["nvme_path"] == str(tmp_path)
 
 
 def test_an_nvme_config_without_the_flag_asks_for_it():
     with fails(r"zero3_nvme.json offloads to NVMe: pass --nvme_path DIR"):
-        ds_preflight.resolve_config(str(CONFIG_DIR / "zero3_nvme.json"), None)
+        ds_preflight.resolve_config(str(CONFIG_DIR / "zero3_nvme.json"), None, "bf16")
+
+
+def test_zero1_accumulates_gradients_in_fp32_only_under_bf16(tmp_path):
+    # bf16: DeepSpeed's BF16_Optimizer, one flat fp32 gradient buffer; fp16 and fp32: the ZeRO optimizer as it is
+    resolved = {precision: ds_preflight.resolve_config(str(CONFIG_DIR / "zero1.json"), None, precision)
+                for precision in ("bf16", "fp16", "fp32")}
+    assert {precision: config["data_types"]["grad_accum_dtype"] for precision, config in resolved.items()} == \
+        {"bf16": "fp32", "fp16": "fp16", "fp32": "fp32"}
+    explicit = write(tmp_path, '{"zero_optimization": {"stage": 1}, "data_types": {"grad_accum_dtype": "bf16"}}')
+    assert ds_preflight.resolve_config(explicit, None, "bf16")["data_types"] == {"grad_accum_dtype": "bf16"}
 
 
 # --- keys ------------------------------------------------------------------------------------------
@@ -166,7 +176,7 @@ def test_offloaded_bytes_count_optimizer_states_and_parameters(tmp_path):
     cpu = ds_preflight.load_config(str(CONFIG_DIR / "zero3_offload_all.json"))
     assert ds_preflight.offloaded_bytes(cpu, n, half_precision=True) == {"cpu": 18 * n}
     assert ds_preflight.offloaded_bytes(cpu, n, half_precision=False, num_nodes=2) == {"cpu": 10 * n}
-    nvme = ds_preflight.resolve_config(str(CONFIG_DIR / "zero3_nvme.json"), str(tmp_path))
+    nvme = ds_preflight.resolve_config(str(CONFIG_DIR / "zero3_nvme.json"), str(tmp_path), "bf16")
     assert ds_preflight.offloaded_bytes(nvme, n, half_precision=True) == {str(tmp_path): 18 * n}
     assert ds_preflight.offloaded_bytes(ds_preflight.load_config(str(CONFIG_DIR / "zero2.json")), n, True) == {}
 
@@ -307,8 +317,8 @@ def test_resources_are_checked_once_the_model_size_is_known(flags, tmp_path, mon
     from deepspeed.ops.op_builder import AsyncIOBuilder
 
     monkeypatch.setattr(AsyncIOBuilder, "is_compatible", lambda self, verbose=False: True)
-    config = ds_preflight.resolve_config(str(CONFIG_DIR / "zero3_nvme.json"), str(tmp_path / "missing"))
+    config = ds_preflight.resolve_config(str(CONFIG_DIR / "zero3_nvme.json"), str(tmp_path / "missing"), "bf16")
     with fails(r"--nvme_path .*/missing does not exist"):
         ds_preflight.check_resources(config, 1000, flags(), num_nodes=1, source="--deepspeed zero3_nvme.json")
-    ds_preflight.check_resources(ds_preflight.resolve_config(str(CONFIG_DIR / "zero3_nvme.json"), str(tmp_path)),
-                                 1000, flags(), num_nodes=1, source="--deepspeed zero3_nvme.json")
+    config = ds_preflight.resolve_config(str(CONFIG_DIR / "zero3_nvme.json"), str(tmp_path), "bf16")
+    ds_preflight.check_resources(config, 1000, flags(), num_nodes=1, source="--deepspeed zero3_nvme.json")

@@ -48,8 +48,10 @@ def _stop_with_signal_mid_epoch(run_dir, *extra) -> int:
     return status["step"]
 
 
-@pytest.mark.parametrize("deepspeed", [[], ["--deepspeed", str(REPO / "ds_configs" / "zero2.json")]],
-                         ids=["no-deepspeed", "zero2"])
+# ZeRO-1 and ZeRO-2 checkpoint different optimizers where bf16 runs (on a GPU): BF16_Optimizer and the ZeRO one.
+@pytest.mark.parametrize("deepspeed", [[], *(["--deepspeed", str(REPO / "ds_configs" / f"{stage}.json")]
+                                             for stage in ("zero1", "zero2"))],
+                         ids=["no-deepspeed", "zero1", "zero2"])
 def test_signal_checkpoint_resume_equals_an_uninterrupted_run(tmp_path, deepspeed):
     reference = tmp_path / "uninterrupted"
     subprocess.run(_command(reference, *deepspeed), cwd=REPO, check=True, capture_output=True)

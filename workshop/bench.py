@@ -103,9 +103,11 @@ DS_LEVERS = {
     # DeepSpeed's own default at ZeRO-1/2, which ds_configs/ turns off: an inf/NaN check of every gradient
     # tensor before each bf16 step, ending in a wait for the GPU (the Trainer alone and ZeRO-3 make none).
     "default_overflow_check": {"bf16": {"check_grad_overflow": True}},
-    # Gradients accumulated in fp32: at ZeRO-1 DeepSpeed then takes its BF16_Optimizer, which keeps them in
-    # one flat buffer per parameter group, instead of the ZeRO optimizer ZeRO-2 runs too.
-    "default_fp32_grad_accum": {"data_types": {"grad_accum_dtype": "fp32"}},
+    # ZeRO-1's gradients in bf16, where ds_configs/zero1.json accumulates them in fp32 under bf16: DeepSpeed then
+    # runs the ZeRO optimizer (ZeRO-2's) instead of its BF16_Optimizer, which keeps them in one flat buffer.
+    "default_bf16_grad_accum": {"data_types": {"grad_accum_dtype": "bf16"}},
+    # BF16_Optimizer's copy of each gradient into the fp32 buffer from a hook during backward, not after it.
+    "default_immediate_grad_update": {"bf16": {"immediate_grad_update": True}},
 }
 MODES.update({mode: MODES["default"] for mode in DS_LEVERS})
 

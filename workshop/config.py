@@ -216,11 +216,11 @@ class WorkshopTrainingArguments(TrainingArguments):
         self.use_cpu = self.use_cpu or not _cuda_available()
         self.deepspeed_file = None
         if isinstance(self.deepspeed, str):
-            # The Trainer reads the JSON in super().__post_init__: check it and fill "nvme_path": "auto"
-            # first, so a typo or a conflict stops here in one line instead of deep inside DeepSpeed.
+            # The Trainer reads the JSON in super().__post_init__: check it and fill the workshop's own
+            # "auto" values first, so a typo or a conflict stops here in one line instead of deep inside DeepSpeed.
             self.deepspeed_file = self.deepspeed
             source = f"--deepspeed {self.deepspeed}"
-            config = ds_preflight.resolve_config(self.deepspeed, self.nvme_path)
+            config = ds_preflight.resolve_config(self.deepspeed, self.nvme_path, self.precision)
             ds_preflight.check_keys(config, source)
             ds_preflight.check_trainer_conflicts(config, self, source)
             self.deepspeed = config

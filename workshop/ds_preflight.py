@@ -7,8 +7,9 @@ there, and ``check_resources`` once the model's size is known, before DeepSpeed 
 
 The NVMe offload config says ``"nvme_path": "auto"``: the folder is only known when the job is
 submitted (each cluster mounts its node-local NVMe elsewhere), so ``resolve_config`` fills it in
-from ``--nvme_path``, the same way the Trainer fills every other ``"auto"``. Its parameter buffers'
-``"buffer_size": "auto"`` waits for the model's shape (``size_param_buffers``).
+from ``--nvme_path``, the same way the Trainer fills every other ``"auto"``. ZeRO-1's
+``"grad_accum_dtype": "auto"`` follows ``--precision`` (``grad_accum_dtype``), and the parameter
+buffers' ``"buffer_size": "auto"`` waits for the model's shape (``size_param_buffers``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import psutil
 import torch
 
 from workshop.errors import WorkshopError
+from workshop.estimate import grad_accum_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +75,9 @@ def load_config(path: str) -> dict:
     return config
 
 
-def resolve_config(path: str, nvme_path: str | None) -> dict:
-    """The JSON at ``path`` with every ``"nvme_path": "auto"`` replaced by ``nvme_path``."""
+def resolve_config(path: str, nvme_path: str | None, precision: str) -> dict:
+    """The JSON at ``path`` with every ``"nvme_path": "auto"`` replaced by ``nvme_path`` and every
+    ``"grad_accum_dtype": "auto"`` by ``grad_accum_dtype(precision)``."""
     source = f"--deepspeed {path}"
     config = load_config(path)
 
@@ -87,6 +90,8 @@ def resolve_config(path: str, nvme_path: str | None) -> dict:
                     raise WorkshopError(f"{source} offloads to NVMe: pass --nvme_path DIR, a folder on the "
                                         "compute node's local NVMe disk")
                 section[key] = str(nvme_path)
+            elif key == "grad_accum_dtype" and value == "auto":
+                section[key] = grad_accum_dtype(precision)
 
     fill(config)
     return config

@@ -11,7 +11,9 @@ What is predicted, per GPU (all figures in bytes inside, GiB on screen):
   Adam keeps 2 bytes of 16-bit parameters, 2 of 16-bit gradients and 12 of optimizer state (fp32
   master copy 4 + momentum 4 + variance 4) per parameter; fp32 training 4 + 4 + 8. Stage 1 divides
   the optimizer state by the number of GPUs, stage 2 the gradients too, stage 3 the parameters too.
-  The plain Trainer (no DeepSpeed) keeps fp32 weights, fp32 gradients and Adam: 4 + 4 + 8.
+  The plain Trainer (no DeepSpeed) keeps fp32 weights, fp32 gradients and Adam: 4 + 4 + 8. Stage 1
+  in bf16, as ``ds_configs/zero1.json`` runs it, keeps 4-byte gradients: DeepSpeed's ``BF16_Optimizer``
+  (``grad_accum_dtype``).
   ``model_states_bytes()`` gives DeepSpeed's own figures instead (see there for the differences).
 * **Activations** saved for the backward pass, per layer ``s*b*h*c1 + b*a*s*s*c2`` bytes
   (s sequence, b micro-batch, h hidden size, a heads). Korthikanti et al. 2022 ("Reducing
@@ -48,7 +50,8 @@ with its attention through the fused kernel (2026-12-02, 10 runs): at micro-batc
 ZeRO 1/2/3 within 10 % (kept there too), ZeRO-2 offload 14 % below the prediction; at micro-batch 16
 the prediction is 1.5-1.7x the measured peak, because the loss's term counts a logit for every position
 of the longest batch where --fast_kernels computes them at the batch's targets only (for BLOOM's 250,880
-words the largest term).
+words the largest term). ZeRO-1 with its fp32 gradients (BF16_Optimizer, 2026-12-02), at micro-batch 4:
+both models within 3 % (kept there too).
 
 Checked on one H100 (torch 2.11, transformers 5.17, DeepSpeed 0.19.8, bf16, sequence 512, the
 ds_configs/ settings): gpt2-medium, gpt2-large and bloom-560m, the Trainer in bf16/fp32/eager
@@ -361,6 +364,21 @@ def logits_bytes(micro_batch: int, seq_len: int, vocab_size: int) -> int:
     return LOSS_BYTES_PER_LOGIT * micro_batch * seq_len * vocab_size
 
 
+def grad_accum_dtype(precision: str) -> str:
+    """What ``"grad_accum_dtype": "auto"`` (``ds_configs/zero1.json``) becomes for a run in ``precision``.
+
+    In bf16, fp32: ZeRO-1 then runs DeepSpeed's ``BF16_Optimizer``, which keeps the gradients in one
+    flat fp32 buffer, whole, and clips and steps them as one tensor, where the ZeRO optimizer (ZeRO-2's
+    too) works through them tensor by tensor; both partition the optimizer states over the GPUs. In fp16
+    and fp32, the precision itself: DeepSpeed has no such optimizer there, and an fp32 accumulation would
+    only add a copy of every gradient. ``workshop train`` fills it (``ds_preflight.resolve_config``).
+    """
+    return "fp32" if precision == "bf16" else precision
+
+
+FP32_NAMES = {"fp32", "float32", "float", "torch.float32"}  # DeepSpeed's names for it (runtime.config.DtypeEnum)
+
+
 @dataclass(frozen=True)
 class DeepSpeedSettings:
     """The few keys of a DeepSpeed JSON that move memory; 'auto' is resolved as the Trainer does."""
@@ -374,6 +392,9 @@ class DeepSpeedSettings:
     # DeepSpeed's own default, where a JSON leaves pin_memory out, is not to (from_config).
     pin_optimizer: bool = True
     pin_param: bool = True
+    # data_types.grad_accum_dtype: "auto" as in ds_configs/zero1.json (grad_accum_dtype()), None for DeepSpeed's
+    # default, the model's own dtype.
+    grad_accum_dtype: str | None = "auto"
 
     @classmethod
     def from_config(cls, ds_config: dict | None, hidden_size: int) -> "DeepSpeedSettings":
@@ -393,7 +414,9 @@ class DeepSpeedSettings:
                                              DS_DEFAULTS["stage3_max_live_parameters"]),
                    sub_group_size=value("sub_group_size", 1e9, DS_DEFAULTS["sub_group_size"]),
                    pin_optimizer=bool((zero.get("offload_optimizer") or {}).get("pin_memory", False)),
-                   pin_param=bool((zero.get("offload_param") or {}).get("pin_memory", False)))
+                   pin_param=bool((zero.get("offload_param") or {}).get("pin_memory", False)),
+                   grad_accum_dtype=(ds_config.get("data_types") or {}).get("grad_accum_dtype") if ds_config
+                   else cls.grad_accum_dtype)
 
 
 def deepspeed_choices(ds_config: dict | None) -> tuple[int | None, str | None, str | None]:
@@ -485,6 +508,10 @@ def estimate(n_params: int, n_layers: int, hidden: int, heads: int, vocab: int, 
     ds = deepspeed or DeepSpeedSettings()
     mode = precision_mode(zero_stage, precision)
     mixed = mode != "fp32"
+    accumulation = grad_accum_dtype(precision) if ds.grad_accum_dtype == "auto" else ds.grad_accum_dtype
+    # DeepSpeed's BF16_Optimizer (engine._do_optimizer_sanity_check): a flat fp32 gradient buffer, kept whole
+    bf16_optimizer = (zero_stage == 1 and precision == "bf16" and accumulation in FP32_NAMES
+                      and not offload_optimizer)
     acts = activation_bytes(n_layers, hidden, heads, seq_len, micro_batch, mode, model_type, attn_implementation,
                             gradient_checkpointing, fast_kernels)
     loss = logits_bytes(micro_batch, seq_len, vocab)
@@ -495,7 +522,7 @@ def estimate(n_params: int, n_layers: int, hidden: int, heads: int, vocab: int, 
     else:
         p, g, k = (2, 2, 12) if mixed else (4, 4, 8)
         params = p * P / N if zero_stage == 3 else p * P
-        grads = g * P / N if zero_stage >= 2 else g * P
+        grads = g * P / N if zero_stage >= 2 else (4 if bf16_optimizer else g) * P
         optim = k * P / N if zero_stage >= 1 else k * P
         if offload_optimizer:
             optim = 0
@@ -527,6 +554,12 @@ def estimate(n_params: int, n_layers: int, hidden: int, heads: int, vocab: int, 
             resident = weights + grad_buffer + optimizer_state + bucket + gathered
             backward = resident + acts + loss
             step = resident + (0 if offload_optimizer else (w + fp32_grad) * min(P / N, ds.sub_group_size))
+        elif bf16_optimizer:
+            resident = w * P + 4 * P + optimizer_state  # the fp32 gradients live from the start
+            backward = resident + acts + loss
+            # After backward: the 16-bit gradients, and the all-reduce's flat copy of the fp32 ones in the
+            # communication dtype (engine.allreduce_bucket; on one GPU too), at most.
+            step = resident + w * P + (4 + w) * P
         else:
             overlap = bool(ds.overlap_comm)
             # Stages 0-2 allocate the reduction bucket(s) at the first gradient, after the loss's
@@ -696,7 +729,8 @@ def format_estimates(shape: ModelShape, estimates: list[Estimate], gpu_gib: floa
     lines += [
         "",
         "GiB per GPU unless marked. Model states: the ZeRO paper's bytes per parameter (mixed-precision Adam "
-        "2 + 2 + 12, fp32 4 + 4 + 8, the Trainer 4 + 4 + 8), divided as the stage partitions them.",
+        "2 + 2 + 12, fp32 4 + 4 + 8, the Trainer 4 + 4 + 8), divided as the stage partitions them; ZeRO-1 in bf16 "
+        "keeps its gradients in fp32 (2 + 4 + 12, ds_configs/zero1.json).",
         f"Activations: {first.formula}. "
         "Logits: 12 bytes x batch x sequence x vocabulary (fp32 loss and its gradients).",
         "Peak (PyTorch) predicts torch.cuda.max_memory_allocated: the start of backward or the optimizer step, "
