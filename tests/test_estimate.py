@@ -166,6 +166,20 @@ def test_predictions_are_within_the_issues_15_percent_of_h200_measurements():
         assert abs(predicted / GIB / measured - 1) < 0.15, (model, micro, file, fast, predicted / GIB, measured)
 
 
+def test_zero1_gradients_from_the_json():
+    shape = est.model_shape("gpt2-medium")
+    as_shipped, bf16_grads = stage_json("zero1.json"), stage_json("default_bf16_grad_accum_zero1.json")
+    assert est.DeepSpeedSettings.from_config(as_shipped, 1024).grad_accum_dtype == "auto"
+    assert est.DeepSpeedSettings.from_config(bf16_grads, 1024).grad_accum_dtype == "bf16"
+    assert est.DeepSpeedSettings.from_config({"zero_optimization": {"stage": 1}}, 1024).grad_accum_dtype is None
+    peaks = {name: est.estimate_for_shape(shape, 432, 4, 1, ds_config=config).backward_peak_bytes
+             for name, config in (("fp32", as_shipped), ("bf16", bf16_grads))}
+    assert peaks["fp32"] - peaks["bf16"] == 4 * shape.n_params  # the fp32 buffer, there from the start
+    fp16 = [est.estimate_for_shape(shape, 432, 4, 1, precision="fp16", ds_config=config).backward_peak_bytes
+            for config in (as_shipped, bf16_grads)]
+    assert fp16[0] == fp16[1]  # "auto" is fp16 there: the ZeRO optimizer either way
+
+
 def test_deepspeed_buckets_from_the_json():
     zero2 = est.DeepSpeedSettings.from_config({"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}, 1024)
     assert zero2.reduce_bucket_size == 1024 * 1024 and zero2.overlap_comm is None
