@@ -452,7 +452,7 @@ def targets(rows: list[dict]) -> list[dict]:
                   REFERENCE_SLACK, lambda v, b: v <= b, default)
             if checks[-1]["value"] < 1 / REFERENCE_SLACK:
                 # The loop runs the Trainer's batches with less around them: the bar to reach, not one to beat
-                # by this much. A loop this slow ran badly (README, J: 3.5x slower than the Trainer).
+                # by this much. A loop this slow ran badly (BENCHMARKS.md, J: 3.5x slower than the Trainer).
                 checks[-1].update(met=None, note="the loop ran slower than the default: no reference")
     return checks
 
