@@ -188,3 +188,47 @@ def test_every_mode_is_flags_that_workshop_train_accepts(tmp_path, monkeypatch):
         except WorkshopError as e:
             refused[mode] = str(e)
     assert refused == {}
+
+
+def test_combine_makes_one_table_from_a_bench_split_over_jobs(tmp_path, capsys):
+    def row(model, stage, mode, time, job):
+        return {"model": model, "stage": stage, "mode": mode, "status": "completed", "time_per_epoch_s": time,
+                "final_eval_loss": 2.0, "peak_gpu_allocated_gib": 10.0, "per_device_train_batch_size": 16,
+                "job": job}
+
+    def loop(model, job):
+        return {**row(model, "reference loop", "compiled", 2.0, job), "final_eval_loss": None}
+
+    jobs = {
+        # the first job: gpt2-medium's baseline and its loops, then a time limit during ZeRO-3
+        "a": [row("gpt2-medium", "baseline", "original", 30.0, "a"),
+              row("gpt2-medium", "baseline", "default", 9.0, "a"),
+              row("gpt2-medium", "zero3", "original", 60.0, "a"), loop("gpt2-medium", "a")],
+        # bloom-560m's ZeRO-1, with loops but not the baseline they compare with: left out
+        "b": [row("bloom-560m", "zero1", "original", 40.0, "b"), row("bloom-560m", "zero1", "default", 10.0, "b"),
+              loop("bloom-560m", "b")],
+        # ZeRO-3 again, whole
+        "c": [row("gpt2-medium", "zero3", "original", 50.0, "c"), row("gpt2-medium", "zero3", "default", 20.0, "c")],
+    }
+    for name, rows in jobs.items():
+        (tmp_path / name).mkdir()
+        bench.write_results(tmp_path / name, rows, "NVIDIA H100 80GB HBM3; torch 2.11.0; 2026-12-05")
+    out = tmp_path / "all"
+    assert bench.main(["--combine", *(str(tmp_path / n) for n in jobs), "--out", str(out)]) == 0
+    combined = json.loads((out / "bench.json").read_text())
+    assert [(r["model"], r["stage"], r["mode"], r["job"]) for r in combined["rows"]] == [
+        ("gpt2-medium", "baseline", "original", "a"), ("gpt2-medium", "baseline", "default", "a"),
+        ("gpt2-medium", "zero3", "original", "c"), ("gpt2-medium", "zero3", "default", "c"),
+        ("bloom-560m", "zero1", "original", "b"), ("bloom-560m", "zero1", "default", "b"),
+        ("gpt2-medium", "reference loop", "compiled", "a")]
+    checks = {(c["model"], c["stage"], c["target"]): c["value"] for c in combined["targets"]}
+    assert checks[("gpt2-medium", "zero3", "original/default time")] == 50.0 / 20.0  # both from job c
+    assert checks[("gpt2-medium", "baseline", "baseline default/reference loop time")] == 9.0 / 2.0
+    text = (out / "bench.md").read_text()
+    assert text.startswith("NVIDIA H100 80GB HBM3; torch 2.11.0; 2026-12-05\n\nCombined from ")  # one line: one GPU
+    # a folder that no bench wrote, and an output folder already used, are refused in one line
+    assert bench.main(["--combine", str(tmp_path / "a"), str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
+    assert f"--combine {tmp_path / 'missing'}: no bench.json there" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    assert bench.main(["--combine", str(tmp_path / "a"), "--out", str(out)]) == 2
+    assert "is not empty" in capsys.readouterr().err

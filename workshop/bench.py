@@ -4,6 +4,7 @@ One invocation on one GPU, the same data for every run, one epoch each:
 
     workshop bench                                   # gpt2-medium and bloom-560m, every single-GPU stage
     workshop bench --models gpt2-medium --stages baseline zero2
+    workshop bench --combine logs/bench/A logs/bench/B    # one table from a bench split over jobs
 
 - data: 1000 SQuAD-shaped samples from the built-in generator with SQuAD-like context lengths
   (``builtin_data.SQUAD_LIKE_SENTENCES``), written as SQuAD JSONL files and read through --train_file;
@@ -27,6 +28,9 @@ One invocation on one GPU, the same data for every run, one epoch each:
   loop more than 1.2x slower than the baseline default is no bar, and that target is left unjudged
   with a note saying so. The same loop runs eager as well (its row ``eager``), so that what the
   compiler adds or takes away shows.
+
+A bench split over jobs (``--stages`` a few at a time, to fit a time limit) comes back together
+with ``--combine``: one table and one verdict, each model and stage from one of the invocations.
 
 Every run is an ordinary run folder under the output folder (``workshop report`` reads them),
 with an ``nvidia-smi`` CSV beside it. The table (Markdown and CSV) gives per stage: time per epoch,
@@ -54,6 +58,7 @@ import time
 from pathlib import Path
 
 from workshop import builtin_data, files
+from workshop.errors import WorkshopError
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE_CONFIGS = {"baseline": None, "zero1": "zero1.json", "zero2": "zero2.json", "zero3": "zero3.json",
@@ -500,13 +505,26 @@ def main(argv: list[str] | None = None) -> int:
                         "judged on the means. The samples stay the same.")
     p.add_argument("--no_reference", action="store_true", help="Skip the plain PyTorch loop.")
     p.add_argument("--out", default=None, help="Output folder; default logs/bench/<timestamp>.")
+    p.add_argument("--combine", nargs="+", type=Path, default=None, metavar="DIR",
+                   help="Train nothing: one table and verdict from earlier bench folders (a bench split over jobs "
+                        "with --stages), each model and stage from the last folder that ran it.")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                    help="Flags passed to every `workshop train` run (put last), e.g. --extra --torch_compile.")
     args = p.parse_args(argv)
     out = Path(args.out or f"logs/bench/{dt.datetime.now():%Y%m%d-%H%M%S}")
-    if out.exists() and any(out.iterdir()):
-        print(f"error: --out {out} is not empty: give a new folder (earlier results stay untouched)", file=sys.stderr)
-        return 2
+    try:
+        if out.exists() and any(out.iterdir()):
+            raise WorkshopError(f"--out {out} is not empty: give a new folder (earlier results stay untouched)")
+        if args.combine:
+            rows, header = combine(args.combine)
+            out.mkdir(parents=True, exist_ok=True)
+            text = write_results(out, rows, header, f"Combined from {', '.join(map(str, args.combine))}: each model "
+                                                    "and stage from the last that ran it.")
+            print(f"{text}\nwritten: {out / 'bench.md'}, {out / 'bench.json'}")
+            return 0
+    except WorkshopError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
     data = write_data(out / "data", args.samples, args.eval_samples)
     rows = []
     for model in args.models:
@@ -532,12 +550,44 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def write_results(out: Path, rows: list[dict]) -> str:
-    """bench.md and bench.json for the rows so far; returns the Markdown."""
+def write_results(out: Path, rows: list[dict], header: str | None = None, note: str = "") -> str:
+    """bench.md and bench.json for the rows so far; returns the Markdown.
+
+    header: the GPU, versions and date (``environment_line``) unless given; note: a paragraph under it."""
+    header = header or environment_line()
     checks = targets(rows)
-    text = f"{environment_line()}\n\n{table(rows)}\n"
+    text = "\n\n".join(part for part in (header, note, table(rows)) if part) + "\n"
     if checks:
-        text += f"\nTargets (a row per target, model and stage; ratios from this invocation):\n\n{targets_table(checks)}\n"
+        text += ("\nTargets (a row per target, model and stage; ratios within one invocation):\n\n"
+                 f"{targets_table(checks)}\n")
     files.write_text(out / "bench.md", text)
-    files.write_json(out / "bench.json", {"rows": rows, "targets": checks})
+    files.write_json(out / "bench.json", {"header": header, "rows": rows, "targets": checks})
     return text
+
+
+def combine(folders: list[Path]) -> tuple[list[dict], str]:
+    """The rows of several bench folders, and their header lines: a bench split over jobs with --stages.
+
+    Each model and stage comes whole from the last folder that ran it, and the reference loops with
+    their model's baseline (loops from a folder without it are left out): every ratio in the table
+    stays between the runs of one invocation. The header: each folder's, once where they agree.
+    """
+    chosen: dict[tuple[str, str], list[dict]] = {}
+    headers = []
+    for folder in folders:
+        data, header = files.read_results(folder, "bench")
+        headers.append(header)
+        found: dict[tuple[str, str], list[dict]] = {}
+        for r in data["rows"]:
+            if r["stage"] != "reference loop":
+                found.setdefault((r["model"], r["stage"]), []).append(r)
+        for r in data["rows"]:
+            if r["stage"] == "reference loop" and (r["model"], "baseline") in found:
+                found[(r["model"], "baseline")].append(r)
+        chosen.update(found)
+    models = list(dict.fromkeys(model for model, _ in chosen))
+    stages = list(STAGE_CONFIGS)
+    ordered = [chosen[key] for key in sorted(chosen, key=lambda k: (models.index(k[0]), stages.index(k[1])))]
+    rows = [r for group in ordered for r in group if r["stage"] != "reference loop"]
+    rows += [r for group in ordered for r in group if r["stage"] == "reference loop"]  # last, as a bench writes them
+    return rows, "; ".join(dict.fromkeys(headers))

@@ -2,6 +2,7 @@
 
 Each file is written under a temporary name in the same folder and renamed over the target:
 ``os.replace`` is atomic on POSIX file systems, so a reader sees the old file or the new one.
+Also the reading back of what ``workshop bench`` and ``workshop scale`` wrote, for their ``--combine``.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import json
 import os
 import tempfile
 from pathlib import Path
+
+from workshop.errors import WorkshopError
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -33,3 +36,14 @@ def _umask() -> int:
 
 def write_json(path: str | Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def read_results(folder: Path, command: str) -> tuple[dict, str]:
+    """``<command>.json`` in an output folder of ``workshop <command>``, and its header line (GPU,
+    versions, date): the JSON's, or the first line of ``<command>.md`` where an older JSON lacks it."""
+    path = folder / f"{command}.json"
+    if not path.is_file():
+        raise WorkshopError(f"--combine {folder}: no {command}.json there; give folders that `workshop {command}` "
+                            "wrote")
+    data = json.loads(path.read_text())
+    return data, data.get("header") or (folder / f"{command}.md").read_text().splitlines()[0]

@@ -414,12 +414,9 @@ def combine(folders: list[Path], out: Path, args) -> str:
     stages: dict[str, tuple] = {}
     headers = []
     for folder in folders:
-        path = folder / "scale.json"
-        if not path.is_file():
-            raise WorkshopError(f"--combine {folder}: no scale.json there; give folders written by `workshop scale`")
-        data = json.loads(path.read_text())
-        # Runs from before the header and ladder were kept in scale.json: the first line of scale.md, the default ladder.
-        headers.append(data.get("header") or (folder / "scale.md").read_text().splitlines()[0])
+        data, header = files.read_results(folder, "scale")
+        headers.append(header)
+        # Runs from before the ladder was kept in scale.json: the default ladder.
         ladder = data.get("ladder") or [name.split("/")[-1] for name in LADDER]
         # ... and before the prediction's settings were: the flags given now, and bf16 (the runs had GPUs).
         settings = data.get("predicted_with") or {"seq_len": args.seq_len, "precision": "bf16",
