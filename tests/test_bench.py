@@ -232,3 +232,7 @@ def test_combine_makes_one_table_from_a_bench_split_over_jobs(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
     assert bench.main(["--combine", str(tmp_path / "a"), "--out", str(out)]) == 2
     assert "is not empty" in capsys.readouterr().err
+    # pieces from another GPU or other versions: each header line kept, for the reader to see
+    bench.write_results(tmp_path / "c", jobs["c"], "NVIDIA H200; torch 2.11.0; 2026-12-05")
+    assert bench.combine([tmp_path / "a", tmp_path / "c"])[1] == (
+        "NVIDIA H100 80GB HBM3; torch 2.11.0; 2026-12-05; NVIDIA H200; torch 2.11.0; 2026-12-05")
