@@ -113,6 +113,9 @@ DS_LEVERS = {
     "default_bf16_grad_accum": {"data_types": {"grad_accum_dtype": "bf16"}},
     # BF16_Optimizer's copy of each gradient into the fp32 buffer from a hook during backward, not after it.
     "default_immediate_grad_update": {"bf16": {"immediate_grad_update": True}},
+    # DeepSpeed's throughput timer, which ds_configs/ turns off: a wait for the GPU as each forward starts and
+    # after each step, to time a figure it prints only with steps_per_print set.
+    "default_throughput_timer": {"timers": {"throughput": {"enabled": True}}},
 }
 MODES.update({mode: MODES["default"] for mode in DS_LEVERS})
 
