@@ -125,19 +125,12 @@ def test_random_weights_are_made_on_the_device_they_train_on(tokenizer):
             .parameters()} == {"cpu"}
 
 
-# Run in a process of its own: DeepSpeed's process group and HfDeepSpeedConfig are process-wide.
 ZERO3_INIT_SCRIPT = """
-import os, socket
-import deepspeed, torch
+import torch
 from transformers.integrations import HfDeepSpeedConfig
 from workshop import builtin_data, model as models
 from workshop.config import ModelArguments
 
-with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-deepspeed.init_distributed(dist_backend="gloo")
 ds = HfDeepSpeedConfig({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}})
 tokenizer = builtin_data.build_tokenizer()
 args = ModelArguments(model_name_or_path="gpt2", from_config=True)
@@ -161,15 +154,11 @@ print("again", *stds())
 
 def test_random_weights_under_zero3_get_the_models_own_initialisation():
     """GPT-2 scales its residual projections to 0.02 / sqrt(2 x layers); under ZeRO-3 too (init_children_under_zero3)."""
-    import subprocess
-    import sys
+    from conftest import run_with_deepspeed
 
-    from conftest import REPO
-
-    result = subprocess.run([sys.executable, "-c", ZERO3_INIT_SCRIPT], cwd=REPO, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
     expected = 0.02 / (2 * 8) ** 0.5
-    lines = {line.split()[0]: [float(x) for x in line.split()[1:]] for line in result.stdout.splitlines()
+    output = run_with_deepspeed(ZERO3_INIT_SCRIPT)
+    lines = {line.split()[0]: [float(x) for x in line.split()[1:]] for line in output.splitlines()
              if line.startswith(("built", "again"))}
     for when in ("built", "again"):
         assert len(lines[when]) == 16 and all(abs(s / expected - 1) < 0.1 for s in lines[when]), (when, lines[when])

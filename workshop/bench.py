@@ -12,10 +12,11 @@ One invocation on one GPU, the same data for every run, one epoch each:
   depend on the values), tokenised with the built-in BPE;
 - original: fp16, every sample padded to 512 tokens, loss on every token, micro-batch 4 x
   accumulation 4, the original DeepSpeed JSON (AdamW written out, fp16, ``stage`` only), PyTorch's
-  unfused AdamW, eager attention, the library's modules as they are (``--fast_kernels false``);
+  unfused AdamW, eager attention, the library's modules and DeepSpeed's functions as they are
+  (``--fast_kernels false --foreach_grad_clip false``);
 - default: the project's defaults (bf16, dynamic padding in random batches, the same global batch
   of 16 as one micro-batch, fused AdamW, fused attention (SDPA; BLOOM's through the workshop's own
-  forward, ``model.use_sdpa_for_bloom_attention``), ``--fast_kernels``, no wait
+  forward, ``model.use_sdpa_for_bloom_attention``), ``--fast_kernels``, ``--foreach_grad_clip``, no wait
   for the GPU after each micro-batch, ds_configs/*.json), with the original's loss on every token
   so that eval losses compare like with like (the defaults' own loss on the answer is faster still:
   ``--fast_kernels`` computes logits only where there is a target);
@@ -89,7 +90,7 @@ MICRO4 = ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps",
 MODES = {
     "original": ["--precision", "fp16", "--pad_to_max_length", "--max_seq_length", "512", "--loss_on", "sequence",
                  "--optim", "adamw_torch", "--attn_implementation", "eager", "--train_sampling_strategy", "random",
-                 "--logging_nan_inf_filter", "true", "--fast_kernels", "false", *MICRO4],
+                 "--logging_nan_inf_filter", "true", "--fast_kernels", "false", "--foreach_grad_clip", "false", *MICRO4],
     "default": ["--loss_on", "sequence"],
     "default_micro4": ["--loss_on", "sequence", *MICRO4],
     # One lever at a time, to measure what each default buys (select with --modes).
@@ -101,6 +102,7 @@ MODES = {
     "default_workers": ["--loss_on", "sequence", "--dataloader_num_workers", "2"],
     "default_pad64": ["--loss_on", "sequence", "--pad_to_multiple_of", "64"],
     "default_eager_attention": ["--loss_on", "sequence", "--attn_implementation", "eager"],
+    "default_per_tensor_grad_clip": ["--loss_on", "sequence", "--foreach_grad_clip", "false"],
 }
 DEFAULT_MODES = ["original", "default", "default_micro4"]
 # Levers inside the DeepSpeed JSON: the stage's ds_configs/ file with these keys set (stages with DeepSpeed only).

@@ -29,7 +29,7 @@ import torch
 import transformers
 
 from workshop import config as cfg
-from workshop import data_loader, distributed, ds_preflight, estimate, evaluation, files
+from workshop import data_loader, distributed, ds_grad_clip, ds_preflight, estimate, evaluation, files
 from workshop import model as models
 from workshop.callbacks import MeasureCallback, ProfileCallback, all_ranks_sum, peak_flops
 from workshop.checkpoints import StopOnSignal, WorkshopTrainer, complete_checkpoints
@@ -365,6 +365,8 @@ def _train(run_dir, model_args, data_args, ws_args, training_args, tokenizer, mo
     transformers.set_seed(training_args.seed)
     models.prefer_shape_agnostic_attention()
     ds_config = training_args.deepspeed
+    if ds_config:
+        ds_grad_clip.use(training_args.foreach_grad_clip)
     model = models.build_model(model_args, tokenizer, model_config, training_args.device)
     shape = dataclasses.asdict(shape)
     shape.pop("name")
