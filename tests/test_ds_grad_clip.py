@@ -1,11 +1,13 @@
 """--foreach_grad_clip: ZeRO-1's clipping in bf16 with multi-tensor operations, the same arithmetic as DeepSpeed's."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from conftest import run_with_deepspeed
+from conftest import REPO, run_with_deepspeed
 from workshop import ds_grad_clip
 
 
@@ -67,3 +69,23 @@ def test_zero1_in_bf16_takes_the_same_steps_with_either():
     assert min(theirs["norms"]) > 0.05  # every step clipped
     assert ours["norms"] == pytest.approx(theirs["norms"], rel=1e-6)
     assert ours["weights"] == pytest.approx(theirs["weights"], rel=1e-6, abs=1e-7)
+
+
+# A DeepSpeed run of `workshop train` (the tiny preset, one step), then the norm function BF16_Optimizer's module has.
+TRAIN_SCRIPT = """
+import sys, tempfile
+from deepspeed.runtime import bf16_optimizer
+from workshop import train
+assert train.main(["--preset", "tiny", "--deepspeed", "ds_configs/zero1.json", "--run_dir", tempfile.mkdtemp() + "/run",
+                   "--max_steps", "1", "--eval_strategy", "no", "--save_strategy", "no", "--no_save_model",
+                   "--answer_eval_samples", "0", *sys.argv[1:]]) == 0
+print("installed", bf16_optimizer.get_global_norm_of_tensors.__name__)
+"""
+
+
+@pytest.mark.parametrize("flags, installed", [([], "foreach_global_norm"),
+                                              (["--foreach_grad_clip", "false"], "get_global_norm_of_tensors")])
+def test_workshop_train_gives_deepspeed_the_functions_the_flag_asks_for(flags, installed):
+    result = subprocess.run([sys.executable, "-c", TRAIN_SCRIPT, *flags], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"installed {installed}" in result.stdout.splitlines()
