@@ -1,6 +1,7 @@
 """workshop bench on the CPU: its plumbing (the GPU timings themselves are measured on a GPU, not here)."""
 
 import json
+import os
 
 from workshop import bench
 from workshop.errors import WorkshopError
@@ -128,6 +129,27 @@ def test_a_deepspeed_lever_runs_the_stage_json_with_its_keys_set(tmp_path):
     assert config["deepspeed_config"]["bf16"]["check_grad_overflow"] is True
 
 
+def test_an_environment_lever_is_set_for_the_training_process_only(tmp_path, monkeypatch):
+    started = []
+
+    class Process:  # a training process that prints nothing and fails
+        stdout = []
+
+        def __init__(self, cmd, env=None, **kwargs):
+            started.append(env)
+
+        def wait(self):
+            return 1
+
+    monkeypatch.setattr(bench.subprocess, "Popen", Process)
+    monkeypatch.setattr(bench.shutil, "which", lambda name: None)  # no nvidia-smi beside it
+    assert bench.main(["--models", "tiny-gpt2", "--stages", "baseline", "--modes", "default", "default_cublaslt",
+                       "--samples", "8", "--eval_samples", "4", "--no_reference", "--out", str(tmp_path / "b")]) == 0
+    assert started[0] is None  # the bench's own environment
+    assert started[1] == {**os.environ, "TORCH_BLAS_PREFER_CUBLASLT": "1"}
+    assert "TORCH_BLAS_PREFER_CUBLASLT" not in os.environ
+
+
 def test_with_several_seeds_the_targets_compare_means_and_show_the_spread():
     def row(mode, seed, time, loss):
         return {"model": "gpt2-medium", "stage": "baseline", "mode": mode, "seed": seed, "status": "completed",
@@ -153,7 +175,7 @@ def test_with_several_seeds_the_targets_compare_means_and_show_the_spread():
 def test_each_seed_is_a_run_of_its_own(tmp_path, monkeypatch):
     asked = []
 
-    def train(run_dir, flags, timeout_s=None):
+    def train(run_dir, flags, timeout_s=None, env=None):
         asked.append((run_dir.name, flags[flags.index("--seed") + 1]))
         return {"status": "completed", "error": None, "wall_s": 1.0}, {"time_per_epoch_s": 1.0, "final_eval_loss": 2.0}
 

@@ -22,8 +22,9 @@ One invocation on one GPU, the same data for every run, one epoch each:
   ``--fast_kernels`` computes logits only where there is a target);
 - default_micro4: the defaults at the original's micro-batch 4 x accumulation 4, so that peak
   memory is compared at the same micro-batch (and the micro-batch's own gain shows);
-- the other default_* modes (``--modes``): the defaults with one lever changed, in the flags (``MODES``)
-  or in the stage's DeepSpeed JSON (``DS_LEVERS``), so that each lever's gain is measured on its own;
+- the other default_* modes (``--modes``): the defaults with one lever changed, in the flags (``MODES``),
+  in the stage's DeepSpeed JSON (``DS_LEVERS``) or in the training process's environment
+  (``ENV_LEVERS``), so that each lever's gain is measured on its own;
 - reference: a plain PyTorch loop on the default's batches and model (bf16 autocast, fused AdamW, SDPA,
   ``torch.compile``), the bar for the baseline: its second pass over the same batches; a loop more
   than 1.2x slower than the baseline default is no bar, and that target is left unjudged with a note
@@ -120,8 +121,21 @@ DS_LEVERS = {
     # DeepSpeed's throughput timer, which ds_configs/ turns off: a wait for the GPU as each forward starts and
     # after each step, to time a figure it prints only with steps_per_print set.
     "default_throughput_timer": {"timers": {"throughput": {"enabled": True}}},
+    # ZeRO-2: one all-reduce of each gradient bucket instead of a reduce of each rank's part of it.
+    "default_no_reduce_scatter": {"zero_optimization": {"reduce_scatter": False}},
+    # ZeRO-2: gradients kept per tensor and flattened per bucket, instead of copied into one contiguous buffer.
+    "default_no_contiguous_gradients": {"zero_optimization": {"contiguous_gradients": False}},
+    # ZeRO-2's gradients in fp32 under bf16: each bucket added into one fp32 buffer of the partition.
+    "default_fp32_grad_accum": {"data_types": {"grad_accum_dtype": "fp32"}},
 }
-MODES.update({mode: MODES["default"] for mode in DS_LEVERS})
+# Levers in the environment of the training process.
+ENV_LEVERS = {
+    # The allocator maps more memory onto the segments it has instead of adding segments (cudaMalloc).
+    "default_expandable_segments": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"},
+    # Matrix products through cuBLASLt instead of cuBLAS.
+    "default_cublaslt": {"TORCH_BLAS_PREFER_CUBLASLT": "1"},
+}
+MODES.update({mode: MODES["default"] for mode in [*DS_LEVERS, *ENV_LEVERS]})
 
 
 def _short(model: str) -> str:
@@ -172,8 +186,10 @@ def nvidia_smi_peak_mib(run_dir: Path) -> float | None:
     return max(peaks) if peaks else None
 
 
-def train_in_subprocess(run_dir: Path, flags: list[str], timeout_s: float | None = None) -> tuple[dict, dict]:
-    """``workshop train --run_dir run_dir *flags`` in a child process, ``nvidia-smi`` sampled beside it.
+def train_in_subprocess(run_dir: Path, flags: list[str], timeout_s: float | None = None,
+                        env: dict | None = None) -> tuple[dict, dict]:
+    """``workshop train --run_dir run_dir *flags`` in a child process, ``nvidia-smi`` sampled beside it; ``env``:
+    variables set for the child on top of this process's environment.
 
     Returns (row, metrics): the row has status (completed, or how it failed: oom, failed, killed, a
     refusal before training, timeout), error, wall_s and the nvidia-smi peak; metrics is the run's
@@ -184,7 +200,8 @@ def train_in_subprocess(run_dir: Path, flags: list[str], timeout_s: float | None
     print(f"{' '.join(cmd)}", flush=True)
     logger = GpuLogger(run_dir)
     started = time.perf_counter()
-    process = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, **env} if env else None)
     timed_out = threading.Event()
 
     def stop_at_timeout():
@@ -250,7 +267,7 @@ def run_one(out: Path, model: str, stage: str, mode: str, data: tuple[Path, Path
     elif ds:
         flags += ["--deepspeed", str(REPO / "ds_configs" / ds)]
     print(f"\n=== {model} | {stage} | {mode} | seed {seed}", flush=True)
-    row, metrics = train_in_subprocess(run_dir, flags)
+    row, metrics = train_in_subprocess(run_dir, flags, env=ENV_LEVERS.get(mode))
     row = {"model": _short(model), "stage": stage, "mode": mode, "seed": seed, **row}
     if row["status"] != "completed":
         return row
