@@ -1,4 +1,4 @@
-"""``--foreach_grad_clip``: ZeRO-1's gradient clipping in bf16 as multi-tensor operations.
+"""``--foreach_grad_clip``: DeepSpeed's gradient norm (ZeRO-1/2) and clipping (ZeRO-1 in bf16) as multi-tensor operations.
 
 ZeRO-1 in bf16 (``ds_configs/zero1.json``) runs DeepSpeed's ``BF16_Optimizer``. Each step it takes
 the norm of the gradients with one ``norm`` per tensor and scales them with one ``mul_`` per tensor,
@@ -8,10 +8,16 @@ optimizer has waited for the GPU to report the norm, so the GPU idles while they
 ``Trainer`` without DeepSpeed clips with ``torch.nn.utils.clip_grad_norm_``, which does the same
 arithmetic with ``torch._foreach_norm`` and ``torch._foreach_mul_``: a few launches in all.
 
-``use(True)`` gives the ``BF16_Optimizer``'s module the two functions below; they compute the same
-norm (the L2 norm of the per-tensor L2 norms, in fp32, an inf or NaN norm marked -1 as DeepSpeed
-marks it) and the same scaling. Model or expert parallelism, and norms other than L2, go to
-DeepSpeed's own functions. ``use(False)`` puts DeepSpeed's back. Nothing else in DeepSpeed changes.
+ZeRO-2 (and ZeRO-1 with bf16 gradients or in fp16) runs DeepSpeed's ZeRO optimizer, whose
+``get_grad_norm_direct`` copies each gradient tensor to fp64 and takes its norm, two launches per
+tensor, and writes the fp64 copies out in full (8 bytes per parameter, every step).
+
+``use(True)`` gives the ``BF16_Optimizer``'s module the first two functions below and the ZeRO
+optimizer the third; they compute the same norm (the L2 norm of the per-tensor L2 norms, in fp32,
+or in DeepSpeed's norm type for the ZeRO optimizer, an inf or NaN norm marked -1 as DeepSpeed marks
+it) and the same scaling. Expert parallelism, and norms other than L2, go to DeepSpeed's own
+functions, and so does model parallelism in ``BF16_Optimizer``. ``use(False)`` puts DeepSpeed's back.
+Nothing else in DeepSpeed changes.
 """
 
 from __future__ import annotations
@@ -42,10 +48,43 @@ def foreach_clip_by_global_norm(input_tensors, max_norm=1.0, global_norm=None, m
     return global_norm
 
 
+def foreach_grad_norm_direct(self, gradients, params, norm_type=2):
+    """``DeepSpeedZeroOptimizer.get_grad_norm_direct`` with one multi-tensor norm, accumulated in DeepSpeed's
+    norm type (fp64 on a GPU) without copying the gradients to it; the same selection of tensors, reductions
+    across processes and -1 for a norm that is not finite."""
+    from deepspeed.runtime.zero import stage_1_and_2 as zero
+
+    if float(norm_type) != 2.0:
+        return _DEEPSPEED["get_grad_norm_direct"](self, gradients, params, norm_type)
+    selected = []
+    for g, p in zip((g for g in gradients if not getattr(g, "_zero_padding", False)), params):
+        if hasattr(p, zero.PIPE_REPLICATED) and p.ds_pipe_replicated:  # replicated by pipeline parallelism
+            continue
+        if zero.is_model_parallel_parameter(p) or self.model_parallel_rank == 0:
+            selected.append(g.detach())
+    device = zero.get_accelerator().current_device_name()
+    if selected:
+        norms = torch._foreach_norm(selected, 2.0, dtype=zero.get_norm_dtype())
+        total_norm = torch.stack(norms).to(device).pow(2).sum().float()
+    else:
+        total_norm = torch.tensor(0.0, dtype=torch.float32).to(self.device)
+    zero.dist.all_reduce(total_norm, op=zero.dist.ReduceOp.SUM, group=self.dp_process_group)
+    self._model_parallel_all_reduce(tensor=total_norm, op=zero.dist.ReduceOp.SUM)
+    total_norm = total_norm.pow(0.5)
+    zero.mask_nan_or_inf_with_val_inplace(total_norm, device=self.device)
+    return total_norm
+
+
+_DEEPSPEED = {}  # DeepSpeed's own methods, kept the first time use() replaces them
+
+
 def use(enabled: bool) -> None:
-    """The multi-tensor functions in DeepSpeed's BF16_Optimizer (enabled), or DeepSpeed's own."""
+    """The multi-tensor functions in DeepSpeed's BF16_Optimizer and ZeRO optimizer (enabled), or DeepSpeed's own."""
     from deepspeed.runtime import bf16_optimizer, utils
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
     bf16_optimizer.get_global_norm_of_tensors = foreach_global_norm if enabled else utils.get_global_norm_of_tensors
     bf16_optimizer.clip_tensors_by_global_norm = (foreach_clip_by_global_norm if enabled
                                                    else utils.clip_tensors_by_global_norm)
+    own = _DEEPSPEED.setdefault("get_grad_norm_direct", DeepSpeedZeroOptimizer.get_grad_norm_direct)
+    DeepSpeedZeroOptimizer.get_grad_norm_direct = foreach_grad_norm_direct if enabled else own
