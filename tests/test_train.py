@@ -13,8 +13,8 @@ METRIC_KEYS = [
     "run_id", "stage", "model", "dataset", "precision", "deepspeed", "world_size", "num_nodes",
     "per_device_train_batch_size", "gradient_accumulation_steps", "global_batch_size", "max_seq_length",
     "train_samples", "eval_samples", "epochs", "steps_per_epoch", "total_steps", "final_train_loss",
-    "eval_loss_per_epoch", "final_eval_loss", "train_runtime_s", "time_per_epoch_s", "train_samples_per_second",
-    "eval_samples_per_second", "tokens_per_second", "mfu", "peak_gpu_allocated_gib", "peak_gpu_reserved_gib",
+    "eval_loss_per_epoch", "final_eval_loss", "train_runtime_s", "time_per_epoch_s", "first_step_s",
+    "train_samples_per_second", "eval_samples_per_second", "tokens_per_second", "mfu", "peak_gpu_allocated_gib", "peak_gpu_reserved_gib",
     "peak_host_rss_gib", "exact_match", "f1", "dropped_too_long", "length_mean", "length_max",
 ]
 
@@ -38,6 +38,7 @@ def test_metrics_table_is_filled_from_the_run(tiny_run):
     assert metrics["steps_per_epoch"] == 32 and metrics["total_steps"] == 64
     assert metrics["peak_gpu_allocated_gib"] is None  # CPU run
     assert 0 <= metrics["exact_match"] <= 100 and metrics["tokens_per_second"] > 0
+    assert 0 < metrics["first_step_s"] < metrics["epoch_times_s"][0]  # from the first epoch's start
 
 
 def test_loss_goes_down_by_a_clear_margin(tiny_run):

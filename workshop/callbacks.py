@@ -86,6 +86,7 @@ class MeasureCallback(TrainerCallback):
         self.cuda = torch.cuda.is_available()
         self.process = psutil.Process()
         self.epoch_times: list[float] = []
+        self.first_step_s = None  # this run's first optimizer step: kernels loaded, optimizer state allocated
         self.peak_host_rss = 0
         self.eval_samples_per_second: list[float] = []
 
@@ -122,6 +123,12 @@ class MeasureCallback(TrainerCallback):
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self.epoch_start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.first_step_s is None:  # one wait for the GPU in the run, at its first step
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.first_step_s = time.perf_counter() - self.epoch_start
 
     def on_epoch_end(self, args, state, control, **kwargs):
         # Fires before the epoch's evaluation and checkpoint, so this is training time alone.

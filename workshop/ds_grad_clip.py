@@ -1,4 +1,4 @@
-"""``--foreach_grad_clip``: DeepSpeed's gradient norm (ZeRO-1/2) and clipping (ZeRO-1 in bf16) as multi-tensor operations.
+"""``--foreach_grad_clip``: DeepSpeed's gradient norm (ZeRO-1/2) and clipping (ZeRO-1, bf16) as multi-tensor operations.
 
 ZeRO-1 in bf16 (``ds_configs/zero1.json``) runs DeepSpeed's ``BF16_Optimizer``. Each step it takes
 the norm of the gradients with one ``norm`` per tensor and scales them with one ``mul_`` per tensor,

@@ -207,6 +207,7 @@ def workshop_metrics(trainer, measure: MeasureCallback, prepared, run_info: dict
         "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
         "train_runtime_s": summary.get("train_runtime"),
         "epoch_times_s": measure.epoch_times,
+        "first_step_s": measure.first_step_s,
         "time_per_epoch_s": training_time / steps_done * steps_per_epoch if steps_done else None,
         "train_samples_per_second": summary.get("train_samples_per_second"),
         "eval_samples_per_second": evals[-1].get("eval_samples_per_second") if evals else None,
