@@ -31,8 +31,9 @@ def test_the_norm_and_the_clipping_are_deepspeeds():
         assert max_norm > 100 or not torch.equal(ours[0], tensors()[0])
 
 
-# DeepSpeed on the CPU: three clipped steps from the same start with each set of functions, and which
-# norm function ran. ZeRO-1 in bf16 runs DeepSpeed's BF16_Optimizer, ZeRO-2 its ZeRO optimizer.
+# DeepSpeed on the CPU: three clipped steps from the same start with each set of functions, and which of
+# them ran. ZeRO-1 in bf16 runs DeepSpeed's BF16_Optimizer (which also adds each gradient into
+# its fp32 buffer with ours), ZeRO-2 its ZeRO optimizer.
 STEPS_SCRIPT = """
 import json
 import torch
@@ -40,13 +41,16 @@ from deepspeed.runtime import bf16_optimizer
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 from workshop import ds_grad_clip
 
-optimizer, owner, name = ((bf16_optimizer.BF16_Optimizer, bf16_optimizer, "get_global_norm_of_tensors") if stage == 1
-                          else (DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer, "get_grad_norm_direct"))
+optimizer, tracked = ((bf16_optimizer.BF16_Optimizer, [(bf16_optimizer, "get_global_norm_of_tensors"),
+                                                        (bf16_optimizer.BF16_Optimizer, "update_hp_grads")])
+                      if stage == 1 else (DeepSpeedZeroOptimizer, [(DeepSpeedZeroOptimizer, "get_grad_norm_direct")]))
 
 def train(foreach):
     ds_grad_clip.use(foreach)
-    installed, ran = getattr(owner, name), set()
-    setattr(owner, name, lambda *a, **k: ran.add(installed.__name__) or installed(*a, **k))
+    ran = set()
+    for owner, name in tracked:
+        installed = getattr(owner, name)
+        setattr(owner, name, lambda *a, installed=installed, **k: ran.add(installed.__name__) or installed(*a, **k))
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 4))
     config = {"train_batch_size": 4, "gradient_clipping": 0.05, "bf16": {"enabled": True},
@@ -68,18 +72,19 @@ print(json.dumps({"ours": train(True), "theirs": train(False)}))
 """
 
 
-@pytest.mark.parametrize("stage, ours, theirs", [(1, "foreach_global_norm", "get_global_norm_of_tensors"),
-                                                 (2, "foreach_grad_norm_direct", "get_grad_norm_direct")])
+@pytest.mark.parametrize("stage, ours, theirs", [
+    (1, ["foreach_global_norm", "foreach_update_hp_grads"], ["get_global_norm_of_tensors", "update_hp_grads"]),
+    (2, ["foreach_grad_norm_direct"], ["get_grad_norm_direct"])])
 def test_zero1_and_zero2_in_bf16_take_the_same_steps_with_either(stage, ours, theirs):
     found = json.loads(run_with_deepspeed(f"stage = {stage}\n" + STEPS_SCRIPT).strip().splitlines()[-1])
-    assert (found["ours"]["ran"], found["theirs"]["ran"]) == ([ours], [theirs])
+    assert (found["ours"]["ran"], found["theirs"]["ran"]) == (ours, theirs)
     assert min(found["theirs"]["norms"]) > 0.05  # every step clipped
     assert found["ours"]["norms"] == pytest.approx(found["theirs"]["norms"], rel=1e-6)
     assert found["ours"]["weights"] == pytest.approx(found["theirs"]["weights"], rel=1e-6, abs=1e-7)
 
 
-# A DeepSpeed run of `workshop train` (the tiny preset, one step), then the norm functions BF16_Optimizer's module
-# and the ZeRO optimizer have.
+# A DeepSpeed run of `workshop train` (the tiny preset, one step), then the functions BF16_Optimizer and the ZeRO
+# optimizer have.
 TRAIN_SCRIPT = """
 import sys, tempfile
 from deepspeed.runtime import bf16_optimizer
@@ -88,13 +93,14 @@ from workshop import train
 assert train.main(["--preset", "tiny", "--deepspeed", "ds_configs/zero1.json", "--run_dir", tempfile.mkdtemp() + "/run",
                    "--max_steps", "1", "--eval_strategy", "no", "--save_strategy", "no", "--no_save_model",
                    "--answer_eval_samples", "0", *sys.argv[1:]]) == 0
-print("installed", bf16_optimizer.get_global_norm_of_tensors.__name__, DeepSpeedZeroOptimizer.get_grad_norm_direct.__name__)
+print("installed", bf16_optimizer.get_global_norm_of_tensors.__name__,
+      bf16_optimizer.BF16_Optimizer.update_hp_grads.__name__, DeepSpeedZeroOptimizer.get_grad_norm_direct.__name__)
 """
 
 
 @pytest.mark.parametrize("flags, installed", [
-    ([], "foreach_global_norm foreach_grad_norm_direct"),
-    (["--foreach_grad_clip", "false"], "get_global_norm_of_tensors get_grad_norm_direct")])
+    ([], "foreach_global_norm foreach_update_hp_grads foreach_grad_norm_direct"),
+    (["--foreach_grad_clip", "false"], "get_global_norm_of_tensors update_hp_grads get_grad_norm_direct")])
 def test_workshop_train_gives_deepspeed_the_functions_the_flag_asks_for(flags, installed):
     result = subprocess.run([sys.executable, "-c", TRAIN_SCRIPT, *flags], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -1,23 +1,25 @@
-"""``--foreach_grad_clip``: DeepSpeed's gradient norm (ZeRO-1/2) and clipping (ZeRO-1, bf16) as multi-tensor operations.
+"""``--foreach_grad_clip``: DeepSpeed's per-tensor gradient work at ZeRO-1/2 as multi-tensor operations.
 
-ZeRO-1 in bf16 (``ds_configs/zero1.json``) runs DeepSpeed's ``BF16_Optimizer``. Each step it takes
-the norm of the gradients with one ``norm`` per tensor and scales them with one ``mul_`` per tensor,
-each launched from Python (``deepspeed.runtime.utils.get_global_norm_of_tensors`` and
-``clip_tensors_by_global_norm``): 292 of each per step for gpt2-medium, the ``mul_`` ones after the
-optimizer has waited for the GPU to report the norm, so the GPU idles while they are launched. The
-``Trainer`` without DeepSpeed clips with ``torch.nn.utils.clip_grad_norm_``, which does the same
-arithmetic with ``torch._foreach_norm`` and ``torch._foreach_mul_``: a few launches in all.
+ZeRO-1 in bf16 (``ds_configs/zero1.json``) runs DeepSpeed's ``BF16_Optimizer``. After each backward
+it adds every bf16 gradient into its fp32 buffer with a conversion to fp32 and an ``add_`` per
+tensor (``update_hp_grads``); each step it takes the norm with one ``norm`` per tensor and scales
+the gradients with one ``mul_`` per tensor (``deepspeed.runtime.utils.get_global_norm_of_tensors``
+and ``clip_tensors_by_global_norm``): for gpt2-medium's 292 tensors, about 1,500 operations a step,
+each launched from Python, the ``mul_`` ones after the optimizer has waited for the GPU to report
+the norm, so the GPU idles while they are launched. The ``Trainer`` without DeepSpeed clips with
+``torch.nn.utils.clip_grad_norm_``, which does the same arithmetic with ``torch._foreach_norm`` and
+``torch._foreach_mul_``: a few launches in all.
 
 ZeRO-2 (and ZeRO-1 with bf16 gradients or in fp16) runs DeepSpeed's ZeRO optimizer, whose
 ``get_grad_norm_direct`` copies each gradient tensor to fp64 and takes its norm, two launches per
 tensor, and writes the fp64 copies out in full (8 bytes per parameter, every step).
 
-``use(True)`` gives the ``BF16_Optimizer``'s module the first two functions below and the ZeRO
-optimizer the third; they compute the same norm (the L2 norm of the per-tensor L2 norms, in fp32,
+``use(True)`` gives ``BF16_Optimizer`` and the ZeRO optimizer the functions below; they compute the
+same sums (the bf16 gradient added to the fp32 one; the L2 norm of the per-tensor L2 norms, in fp32,
 or in DeepSpeed's norm type for the ZeRO optimizer, an inf or NaN norm marked -1 as DeepSpeed marks
-it) and the same scaling. Expert parallelism, and norms other than L2, go to DeepSpeed's own
-functions, and so does model parallelism in ``BF16_Optimizer``. ``use(False)`` puts DeepSpeed's back.
-Nothing else in DeepSpeed changes.
+it) and the same scaling. Expert and model parallelism, and norms other than L2, go to DeepSpeed's
+own code wherever DeepSpeed treats them apart. ``use(False)`` puts DeepSpeed's back. Nothing else in
+DeepSpeed changes.
 """
 
 from __future__ import annotations
@@ -75,6 +77,31 @@ def foreach_grad_norm_direct(self, gradients, params, norm_type=2):
     return total_norm
 
 
+@torch.no_grad()
+def foreach_update_hp_grads(self, clear_lp_grads=False):
+    """``BF16_Optimizer.update_hp_grads``: each bf16 gradient added into its fp32 buffer by one multi-tensor
+    ``add_`` (the conversion inside the addition, no fp32 copy), the same bookkeeping per parameter."""
+    if self.immediate_grad_update:
+        return
+    if self.autoep_folding_tp_group is not None:  # tensor-parallel folding corrects each gradient first
+        return _DEEPSPEED["update_hp_grads"](self, clear_lp_grads)
+    hp_grads, lp_grads = [], []
+    for i, group in enumerate(self.bf16_groups):
+        for j, lp in enumerate(group):
+            if lp.grad is None:
+                continue
+            hp_grad = self.fp32_groups_gradients[i][j]
+            assert hp_grad is not None, f"high precision param has no gradient: group {i}, param {j}"
+            hp_grads.append(hp_grad.data)
+            lp_grads.append(lp.grad.data.view(hp_grad.shape))
+            lp._hp_grad = hp_grad
+            self.fp32_groups_has_gradients[i][j] = True
+    if hp_grads:
+        torch._foreach_add_(hp_grads, lp_grads)
+        if clear_lp_grads:
+            torch._foreach_zero_(lp_grads)
+
+
 _DEEPSPEED = {}  # DeepSpeed's own methods, kept the first time use() replaces them
 
 
@@ -86,5 +113,7 @@ def use(enabled: bool) -> None:
     bf16_optimizer.get_global_norm_of_tensors = foreach_global_norm if enabled else utils.get_global_norm_of_tensors
     bf16_optimizer.clip_tensors_by_global_norm = (foreach_clip_by_global_norm if enabled
                                                    else utils.clip_tensors_by_global_norm)
-    own = _DEEPSPEED.setdefault("get_grad_norm_direct", DeepSpeedZeroOptimizer.get_grad_norm_direct)
-    DeepSpeedZeroOptimizer.get_grad_norm_direct = foreach_grad_norm_direct if enabled else own
+    for owner, name, ours in ((DeepSpeedZeroOptimizer, "get_grad_norm_direct", foreach_grad_norm_direct),
+                              (bf16_optimizer.BF16_Optimizer, "update_hp_grads", foreach_update_hp_grads)):
+        own = _DEEPSPEED.setdefault(name, getattr(owner, name))
+        setattr(owner, name, ours if enabled else own)
