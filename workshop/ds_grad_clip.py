@@ -27,21 +27,28 @@ from __future__ import annotations
 import torch
 
 
-def foreach_global_norm(input_tensors, norm_type=2, mpu=None, moe_ep_group=None):
-    """``get_global_norm_of_tensors`` with one multi-tensor norm: a float32 scalar tensor, -1 if not finite."""
+def foreach_global_norm(input_tensors, norm_type=2, mpu=None, moe_ep_group=None, **graph):
+    """``get_global_norm_of_tensors`` with one multi-tensor norm: a float32 scalar tensor, -1 if not finite.
+
+    ``graph``: ``use_graph``, which DeepSpeed before 0.19.8 passes (``bf16.graph_harvesting``); if true, DeepSpeed's
+    own function replays its captured loop."""
     tensors = list(input_tensors)
-    if float(norm_type) != 2.0 or mpu is not None or moe_ep_group is not None or not tensors:
+    if float(norm_type) != 2.0 or mpu is not None or moe_ep_group is not None or not tensors or any(graph.values()):
         from deepspeed.runtime.utils import get_global_norm_of_tensors
 
-        return get_global_norm_of_tensors(tensors, norm_type=norm_type, mpu=mpu, moe_ep_group=moe_ep_group)
+        return get_global_norm_of_tensors(tensors, norm_type=norm_type, mpu=mpu, moe_ep_group=moe_ep_group, **graph)
     norms = torch._foreach_norm([t.detach().float() for t in tensors], 2.0)  # fp32 already in BF16_Optimizer
     total = torch.linalg.vector_norm(torch.stack(norms))
     return total.masked_fill_(~total.isfinite(), -1.0)
 
 
-def foreach_clip_by_global_norm(input_tensors, max_norm=1.0, global_norm=None, mpu=None, eps=1e-6):
+def foreach_clip_by_global_norm(input_tensors, max_norm=1.0, global_norm=None, mpu=None, eps=1e-6, **graph):
     """``clip_tensors_by_global_norm`` with one multi-tensor multiplication; returns the norm."""
     tensors = list(input_tensors)
+    if any(graph.values()):
+        from deepspeed.runtime.utils import clip_tensors_by_global_norm
+
+        return clip_tensors_by_global_norm(tensors, max_norm, global_norm, mpu, eps, **graph)
     if global_norm is None:
         global_norm = foreach_global_norm(tensors, mpu=mpu)
     clip_coef = max_norm / (global_norm + eps)
@@ -65,25 +72,26 @@ def foreach_grad_norm_direct(self, gradients, params, norm_type=2):
         if zero.is_model_parallel_parameter(p) or self.model_parallel_rank == 0:
             selected.append(g.detach())
     device = zero.get_accelerator().current_device_name()
+    norm_dtype = zero.get_norm_dtype() if hasattr(zero, "get_norm_dtype") else torch.float64  # fp64 before 0.19.6
     if selected:
-        norms = torch._foreach_norm(selected, 2.0, dtype=zero.get_norm_dtype())
+        norms = torch._foreach_norm(selected, 2.0, dtype=norm_dtype)
         total_norm = torch.stack(norms).to(device).pow(2).sum().float()
     else:
         total_norm = torch.tensor(0.0, dtype=torch.float32).to(self.device)
     zero.dist.all_reduce(total_norm, op=zero.dist.ReduceOp.SUM, group=self.dp_process_group)
     self._model_parallel_all_reduce(tensor=total_norm, op=zero.dist.ReduceOp.SUM)
     total_norm = total_norm.pow(0.5)
-    zero.mask_nan_or_inf_with_val_inplace(total_norm, device=self.device)
-    return total_norm
+    return total_norm.masked_fill_(~total_norm.isfinite(), -1.0)
 
 
 @torch.no_grad()
 def foreach_update_hp_grads(self, clear_lp_grads=False):
     """``BF16_Optimizer.update_hp_grads``: each bf16 gradient added into its fp32 buffer by one multi-tensor
     ``add_`` (the conversion inside the addition, no fp32 copy), the same bookkeeping per parameter."""
-    if self.immediate_grad_update:
+    if getattr(self, "immediate_grad_update", False):
         return
-    if self.autoep_folding_tp_group is not None:  # tensor-parallel folding corrects each gradient first
+    if getattr(self, "autoep_folding_tp_group", None) is not None or getattr(self, "graph_harvesting", False):
+        # tensor-parallel folding corrects each gradient first; graph harvesting replays a captured loop
         return _DEEPSPEED["update_hp_grads"](self, clear_lp_grads)
     hp_grads, lp_grads = [], []
     for i, group in enumerate(self.bf16_groups):
