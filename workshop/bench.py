@@ -39,10 +39,10 @@ with ``--combine``: one table and one verdict, each model and stage from one of 
 Every run is an ordinary run folder under the output folder (``workshop report`` reads them),
 with an ``nvidia-smi`` CSV beside it. The table (Markdown and CSV) gives per stage: time per epoch,
 the time to the end of the first optimizer step (what each process pays once: loading the kernels
-it meets first, allocating the optimizer state), useful (non-padding) tokens/s, MFU, peak memory (PyTorch and nvidia-smi), final eval loss, and the
-original/default time ratio; then a verdict per target (``TIME_RATIO_TARGETS``, eval loss within 2%,
-peak memory no higher, the baseline within 1.2x of the reference loop), judged from this invocation
-alone.
+it meets first, allocating the optimizer state), useful (non-padding) tokens/s, MFU, peak memory
+(PyTorch and nvidia-smi), final eval loss, and the original/default time ratio; then a verdict per
+target (``TIME_RATIO_TARGETS``, eval loss within 2%, peak memory no higher, the baseline within 1.2x
+of the reference loop), judged from this invocation alone.
 """
 
 from __future__ import annotations
@@ -375,7 +375,8 @@ def reference_loop(model: str, data: tuple[Path, Path], samples: int, batching: 
         first_step_s = one_pass(start)
         seconds = time.perf_counter() - start
         rows.append({"model": _short(model), "stage": "reference loop", "mode": mode, "status": "completed",
-                     "time_per_epoch_s": seconds, "first_step_s": first_step_s, "tokens_per_second": tokens / seconds,
+                     "time_per_epoch_s": seconds, "first_step_s": first_step_s,
+                     "tokens_per_second": tokens / seconds,
                      "per_device_train_batch_size": micro, "gradient_accumulation_steps": accum,
                      "peak_gpu_allocated_gib": torch.cuda.max_memory_allocated() / 1024**3,
                      "peak_gpu_reserved_gib": torch.cuda.max_memory_reserved() / 1024**3})

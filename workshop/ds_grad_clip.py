@@ -4,8 +4,8 @@ ZeRO-1 in bf16 (``ds_configs/zero1.json``) runs DeepSpeed's ``BF16_Optimizer``. 
 it adds every bf16 gradient into its fp32 buffer with a conversion to fp32 and an ``add_`` per
 tensor (``update_hp_grads``); each step it takes the norm with one ``norm`` per tensor and scales
 the gradients with one ``mul_`` per tensor (``deepspeed.runtime.utils.get_global_norm_of_tensors``
-and ``clip_tensors_by_global_norm``): for gpt2-medium's 292 tensors, about 1,500 operations a step,
-each launched from Python, the ``mul_`` ones after the optimizer has waited for the GPU to report
+and ``clip_tensors_by_global_norm``): for gpt2-medium's 292 tensors, 1,168 operations a step, each
+launched from Python, the ``mul_`` ones after the optimizer has waited for the GPU to report
 the norm, so the GPU idles while they are launched. The ``Trainer`` without DeepSpeed clips with
 ``torch.nn.utils.clip_grad_norm_``, which does the same arithmetic with ``torch._foreach_norm`` and
 ``torch._foreach_mul_``: a few launches in all.
