@@ -1,4 +1,4 @@
-"""--foreach_grad_clip: DeepSpeed's gradient norm and clipping with multi-tensor operations, the same arithmetic."""
+"""--foreach_grad_clip: DeepSpeed's per-tensor gradient work as multi-tensor operations, the same arithmetic."""
 
 import json
 import subprocess

@@ -14,8 +14,8 @@ METRIC_KEYS = [
     "per_device_train_batch_size", "gradient_accumulation_steps", "global_batch_size", "max_seq_length",
     "train_samples", "eval_samples", "epochs", "steps_per_epoch", "total_steps", "final_train_loss",
     "eval_loss_per_epoch", "final_eval_loss", "train_runtime_s", "time_per_epoch_s", "first_step_s",
-    "train_samples_per_second", "eval_samples_per_second", "tokens_per_second", "mfu", "peak_gpu_allocated_gib", "peak_gpu_reserved_gib",
-    "peak_host_rss_gib", "exact_match", "f1", "dropped_too_long", "length_mean", "length_max",
+    "train_samples_per_second", "eval_samples_per_second", "tokens_per_second", "mfu", "peak_gpu_allocated_gib",
+    "peak_gpu_reserved_gib", "peak_host_rss_gib", "exact_match", "f1", "dropped_too_long", "length_mean", "length_max",
 ]
 
 
