@@ -133,6 +133,8 @@ def write(path: Path, text: str) -> str:
                  id="batch_size_zero"),
     pytest.param(["--num_train_epochs", "0"], r"--num_train_epochs 0.0 trains nothing", id="no_epochs"),
     pytest.param(["--profile_steps", "-1"], r"--profile_steps -1 must be 0 \(off\) or more", id="negative_profile"),
+    pytest.param(["--profile_first_step"], r"--profile_first_step profiles nothing without --profile_steps N",
+                 id="profile_first_step_alone"),
     pytest.param(["--pad_to_multiple_of", "0"], r"--pad_to_multiple_of 0 must be at least 1", id="pad_multiple_zero"),
 ])
 def test_bad_flags(capsys, logs, flags, match):

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 from safetensors.torch import load_file
@@ -77,15 +78,17 @@ def test_tensorboard_event_files_go_into_the_run_folder(tmp_path):
     assert events and events[0].stat().st_size > 0
 
 
-def test_profile_steps_writes_where_the_time_goes(tmp_path):
+@pytest.mark.parametrize("first_step, steps", [([], "steps 2-4"), (["--profile_first_step"], "steps 1-3")],
+                         ids=["after_the_first", "from_the_first"])
+def test_profile_steps_writes_where_the_time_goes(tmp_path, first_step, steps):
     from workshop import train
 
     run_dir = tmp_path / "run"
     assert train.main(["--preset", "tiny", "--run_dir", str(run_dir), "--num_train_epochs", "1", "--profile_steps",
-                       "3", "--eval_strategy", "no", "--save_strategy", "no", "--answer_eval_samples", "0",
-                       "--no_save_model"]) == 0
+                       "3", *first_step, "--eval_strategy", "no", "--save_strategy", "no", "--answer_eval_samples",
+                       "0", "--no_save_model"]) == 0
     text = (run_dir / "profile.txt").read_text()
-    assert text.startswith("3 optimizer step(s) profiled (steps 2-4)")  # the first, warm-up step left out
+    assert text.startswith(f"3 optimizer step(s) profiled ({steps})")  # by default the first, warm-up step left out
     assert "aten::mm" in text  # the operations table: matrix products dominate even a tiny model
     assert read_json(run_dir / "profile_trace.json")["traceEvents"]  # the trace chrome://tracing opens
 

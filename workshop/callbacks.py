@@ -178,15 +178,17 @@ class MeasureCallback(TrainerCallback):
 class ProfileCallback(TrainerCallback):
     """``--profile_steps N``: torch.profiler over N optimizer steps after the first, on rank 0.
 
-    The first step is left out: it builds kernels, allocates the optimizer state and (under
-    DeepSpeed) its buffers. profile.txt opens with how busy the GPU was (kernel time over wall
+    The first step is left out: it loads kernels, allocates the optimizer state and (under
+    DeepSpeed) its buffers; ``--profile_first_step`` (``from_first``) profiles from it, to see what
+    that costs. profile.txt opens with how busy the GPU was (kernel time over wall
     time: a low figure means the GPU waits for Python, kernel launches or the CPU optimizer), then
     the operations that took the most time: on a GPU by GPU time, then again by CPU time (where a
     GPU that waits is waiting).
     """
 
-    def __init__(self, run_dir, steps: int, is_main: bool):
+    def __init__(self, run_dir, steps: int, is_main: bool, from_first: bool = False):
         self.run_dir, self.steps, self.is_main = run_dir, steps, is_main
+        self.skip = 0 if from_first else 1  # optimizer steps before the profile starts
         self.cuda = torch.cuda.is_available()
         self.profiler = None
         self.first_step = None
@@ -194,7 +196,7 @@ class ProfileCallback(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         if self.first_step is None:
             self.first_step = state.global_step
-        if self.is_main and self.profiler is None and state.global_step == self.first_step + 1:
+        if self.is_main and self.profiler is None and state.global_step == self.first_step + self.skip:
             activities = [torch.profiler.ProfilerActivity.CPU]
             if self.cuda:
                 activities.append(torch.profiler.ProfilerActivity.CUDA)

@@ -137,6 +137,10 @@ class WorkshopArguments:
                           "profile.txt (where the time goes, by operation) and profile_trace.json (open in "
                           "chrome://tracing or ui.perfetto.dev) in the run folder. 3-5 is plenty; 0: off. It slows those "
                           "steps: time runs without it."})
+    profile_first_step: bool = field(
+        default=False,
+        metadata={"help": "Start --profile_steps at the first optimizer step instead of the second: what each process "
+                          "pays once (kernels loaded on first use, the BLAS library set up, optimizer state allocated)."})
 
 
 @dataclass
@@ -371,5 +375,7 @@ def validate(model_args: ModelArguments, data_args: DataArguments, ws_args: Work
         raise WorkshopError(f"--stage {ws_args.stage} is not known: use one of {', '.join(STAGES)}")
     if ws_args.profile_steps < 0:
         raise WorkshopError(f"--profile_steps {ws_args.profile_steps} must be 0 (off) or more")
+    if ws_args.profile_first_step and not ws_args.profile_steps:
+        raise WorkshopError("--profile_first_step profiles nothing without --profile_steps N: add --profile_steps 1")
     if ws_args.run_dir is not None and Path(ws_args.run_dir).is_file():
         raise WorkshopError(f"--run_dir {ws_args.run_dir} is a file: give a folder")

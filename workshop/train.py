@@ -409,7 +409,8 @@ def _train(run_dir, model_args, data_args, ws_args, training_args, tokenizer, mo
     stop = StopOnSignal()
     trainer.add_callback(stop)
     if ws_args.profile_steps:
-        trainer.add_callback(ProfileCallback(run_dir, ws_args.profile_steps, distributed.is_main()))
+        trainer.add_callback(ProfileCallback(run_dir, ws_args.profile_steps, distributed.is_main(),
+                                            ws_args.profile_first_step))
 
     # A requeued job finds its own checkpoints in its run folder and goes on from the newest.
     resume = training_args.resume_from_checkpoint
