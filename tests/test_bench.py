@@ -237,7 +237,7 @@ def test_combine_makes_one_table_from_a_bench_split_over_jobs(tmp_path, capsys):
     }
     for name, rows in jobs.items():
         (tmp_path / name).mkdir()
-        bench.write_results(tmp_path / name, rows, "NVIDIA H100 80GB HBM3; torch 2.11.0; 2026-12-05")
+        bench.write_results(tmp_path / name, rows, "NVIDIA H100 80GB HBM3 (GPU-0b42632a); torch 2.11.0; 2026-12-05")
     out = tmp_path / "all"
     assert bench.main(["--combine", *(str(tmp_path / n) for n in jobs), "--out", str(out)]) == 0
     combined = json.loads((out / "bench.json").read_text())
@@ -250,14 +250,31 @@ def test_combine_makes_one_table_from_a_bench_split_over_jobs(tmp_path, capsys):
     assert checks[("gpt2-medium", "zero3", "original/default time")] == 50.0 / 20.0  # both from job c
     assert checks[("gpt2-medium", "baseline", "baseline default/reference loop time")] == 9.0 / 2.0
     text = (out / "bench.md").read_text()
-    assert text.startswith("NVIDIA H100 80GB HBM3; torch 2.11.0; 2026-12-05\n\nCombined from ")  # one line: one GPU
+    assert text.startswith("NVIDIA H100 80GB HBM3 (GPU-0b42632a); torch 2.11.0; 2026-12-05\n\nCombined from ")  # one GPU
     # a folder that no bench wrote, and an output folder already used, are refused in one line
     assert bench.main(["--combine", str(tmp_path / "a"), str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
     assert f"--combine {tmp_path / 'missing'}: no bench.json there" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
     assert bench.main(["--combine", str(tmp_path / "a"), "--out", str(out)]) == 2
     assert "is not empty" in capsys.readouterr().err
-    # pieces from another GPU or other versions: each header line kept, for the reader to see
-    bench.write_results(tmp_path / "c", jobs["c"], "NVIDIA H200; torch 2.11.0; 2026-12-05")
+    # pieces from another card, of the same model or not, or other versions: each header line kept, to be seen
+    bench.write_results(tmp_path / "c", jobs["c"], "NVIDIA H100 80GB HBM3 (GPU-5f1a3b2c); torch 2.11.0; 2026-12-05")
     assert bench.combine([tmp_path / "a", tmp_path / "c"])[1] == (
-        "NVIDIA H100 80GB HBM3; torch 2.11.0; 2026-12-05; NVIDIA H200; torch 2.11.0; 2026-12-05")
+        "NVIDIA H100 80GB HBM3 (GPU-0b42632a); torch 2.11.0; 2026-12-05; "
+        "NVIDIA H100 80GB HBM3 (GPU-5f1a3b2c); torch 2.11.0; 2026-12-05")
+
+
+def test_the_header_names_the_card_by_the_start_of_its_uuid(monkeypatch):
+    """Two H100s can differ in speed: a table put together from pieces must show which card ran each."""
+    import uuid
+    from types import SimpleNamespace
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    card = SimpleNamespace(name="NVIDIA H100 80GB HBM3", uuid=uuid.UUID("0b42632a-bc5c-f731-724b-6936a19c4b24"))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: card)
+    assert bench.environment_line().startswith(f"NVIDIA H100 80GB HBM3 (GPU-0b42632a); torch {torch.__version__}, ")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench.environment_line().startswith("no GPU; torch ")

@@ -517,6 +517,11 @@ def targets_table(checks: list[dict]) -> str:
 
 
 def environment_line() -> str:
+    """The GPU, the versions and the date: the first line of every table.
+
+    The GPU by name and the start of its UUID (as ``nvidia-smi -L`` prints it): two cards of one model can
+    differ in speed (README, "Measured"), and a table combined from pieces run on different cards says so.
+    """
     import torch
     import transformers
 
@@ -526,7 +531,11 @@ def environment_line() -> str:
         ds = deepspeed.__version__
     except ImportError:
         ds = "-"
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    gpu = "no GPU"
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        uuid = getattr(props, "uuid", None)
+        gpu = props.name + (f" (GPU-{str(uuid)[:8]})" if uuid else "")
     return (f"{gpu}; torch {torch.__version__}, transformers {transformers.__version__}, deepspeed {ds}; "
             f"{dt.date.today().isoformat()}")
 
