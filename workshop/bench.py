@@ -534,8 +534,7 @@ def environment_line() -> str:
     gpu = "no GPU"
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        uuid = getattr(props, "uuid", None)
-        gpu = props.name + (f" (GPU-{str(uuid)[:8]})" if uuid else "")
+        gpu = f"{props.name} (GPU-{str(props.uuid)[:8]})"
     return (f"{gpu}; torch {torch.__version__}, transformers {transformers.__version__}, deepspeed {ds}; "
             f"{dt.date.today().isoformat()}")
 
