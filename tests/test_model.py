@@ -98,6 +98,43 @@ def test_logits_at_targets_only_give_the_library_models_loss_and_gradients(token
     assert fast.generate(batch["input_ids"][:1, :3], max_new_tokens=2, do_sample=False).shape == (1, 5)
 
 
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-bloom"])
+def test_logits_at_targets_only_divide_by_the_accumulated_target_count(tokenizer, name):
+    """Under gradient accumulation the Trainer passes ``num_items_in_batch``, the targets of all the micro-batches
+    of the step, and each micro-batch's loss is its sum divided by that. Here it is 2.5 times this batch's own
+    count (the test above passes the batch's own count, which is what ignoring it gives anyway).
+
+    Reference: the sum of per-target cross-entropies of the stock model's logits, by hand, divided by the count.
+    Ignoring the count multiplies the loss by 2.5; the tolerances are assert_close's fp32 defaults (1.3e-6
+    relative), the sums of a few dozen fp32 terms in another order differ by ~1e-7."""
+    stock_args = ModelArguments(model_name_or_path=name, fast_kernels=False)
+    config = models.model_config(stock_args, tokenizer)
+    torch.manual_seed(0)
+    stock = models.build_model(stock_args, tokenizer, config)
+    torch.manual_seed(0)
+    fast = models.build_model(ModelArguments(model_name_or_path=name), tokenizer, config)
+    g = torch.Generator().manual_seed(1)
+    samples = []
+    for n in (10, 3, 7):
+        ids = torch.randint(3, config.vocab_size, (n,), generator=g).tolist()
+        samples.append({"input_ids": ids, "labels": [IGNORE_INDEX] * (n // 2) + ids[n // 2:]})
+    batch = Collator(tokenizer.pad_token_id)(samples)
+    targets = batch["labels"][:, 1:]
+    own = int((targets != IGNORE_INDEX).sum())
+    num_items = torch.tensor(own * 5 // 2)  # this micro-batch and others with more targets in the same step
+    logits = stock(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    by_hand = torch.nn.functional.cross_entropy(logits.reshape(-1, config.vocab_size).float(), targets.reshape(-1),
+                                                ignore_index=IGNORE_INDEX, reduction="sum") / num_items
+    loss_stock = stock(**batch, num_items_in_batch=num_items).loss
+    loss_fast = fast(**batch, num_items_in_batch=num_items).loss
+    torch.testing.assert_close(loss_stock, by_hand)
+    torch.testing.assert_close(loss_fast, by_hand)
+    loss_stock.backward()
+    loss_fast.backward()
+    for (n, a), (_, b) in zip(stock.named_parameters(), fast.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, msg=n)
+
+
 def test_a_partitioned_embedding_keeps_the_models_vocabulary(tokenizer, monkeypatch):
     # Under ZeRO-3 (deepspeed.zero.Init) every weight is a size-0 placeholder until gathered.
     args = ModelArguments(model_name_or_path="gpt2", from_config=True)
