@@ -60,6 +60,40 @@ def test_saved_model_reloads_with_the_trained_weights(tiny_run):
     assert not torch.equal(initial.transformer.h[0].mlp.c_fc.weight, reloaded.transformer.h[0].mlp.c_fc.weight)
 
 
+def test_saved_model_is_the_trained_model_not_the_initial_one(tmp_path, monkeypatch):
+    """The model file against the weights the Trainer ended with, in memory, and against the ones it started from.
+
+    (The test above compares the reloaded model with the file it was loaded from and with a fresh random
+    initialisation: neither tells trained from untrained weights.) Equal to the last bit: the file holds
+    the same fp32 tensors. Tried: saving the model as built (before training) fails both checks."""
+    from workshop import model as models
+    from workshop import train
+
+    built = {}
+    build_model = models.build_model
+
+    def keep(*args, **kwargs):
+        model = build_model(*args, **kwargs)
+        built["model"], built["initial"] = model, {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return model
+
+    monkeypatch.setattr(models, "build_model", keep)
+    run_dir = tmp_path / "run"
+    assert train.main(["--preset", "tiny", "--run_dir", str(run_dir), "--num_train_epochs", "1",
+                       "--max_train_samples", "64", "--eval_strategy", "no", "--save_strategy", "no",
+                       "--answer_eval_samples", "0"]) == 0
+    saved = load_file(run_dir / "model" / "model.safetensors")
+    trained = built["model"].state_dict()
+    model = built["model"]
+    tied = {n for n, p in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    assert set(trained) - tied == set(saved)
+    for name, tensor in saved.items():
+        assert torch.equal(tensor, trained[name].cpu()), name
+    # every weight the optimizer steps on moved; buffers (GPT-2's attention bias mask) are not in the file
+    moved = [n for n, p in model.named_parameters() if not torch.equal(saved[n], built["initial"][n].cpu())]
+    assert moved == [n for n, _ in model.named_parameters()]
+
+
 def test_console_script_reports_bad_input_in_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "workshop", "train", "--dataset_name", "nope",
                              "--logs_root", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
