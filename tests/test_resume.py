@@ -105,8 +105,8 @@ def test_resume_with_dropout_continues_exactly_from_the_newest_complete_checkpoi
     The resumed steps 11-16 must take the uninterrupted run's losses. Tolerance 1e-6 relative: in one
     process on one CPU the two runs do the same operations on the same tensors (measured: equal to the last
     bit). Tried: not restoring the random-number state (Trainer._load_rng_state a no-op) moves step 11's loss
-    by 1.3e-3 relative (5.4388 against 5.4461), and resuming from checkpoint-8 (the oldest, or the first by name) shows in the log and
-    in the step the resumed part starts at."""
+    by 1.3e-3 relative (5.4388 against 5.4461); resuming from checkpoint-8 (the oldest, or the first by name)
+    shows in the log and in the step the resumed part starts at."""
     run = ["--preset", "tiny", "--model_name_or_path", str(model_with_dropout), "--tokenizer_name_or_path",
            str(model_with_dropout), "--max_train_samples", "64", "--logging_steps", "1", "--eval_strategy", "no",
            "--answer_eval_samples", "0"]
