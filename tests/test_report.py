@@ -190,3 +190,60 @@ def test_the_peak_batch_length_follows_the_padding_the_run_recorded(tmp_path):
     assert seq({"pad_to_multiple_of": None}, device="cpu") == 426
     assert seq({}) == 432                          # a run folder from before the flag: 8 on a GPU
     assert seq({"pad_to_max_length": True}) == 512
+
+
+def _rewrite_csv(source: Path, target: Path, column: str, change) -> list[dict]:
+    """A copy of a logger's CSV with ``column`` changed row by row; the rows written, as the csv module reads them."""
+    with source.open() as f:
+        reader = csv.DictReader(f, skipinitialspace=True)
+        fields, rows = reader.fieldnames, list(reader)
+    for i, r in enumerate(rows):
+        r[column] = str(change(i, int(r[column])))
+    with target.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows
+
+
+def test_several_hosts_each_keep_their_peak_and_the_row_takes_the_largest(run_dir):
+    """A multi-node run writes one GPU and one host CSV per node. Reference: the CSVs read here with the csv module.
+    The second node has the higher GPU peak (2 GPUs, the larger on GPU 1), the first the higher host peak, so a
+    report that read only the first or only the last node, or took the smallest peak, is wrong on one of them."""
+    gpu_b = _rewrite_csv(GPU_CSV, run_dir / "gpu_memory-gpu-node018.csv", "memory.used [MiB]",
+                         lambda i, used: used + 700 * (i % 2))  # odd rows: GPU 1 of the node, 700 MiB more
+    host_b = _rewrite_csv(HOST_CSV, run_dir / "host_memory-gpu-node018.csv", "used_mib", lambda i, used: used - 3000)
+    with GPU_CSV.open() as f:
+        gpu_a = list(csv.DictReader(f, skipinitialspace=True))
+    with HOST_CSV.open() as f:
+        host_a = list(csv.DictReader(f))
+    gpu_peaks = {"gpu-node017": max(int(r["memory.used [MiB]"]) for r in gpu_a) / 1024,
+                 "gpu-node018": max(int(r["memory.used [MiB]"]) for r in gpu_b) / 1024}
+    host_peaks = {"gpu-node017": max(int(r["used_mib"]) for r in host_a) / 1024,
+                  "gpu-node018": max(int(r["used_mib"]) for r in host_b) / 1024}
+    assert gpu_peaks["gpu-node018"] > gpu_peaks["gpu-node017"] and host_peaks["gpu-node017"] > host_peaks["gpu-node018"]
+    row = report.summarize(report.load_run(run_dir))
+    assert row["nvidia_smi_peak_by_host"] == gpu_peaks
+    assert row["peak_nvidia_smi_gib"] == gpu_peaks["gpu-node018"]
+    assert row["host_used_peak_by_host"] == host_peaks
+    assert row["peak_host_used_gib"] == host_peaks["gpu-node017"]
+
+
+def test_without_metrics_json_the_row_falls_back_to_the_log_history_and_steps(run_dir):
+    """A run killed before metrics.json: time per epoch is the Trainer's runtime over the epochs, tokens/s all
+    tokens over all the time of steps.jsonl's rows (each row's tokens / tokens_per_s), peaks its largest. By hand."""
+    (run_dir / "metrics.json").unlink()
+    history = read_json(run_dir / "log_history.json")
+    steps = [json.loads(line) for line in (run_dir / "steps.jsonl").read_text().splitlines()]
+    runtime = next(e for e in history if "train_runtime" in e)["train_runtime"]
+    row = report.summarize(report.load_run(run_dir))
+    assert row["time_per_epoch_s"] == pytest.approx(runtime / 2, rel=1e-12)  # two epochs in the fixture's config
+    tokens, seconds = 0, 0.0
+    for s in steps:
+        tokens += s["tokens"]
+        seconds += s["tokens"] / s["tokens_per_s"]
+    assert row["tokens_per_second"] == pytest.approx(tokens / seconds, rel=1e-12)  # a mean of rates would differ
+    assert row["tokens_per_second"] != pytest.approx(sum(s["tokens_per_s"] for s in steps) / len(steps), rel=1e-6)
+    assert row["peak_gpu_allocated_gib"] == max(s["gpu_peak_allocated_gib"] for s in steps)
+    assert row["peak_host_rss_gib"] == max(s["host_rss_gib"] for s in steps)
+    assert row["mfu"] is None and row["exact_match"] is None
