@@ -1,6 +1,7 @@
 """--foreach_grad_clip: DeepSpeed's per-tensor gradient work as multi-tensor operations, the same arithmetic."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -114,3 +115,55 @@ def test_workshop_train_gives_deepspeed_the_functions_the_flag_asks_for(flags, i
     result = subprocess.run([sys.executable, "-c", TRAIN_SCRIPT, *flags], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"installed {installed}" in result.stdout.splitlines()
+
+
+# Two processes (gloo), each with its own gradients, as ZeRO-1/2 ranks hold their partitions: the norm of every
+# gradient of both. A -1 from one rank's gradient would not be finite; a padding tensor is left out.
+TWO_RANKS_SCRIPT = """
+import json, types
+import deepspeed
+import torch
+from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+from workshop import ds_grad_clip
+
+deepspeed.init_distributed(dist_backend="gloo")
+rank = deepspeed.comm.get_rank()
+
+def gradients(rank):
+    generator = torch.Generator().manual_seed(rank)
+    return [torch.randn(shape, generator=generator) * (1 + 3 * rank) for shape in ((5,), (40, 3), (300,))]
+
+grads = gradients(rank)
+padding = torch.full((7,), 1e3)  # DeepSpeed's alignment padding of a partition: not part of any parameter
+padding._zero_padding = True
+params = [torch.empty_like(g) for g in grads]
+optimizer = types.SimpleNamespace(model_parallel_rank=0, model_parallel_group=None, dp_process_group=None,
+                                  device=torch.device("cpu"), _model_parallel_all_reduce=lambda tensor, op: None)
+ours = ds_grad_clip.foreach_grad_norm_direct(optimizer, [*grads, padding], params)
+theirs = DeepSpeedZeroOptimizer.get_grad_norm_direct(optimizer, [*grads, padding], params)
+# by hand, in float64, from both ranks' gradients (regenerated here from their seeds)
+every = torch.cat([g.double().flatten() for r in (0, 1) for g in gradients(r)])
+if rank == 0:
+    print(json.dumps({"ours": ours.item(), "deepspeed": theirs.item(), "by_hand": every.pow(2).sum().sqrt().item(),
+                      "this_rank": torch.cat([g.double().flatten() for g in grads]).norm().item()}))
+"""
+
+
+def test_zero_gradient_norm_is_the_norm_of_every_ranks_gradients(tmp_path):
+    """The quantity a wrong cross-rank reduction moves, tested directly: in the equivalence tests it moved the
+    losses by only 2.3e-4, as clipping changes a step only where the norm crosses max_grad_norm.
+
+    Reference: the norm of both ranks' gradients by hand in float64, and DeepSpeed's own function. Tolerance
+    1e-6 relative: each rank sums a few hundred fp32 squares (relative error ~1e-7). The rank-1 gradients
+    are 4x larger, so a norm of this rank's gradients only, a sum of the ranks' norms instead of their
+    squares, or the padding counted each miss by more than 10 %."""
+    script = tmp_path / "two_ranks.py"
+    script.write_text(TWO_RANKS_SCRIPT)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(script)], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    norms = json.loads(result.stdout.strip().splitlines()[-1])
+    assert norms["this_rank"] < 0.5 * norms["by_hand"]  # the other rank's share is large enough to be missed
+    assert norms["ours"] == pytest.approx(norms["by_hand"], rel=1e-6)
+    assert norms["deepspeed"] == pytest.approx(norms["by_hand"], rel=1e-6)

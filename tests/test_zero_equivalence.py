@@ -1,12 +1,20 @@
 """ZeRO stages and offload change where memory goes, not what the model learns.
 
 Two CPU processes (gloo), fp32, the same saved tiny model and seed, the same global batch: the
-per-step training losses of ZeRO 0-3 and of CPU/NVMe offload must equal plain DDP's.
+per-step training losses and gradient norms of ZeRO 0-3 and of CPU/NVMe offload must equal plain DDP's
+(ZeRO-0 in fp32 reports no norm to the Trainer; its losses are compared).
 
-Tolerance, 1e-4 relative: in fp32 the only differences are the order of floating-point sums
-(DDP all-reduces gradient buckets, ZeRO reduce-scatters partitions) and DeepSpeed's CPU Adam
-fusing the update differently; over these steps that moves losses by about 1e-6. A real bug (a
-lost gradient partition, a wrong global batch, padding in the loss) moves them by more than 1e-2.
+Tolerance, 1e-4 relative, on both. In fp32 the only differences are the order of floating-point sums
+(DDP all-reduces gradient buckets, ZeRO reduce-scatters partitions) and DeepSpeed's CPU Adam fusing
+the update differently: measured, the losses agree to the last bit over these six steps and the
+gradient norms within 6e-6 (DDP's is torch's clip_grad_norm_, an implementation DeepSpeed does not share).
+
+What this does not catch: a bug both sides share (the data code, the collator, the loss masking: both
+run them) moves nothing here; those have tests of their own against hand-computed values. And the
+losses are a weak witness of the gradient norm: every step here is clipped (norms 3-6 against
+max_grad_norm 1), and Adam divides the scale of the gradients out, so a norm that left out the other
+rank's gradients (23 % low) moved the losses by only 2.3e-4 to 4e-4. The norm is compared directly for
+that reason, and tests/test_ds_grad_clip.py checks it against one computed by hand across two ranks.
 """
 
 import json
@@ -15,6 +23,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import REPO
 from workshop import model as models
@@ -38,12 +47,13 @@ def saved_model(tmp_path_factory, tokenizer):
     """Weights saved once and loaded by every run (ZeRO-3 would otherwise initialise them partitioned)."""
     path = tmp_path_factory.mktemp("tiny-model")
     args = ModelArguments(model_name_or_path="tiny-gpt2")
+    torch.manual_seed(0)  # the same weights in every session, so the measured margins above stay the ones run
     models.build_model(args, tokenizer, models.model_config(args, tokenizer)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
 
-def train_losses(run_dir, saved_model, *extra) -> list[float]:
+def train_losses(run_dir, saved_model, *extra) -> dict[str, list[float]]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "workshop", "train", "--preset", "tiny", "--model_name_or_path", str(saved_model),
            "--tokenizer_name_or_path", str(saved_model), "--run_dir", str(run_dir),
@@ -55,7 +65,7 @@ def train_losses(run_dir, saved_model, *extra) -> list[float]:
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     history = json.loads((run_dir / "log_history.json").read_text())
-    return [e["loss"] for e in history if "loss" in e]
+    return {key: [e.get(key) for e in history if "loss" in e] for key in ("loss", "grad_norm")}
 
 
 @pytest.fixture(scope="module")
@@ -63,16 +73,20 @@ def ddp_losses(tmp_path_factory, saved_model):
     return train_losses(tmp_path_factory.mktemp("ddp") / "run", saved_model)
 
 
-def assert_same_losses(losses, reference):
-    assert len(losses) == len(reference) == 6
-    worst = max(abs(a - b) / abs(b) for a, b in zip(losses, reference))
-    assert worst < RELATIVE_TOLERANCE, (losses, reference)
+def assert_same_losses(found, reference, grad_norm=True):
+    if not grad_norm:
+        assert found["grad_norm"] == [None] * 6
+    for key in ("grad_norm", "loss") if grad_norm else ("loss",):
+        assert len(found[key]) == len(reference[key]) == 6
+        worst = max(abs(a - b) / abs(b) for a, b in zip(found[key], reference[key]))
+        assert worst < RELATIVE_TOLERANCE, (key, found[key], reference[key])
 
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_zero_stage_matches_ddp(stage, tmp_path, saved_model, ddp_losses):
     losses = train_losses(tmp_path / "run", saved_model, "--deepspeed", str(REPO / "ds_configs" / f"{stage}.json"))
-    assert_same_losses(losses, ddp_losses)
+    # DeepSpeed's engine at stage 0 in fp32 clips without keeping the norm: it reports none to the Trainer
+    assert_same_losses(losses, ddp_losses, grad_norm=stage != "zero0")
 
 
 @pytest.mark.skipif(not _async_io_usable(), reason="DeepSpeed's async_io op cannot build here (apt-get install libaio-dev)")
