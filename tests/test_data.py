@@ -59,6 +59,8 @@ def test_a_runs_collator_follows_its_padding_flags(monkeypatch):
     assert length(426, pad_to_max_length=True, max_seq_length=500) == 500
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     assert length(426) == 432                                  # on a GPU, tensor-core shapes by default
+    assert length(433) == 440                                  # (432 is a multiple of 9 too)
+    assert Collator.for_run(DataArguments(), pad_token_id=7).pad_token_id == 7
     assert length(426, pad_to_multiple_of=1) == 426
 
 
@@ -136,3 +138,65 @@ def test_wikitext_loading_code_on_a_local_dataset_folder(tmp_path, tokenizer):
     assert train[:30] == builtin_data.text_lines(30, seed=0)[:30] and len(validation) == 30
     blocks = tokenize_text(train, tokenizer, 64)
     assert blocks and all(len(b["input_ids"]) == 64 for b in blocks)
+
+
+def test_prepare_masks_the_prompt_of_every_sample_it_returns(tokenizer):
+    """The run's data as prepare() returns it, against each record tokenised here by hand: with --loss_on answer
+    the prompt's labels are -100 and the answer's (with EOS) are its tokens, in training and in evaluation; with
+    --loss_on sequence every token is a target. (Tried: prepare() not passing loss_on on, which put the prompt
+    in the loss of every run, passed the tests of tokenize_qa alone.)"""
+    args = dict(dataset_name="builtin", max_train_samples=20, max_eval_samples=6, answer_eval_samples=0,
+                max_seq_length=256)
+    prepared = data_loader.prepare(DataArguments(loss_on="answer", **args), tokenizer, seed=5)
+    train_raw = builtin_data.squad_records(20, seed=5)
+    eval_raw = builtin_data.squad_records(6, seed=6)  # validation: other people than training's
+    for samples, records in ((prepared.train, train_raw), (prepared.eval, eval_raw)):
+        assert sorted(s["input_ids"] for s in samples) == sorted(
+            tokenizer(prompt_text(r), add_special_tokens=False)["input_ids"]
+            + tokenizer(" " + r["answers"]["text"][0], add_special_tokens=False)["input_ids"]
+            + [tokenizer.eos_token_id] for r in records)
+        for s in samples:
+            n_answer = next(i for i, label in enumerate(reversed(s["labels"])) if label == IGNORE_INDEX)
+            assert s["labels"] == [IGNORE_INDEX] * (len(s["input_ids"]) - n_answer) + s["input_ids"][-n_answer:]
+            assert s["labels"][-1] == tokenizer.eos_token_id and n_answer >= 2
+    sequence = data_loader.prepare(DataArguments(loss_on="sequence", **args), tokenizer, seed=5)
+    assert all(s["labels"] == s["input_ids"] for s in sequence.train + sequence.eval)
+    assert [s["input_ids"] for s in sequence.train] == [s["input_ids"] for s in prepared.train]
+
+
+def test_prepare_is_a_function_of_the_seed_and_counts_what_it_drops(tokenizer, tmp_path):
+    records = builtin_data.squad_records(40, seed=0)
+    lengths = [len(tokenizer(prompt_text(r) + " " + r["answers"]["text"][0], add_special_tokens=False)["input_ids"])
+               + 1 for r in records]
+    limit = sorted(lengths)[len(lengths) // 2]  # about half of the samples are longer and dropped
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join(json.dumps(dict(r, id=str(i))) for i, r in enumerate(records)))
+    args = DataArguments(train_file=str(train), max_train_samples=30, max_eval_samples=40, answer_eval_samples=0,
+                         max_seq_length=limit)
+    first, again, other = (data_loader.prepare(args, tokenizer, seed=s) for s in (1, 1, 2))
+    assert first.train == again.train and first.eval == again.eval
+    assert first.train != other.train
+    # by hand: the 10 % held out (4 records), then 30 of the 36 others drawn, then the long ones dropped
+    kept = [s for s in first.train + first.eval]
+    assert first.stats["dropped_too_long"] == 30 + 4 - len(kept) > 0
+    assert all(len(s["input_ids"]) <= limit for s in kept)
+    held_out = data_loader._split(records, 1)[1]
+    assert len(held_out) == 4 and len(data_loader._split(records[:5], 1)[1]) == 1  # at least one, else 10 %
+    lengths = [len(s["input_ids"]) for s in first.train]
+    assert {k: first.stats[k] for k in ("length_mean", "length_max", "length_min", "train_samples", "eval_samples")} \
+        == {"length_mean": sum(lengths) / len(lengths), "length_max": max(lengths), "length_min": min(lengths),
+            "train_samples": len(first.train), "eval_samples": len(first.eval)}
+
+
+def test_answer_evaluation_keeps_only_prompts_shorter_than_the_limit(tokenizer):
+    """Generation appends tokens to the prompt: a prompt of exactly --max_seq_length tokens has no room left."""
+    records = builtin_data.squad_records(8, seed=1)
+    prompt_lengths = [len(tokenizer(prompt_text(r), add_special_tokens=False)["input_ids"]) for r in records]
+    limit = max(prompt_lengths)  # the longest prompt is exactly as long as allowed: left out
+    prepared = data_loader.prepare(DataArguments(dataset_name="builtin", max_train_samples=40, max_eval_samples=8,
+                                                 answer_eval_samples=8, max_seq_length=limit), tokenizer, seed=0)
+    assert prepared.answer_eval == [r for r, n in zip(records, prompt_lengths) if n < limit]
+    assert 0 < len(prepared.answer_eval) < len(records)
+    prepared = data_loader.prepare(DataArguments(dataset_name="builtin", max_train_samples=4, max_eval_samples=1,
+                                                 answer_eval_samples=8, max_seq_length=limit + 1), tokenizer, seed=0)
+    assert prepared.answer_eval == records
