@@ -200,3 +200,27 @@ def test_answer_evaluation_keeps_only_prompts_shorter_than_the_limit(tokenizer):
     prepared = data_loader.prepare(DataArguments(dataset_name="builtin", max_train_samples=4, max_eval_samples=1,
                                                  answer_eval_samples=8, max_seq_length=limit + 1), tokenizer, seed=0)
     assert prepared.answer_eval == records
+
+
+def test_a_sample_as_long_as_the_limit_is_kept_and_a_long_one_does_not_stop_the_rest(tokenizer):
+    records = builtin_data.squad_records(12, seed=2)
+    lengths = [len(tokenizer(prompt_text(r), add_special_tokens=False)["input_ids"])
+               + len(tokenizer(" " + r["answers"]["text"][0], add_special_tokens=False)["input_ids"]) + 1
+               for r in records]
+    limit = sorted(lengths)[len(lengths) // 2]
+    assert any(n > limit for n in lengths[:lengths.index(min(lengths))])  # a long one before a short one
+    samples, dropped = tokenize_qa(records, tokenizer, limit, loss_on="sequence")
+    assert [len(s["input_ids"]) for s in samples] == [n for n in lengths if n <= limit]  # in order, = limit kept
+    assert dropped == sum(n > limit for n in lengths) >= 2
+    assert tokenize_qa([], tokenizer, limit, loss_on="answer") == ([], 0)
+
+
+def test_text_blocks_at_the_edges_of_a_whole_block(tokenizer):
+    """A last block one token short is dropped; a text of exactly k blocks keeps all k (block 16)."""
+    lines = builtin_data.text_lines(200)
+    totals = [0]
+    for line_ids in tokenizer(lines, add_special_tokens=False)["input_ids"]:
+        totals.append(totals[-1] + len(line_ids))
+    for residue in (15, 0):  # the first text (a prefix of the lines) whose token count leaves this residue
+        k = next(k for k in range(2, len(totals)) if totals[k] % 16 == residue)
+        assert len(tokenize_text(lines[:k], tokenizer, block_size=16)) == totals[k] // 16, residue
