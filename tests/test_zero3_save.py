@@ -32,7 +32,7 @@ def test_zero3_saves_a_consolidated_model_equal_to_the_engines_weights(tmp_path)
         assert tensor.numel() > 0 and torch.equal(saved[name], tensor), name
 
 
-# One process, ZeRO-2 (or another stage) from ds_configs/, one epoch of 8 steps; the model as built is kept for comparison.
+# One process, ZeRO-2 (or another stage) from ds_configs/, one epoch of 8 steps; the model as built is kept.
 ZERO12_SCRIPT = """
 import sys
 import torch
