@@ -211,3 +211,41 @@ def test_manual_resume_from_a_named_checkpoint(tmp_path, capsys):
     assert f"resuming from {checkpoint}" in capsys.readouterr().out
     assert sorted(_losses(second)) == list(range(1, 65))  # the checkpoint's history, then steps 33-64
     assert json.loads((second / "steps.jsonl").read_text().splitlines()[0])["step"] == 33
+
+
+# Two processes (gloo): the signal reaches rank 1 only, before step 5 ends; each rank reports what it decided.
+TWO_RANKS_SCRIPT = """
+import json, signal
+import torch.distributed as dist
+from transformers import TrainerControl, TrainerState
+from workshop.checkpoints import StopOnSignal
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+stop = StopOnSignal()
+decided = []
+for step in (4, 5):
+    if step == 5 and rank == 1:
+        signal.raise_signal(signal.SIGUSR1)
+    control = stop.on_step_end(None, TrainerState(global_step=step), TrainerControl())
+    decided.append([step, control.should_save, control.should_training_stop])
+stop.restore_handlers()
+print(json.dumps({"rank": rank, "decided": decided, "received": stop.received, "stopped_at": stop.stopped_at}))
+dist.destroy_process_group()
+"""
+
+
+def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """SLURM may signal one node's ranks a step before another's; a rank that stopped alone would leave the others
+    waiting in their next collective until the job is killed, and the checkpoint would never be complete."""
+    script = tmp_path / "two_ranks.py"
+    script.write_text(TWO_RANKS_SCRIPT)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(script)], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ranks = {r["rank"]: r for r in (json.loads(line) for line in result.stdout.splitlines() if line.startswith("{"))}
+    for rank in (0, 1):
+        assert ranks[rank]["decided"] == [[4, False, False], [5, True, True]], rank
+        assert ranks[rank]["stopped_at"] == 5
+    assert (ranks[0]["received"], ranks[1]["received"]) == ("signal on another rank", "SIGUSR1")
