@@ -215,7 +215,7 @@ def test_manual_resume_from_a_named_checkpoint(tmp_path, capsys):
 
 # Two processes (gloo): the signal reaches rank 1 only, before step 5 ends; each rank reports what it decided.
 TWO_RANKS_SCRIPT = """
-import json, signal
+import json, signal, sys
 import torch.distributed as dist
 from transformers import TrainerControl, TrainerState
 from workshop.checkpoints import StopOnSignal
@@ -230,7 +230,9 @@ for step in (4, 5):
     control = stop.on_step_end(None, TrainerState(global_step=step), TrainerControl())
     decided.append([step, control.should_save, control.should_training_stop])
 stop.restore_handlers()
-print(json.dumps({"rank": rank, "decided": decided, "received": stop.received, "stopped_at": stop.stopped_at}))
+with open(f"{sys.argv[1]}/rank{rank}.json", "w") as f:  # a file each: the ranks' printed lines can interleave
+    json.dump({"decided": decided, "received": stop.received, "stopped_at": stop.stopped_at}, f)
+dist.barrier()
 dist.destroy_process_group()
 """
 
@@ -241,10 +243,10 @@ def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     script = tmp_path / "two_ranks.py"
     script.write_text(TWO_RANKS_SCRIPT)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(script)], cwd=REPO, capture_output=True, text=True,
+                             str(script), str(tmp_path)], cwd=REPO, capture_output=True, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    ranks = {r["rank"]: r for r in (json.loads(line) for line in result.stdout.splitlines() if line.startswith("{"))}
+    ranks = {rank: read_json(tmp_path / f"rank{rank}.json") for rank in (0, 1)}
     for rank in (0, 1):
         assert ranks[rank]["decided"] == [[4, False, False], [5, True, True]], rank
         assert ranks[rank]["stopped_at"] == 5
