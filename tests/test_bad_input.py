@@ -1,4 +1,5 @@
-"""The catalogue of bad inputs (README, "Bad input"): every entry has a test here.
+"""The catalogue of bad inputs (docs/bad-input.md): every entry has a test here, or names the other test file
+that has it (tests/test_docs.py checks that each named test exists).
 
 Each bad input stops `workshop train` with one line, ``error: <what is wrong>: <the fix>``, exit
 status 2, before the model is built (so before any GPU time), and leaves earlier results alone:
