@@ -120,7 +120,7 @@ def test_predictions_are_within_the_issues_15_percent_of_h100_measurements():
 # The same, measured by `workshop bench` on one H200 (torch 2.11, transformers 5.17, DeepSpeed 0.19.8), bf16,
 # the longest batch 432 tokens (426 padded to a multiple of 8), ds_configs/*.json, or a bench lever's copy of one
 # as the bench writes it (<lever>_<stage>.json; ZeRO-1's gradients in bf16 are how zero1.json ran before the
-# section N of BENCHMARKS.md):
+# section N of BENCHMARKS.md, in its history: git show 835db09:BENCHMARKS.md):
 # (model, micro-batch, stage file, fast kernels, vocabulary) -> GiB.
 # gpt2-medium (2026-12-01): the ZeRO-3 and offload rows ran before --fast_kernels; the ZeRO-3 rows with the
 # vocabulary shrunk to the built-in tokenizer's 1,160 (a bug since fixed: see model.build_model).

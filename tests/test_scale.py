@@ -46,7 +46,7 @@ def test_scaled_shapes_grow_along_the_ladder(tmp_path):
 
 
 # Peak host memory (the training process's resident memory) of `workshop scale` attempts on one H200 node
-# (2026-12-01, torch 2.11, DeepSpeed 0.19.8, micro-batch 1 x 512, bf16; offload/README.md): (stage, model) -> GiB.
+# (2026-12-01, torch 2.11, DeepSpeed 0.19.8, micro-batch 1 x 512, bf16; BENCHMARKS.md, "The scale ladder"): (stage, model) -> GiB.
 H200_HOST_MEASURED = {
     ("zero2_offload", "bloom-4b8"): 119.9, ("zero2_offload_nopin", "bloom-4b8"): 84.4,
     ("zero2_offload_nopin", "bloom-6b3"): 108.9, ("zero2_offload_nopin", "bigscience/bloom-7b1"): 122.4,
