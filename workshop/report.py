@@ -18,6 +18,10 @@ folder itself:
 * from ``config.json``: the settings, fed to ``workshop.estimate`` for the predicted memory shown
   beside the measured one.
 
+For each rung among the runs, a table with the columns of that rung's fill-in table (its README),
+in the same order, so a participant can check what they filled in; perplexity (exp of the final
+eval loss) joins it where a run trained on plain text.
+
 Runs that differ only in their GPU count get a scaling efficiency: samples/s per GPU relative to
 the smallest GPU count among them.
 """
@@ -225,6 +229,12 @@ def from_log_history(history: list[dict]) -> dict:
     }
 
 
+def perplexity(eval_loss: float | None) -> float | None:
+    """exp of the mean cross-entropy per target token: the number of equally likely next tokens the model
+    hesitates between. None past exp(700), which a float cannot hold (a loss that high means nothing)."""
+    return math.exp(eval_loss) if eval_loss is not None and eval_loss < 700 else None
+
+
 def nvidia_smi_peaks(gpu_csv: dict[str, list[dict]]) -> dict[str, float]:
     """Largest memory.used of any GPU, per host, in GiB (nvidia-smi's MiB / 1024)."""
     return {host: max(s["memory_used_mib"] for s in samples) / 1024 for host, samples in gpu_csv.items() if samples}
@@ -411,6 +421,7 @@ def summarize(run: Run) -> dict:
                                        if row["peak_gpu_allocated_gib"] and prediction else None)
     row["nvidia_smi_over_predicted"] = (row["peak_nvidia_smi_gib"] / row["predicted_gpu_total_gib"]
                                         if row["peak_nvidia_smi_gib"] and prediction else None)
+    row["perplexity"] = perplexity(row["final_eval_loss"])
     row["exact_match"], row["f1"] = m.get("exact_match"), m.get("f1")
     row["error"] = run.status.get("error")
     row["run_dir"] = str(run.path)
@@ -500,6 +511,39 @@ MEMORY = [
 ]
 
 
+# A rung's table: the original workshop's metrics beside memory and time, the columns of the rung
+# READMEs' fill-in tables in the same order, then what the rung adds.
+RUNG_COLUMNS = [
+    ("run", "run"), ("setting", "setting"), ("final train loss", "final_train_loss"),
+    ("eval loss per epoch", "eval_loss_per_epoch"), ("train samples/s", "train_samples_per_second"),
+    ("eval samples/s", "eval_samples_per_second"), ("steps/epoch", "steps_per_epoch"),
+    ("time/epoch (s)", "time_per_epoch_s"), ("peak allocated (GiB)", "peak_gpu_allocated_gib"),
+    ("peak nvidia-smi (GiB)", "peak_nvidia_smi_gib"),
+]
+RUNG_EXTRAS = {
+    "offload": [("peak host used (GiB)", "peak_host_used_gib")],
+    "multi_node": [("GPUs", "world_size"), ("scaling efficiency", "scaling_efficiency")],
+}
+TEXT_DATASETS = ("wikitext", "builtin_text")  # plain text: perplexity is the number to read
+
+
+def rung_columns(stage: str, rows: list[dict]) -> list[tuple[str, str]]:
+    columns = RUNG_COLUMNS + RUNG_EXTRAS.get(stage, [])
+    if any(r.get("dataset") in TEXT_DATASETS for r in rows):
+        columns = columns + [("perplexity", "perplexity")]
+    return columns
+
+
+def rung_tables(rows: list[dict]) -> str:
+    """One table per stage among the rows, in the order the stages first appear."""
+    stages = list(dict.fromkeys(r.get("stage") for r in rows))
+    parts = []
+    for stage in stages:
+        members = [r for r in rows if r.get("stage") == stage]
+        parts += [f"## {stage}", "", markdown_table(members, rung_columns(stage, members)), ""]
+    return "\n".join(parts)
+
+
 def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     lines = ["| " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_show(r.get(k), k) for _, k in columns) + " |" for r in rows]
@@ -508,6 +552,7 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
 
 def comparison_markdown(rows: list[dict]) -> str:
     return "\n".join([
+        rung_tables(rows),
         "## Training", "", markdown_table(rows, COMPARISON), "",
         "## Memory (GiB per GPU; host: per node)", "", markdown_table(rows, MEMORY), "",
         "Peak allocated/reserved: torch.cuda.max_memory_allocated/reserved on rank 0. nvidia-smi: the largest "

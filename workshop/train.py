@@ -34,7 +34,7 @@ from workshop import model as models
 from workshop.callbacks import MeasureCallback, ProfileCallback, all_ranks_sum, peak_flops
 from workshop.checkpoints import StopOnSignal, WorkshopTrainer, complete_checkpoints
 from workshop.errors import OutOfMemory, WorkshopError
-from workshop.report import format_table
+from workshop.report import format_table, perplexity
 
 log = logging.getLogger("workshop")
 GIB = 1024**3
@@ -205,6 +205,7 @@ def workshop_metrics(trainer, measure: MeasureCallback, prepared, run_info: dict
         "final_train_loss": train_logs[-1]["loss"] if train_logs else None,
         "eval_loss_per_epoch": [e["eval_loss"] for e in evals],
         "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
+        "perplexity": perplexity(evals[-1]["eval_loss"]) if evals else None,
         "train_runtime_s": summary.get("train_runtime"),
         "epoch_times_s": measure.epoch_times,
         "first_step_s": measure.first_step_s,
