@@ -2,7 +2,7 @@
 every fill-in table has the columns `workshop report` prints, every relative link resolves, the
 README stays short, and no participant page carries a card's UUID or a measurement's date.
 
-    pytest tests/test_docs.py          # a second or so: reads files, imports nothing heavy
+    pytest tests/test_docs.py          # a second or so: reads files and workshop.report's column lists
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from workshop import report
+
 REPO = Path(__file__).resolve().parents[1]
 TESTS = REPO / "tests"
 RUNGS = ("baseline", "deepspeed_single_gpu", "offload", "multi_node")
@@ -19,13 +21,10 @@ RUNGS = ("baseline", "deepspeed_single_gpu", "offload", "multi_node")
 # cards, versions and dates.
 PARTICIPANT_DOCS = sorted([REPO / "README.md", *REPO.glob("*/README.md"), *(REPO / "docs").glob("*.md")])
 
-# `workshop report`'s rung tables, in this order (the helpers' agreement for issue 33); the rung's extras
-# follow, then "perplexity" where a table trains on WikiText.
-# TODO once workshop report prints the rung tables: import the columns from it instead of repeating them.
-COLUMNS = ["run", "setting", "final train loss", "eval loss per epoch", "train samples/s", "eval samples/s",
-           "steps/epoch", "time/epoch (s)", "peak allocated (GiB)", "peak nvidia-smi (GiB)"]
-EXTRAS = {"baseline": [], "deepspeed_single_gpu": [], "offload": ["peak host used (GiB)"],
-          "multi_node": ["GPUs", "scaling efficiency"]}
+# `workshop report`'s rung tables, in this order: the rung's extras follow, then "perplexity" where a
+# table trains on WikiText. (tests/test_report.py checks the report prints these from run folders.)
+COLUMNS = [header for header, _ in report.RUNG_COLUMNS]
+EXTRAS = {rung: [header for header, _ in report.RUNG_EXTRAS.get(rung, [])] for rung in RUNGS}
 
 
 def cells(line: str) -> list[str]:
