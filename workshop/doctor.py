@@ -200,7 +200,8 @@ def check_versions() -> list[Check]:
         checks.append(Check("python", FAIL, f"{python} ({sys.executable}) but the workshop needs {requires_python}: "
                             "make the environment with a newer Python (module load python/3.12, or conda)"))
     else:
-        checks.append(Check("python", OK, f"{python} ({requires_python or 'any'}), {sys.executable}"))
+        checks.append(Check("python", OK, f"{python} ({requires_python or 'any'}), {sys.executable}; the ranges below "
+                            f"are {source}'s"))
     for text in dependencies:
         req = Requirement(text)
         if req.marker is not None and not req.marker.evaluate({"extra": ""}):
@@ -213,7 +214,7 @@ def check_versions() -> list[Check]:
         elif not req.specifier.contains(version, prereleases=True):
             checks.append(Check(req.name, FAIL, f"{version} installed but the workshop needs {wanted}: {fix}"))
         else:
-            checks.append(Check(req.name, OK, f"{version} ({wanted}, from {source})"))
+            checks.append(Check(req.name, OK, f"{version} ({wanted})"))
     return checks
 
 
