@@ -42,6 +42,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -424,9 +425,12 @@ def _build_op(op: str, for_what: str, needed_by: str | None) -> Check:
     logging.getLogger(ds_preflight.__name__).setLevel(logging.ERROR)
     ds_preflight.fix_cuda_arch_list()
     code = f"from deepspeed.ops.op_builder.all_ops import ALL_OPS; ALL_OPS[{op!r}].load(verbose=False)"
+    start = time.monotonic()
     status, output = _run([sys.executable, "-c", code], timeout=1800)
     if status == 0:
-        return Check(op, OK, f"compiled and loaded (TORCH_EXTENSIONS_DIR caches it for the jobs); {for_what}")
+        cache = os.environ.get("TORCH_EXTENSIONS_DIR", "~/.cache/torch_extensions")
+        return Check(op, OK, f"compiled (or found compiled) and loaded in {time.monotonic() - start:.0f} s; jobs with "
+                     f"the same TORCH_EXTENSIONS_DIR ({cache}) load it from there; {for_what}")
     tail = " | ".join(line.strip() for line in output.splitlines()[-3:])
     return Check(op, FAIL if needed_by else WARN, f"does not build: {tail[:300]}; {for_what}: "
                  f"{OP_FIX.get(op, 'see ds_report')}")
