@@ -127,6 +127,75 @@ def test_torch_that_is_installed_but_does_not_import_fails(monkeypatch):
     assert doctor.check_gpu()[0].status == doctor.SKIPPED
 
 
+def fake_gpu_torch(name="NVIDIA H100 80GB HBM3", capability=(9, 0), bf16=True):
+    """torch as a GPU machine shows it, for the lines this CPU machine cannot produce."""
+    from types import SimpleNamespace
+
+    import torch
+
+    properties = SimpleNamespace(name=name, major=capability[0], minor=capability[1], total_memory=80 * doctor.GIB)
+    cuda = SimpleNamespace(is_available=lambda: True, device_count=lambda: 2,
+                           get_device_properties=lambda i: properties,
+                           is_bf16_supported=lambda including_emulation=True: bf16,
+                           nccl=SimpleNamespace(version=lambda: (2, 27, 3)))
+    return SimpleNamespace(__version__="2.11.0+cu130", version=SimpleNamespace(cuda="13.0"), cuda=cuda,
+                           backends=SimpleNamespace(cudnn=SimpleNamespace(is_available=lambda: True,
+                                                                          version=lambda: 91002)),
+                           distributed=SimpleNamespace(is_available=lambda: True, is_nccl_available=lambda: True),
+                           real=torch)
+
+
+def test_the_lines_of_a_usable_gpu(tmp_path, monkeypatch):
+    from deepspeed.ops.op_builder import builder
+
+    smi = """case "$1" in
+  -L) echo "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)"; echo "GPU 1: NVIDIA H100 80GB HBM3 (UUID: GPU-1)" ;;
+  *) echo "| NVIDIA-SMI 580.95.05    Driver Version: 580.95.05    CUDA Version: 13.0 |" ;; esac"""
+    monkeypatch.setenv("PATH", str(fake_commands(tmp_path / "bin", nvidia_smi=smi)))
+    real = doctor._import
+    torch = fake_gpu_torch()
+    monkeypatch.setattr(doctor, "_import", lambda name: (torch, None) if name == "torch" else real(name))
+    monkeypatch.setattr(builder, "assert_no_cuda_mismatch", lambda name="": True)
+    monkeypatch.setattr(builder, "installed_cuda_version", lambda name="": (13, 0))
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    lines = {check.name: (check.status, check.detail) for check in doctor.check_gpu()}
+    assert lines == {
+        "gpu": ("ok", "2 x NVIDIA H100 80GB HBM3 (sm_90, 80 GiB)"),
+        "driver": ("ok", "580.95.05 (CUDA up to 13.0)"),
+        "cuda": ("ok", "torch built with CUDA 13.0, cuDNN 91002, nvcc 13.0"),
+        "bf16": ("ok", "supported: --precision auto trains in bf16"),
+        "nccl": ("ok", "2.27.3, torch's own, for the multi-GPU and multi-node jobs")}
+
+    # An H100 image's "9.0a": said on the cuda line, with what workshop train uses instead (the
+    # real ds_preflight.fix_cuda_arch_list, asked about the fake GPUs), and left as it was.
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0a")
+    monkeypatch.setattr(torch.real.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.real.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.real.cuda, "get_device_capability", lambda i=0: (9, 0))
+    status, detail = dict((c.name, (c.status, c.detail)) for c in doctor.check_gpu())["cuda"]
+    assert status == "ok"
+    assert "TORCH_CUDA_ARCH_LIST=9.0a makes DeepSpeed's op builder crash; workshop train uses 9.0" in detail
+    assert doctor.os.environ["TORCH_CUDA_ARCH_LIST"] == "9.0a"
+
+    # nvcc of another CUDA: only the NVMe rung's async_io needs it on a GPU node
+    def mismatch(name=""):
+        raise builder.CUDAMismatchException(
+            ">- DeepSpeed Op Builder: Installed CUDA version 12.4 does not match the version torch was compiled with "
+            "13.0, unable to compile cuda/cpp extensions without a matching cuda version.")
+    monkeypatch.setattr(builder, "assert_no_cuda_mismatch", mismatch)
+    cuda = doctor.check_gpu()[2]
+    assert cuda.status == doctor.WARN and "cpu_adam needs none: module load cuda/13.0" in cuda.detail
+    assert "Installed CUDA version 12.4 does not match the version torch was compiled with 13.0" in cuda.detail
+    cuda = doctor.check_gpu(nvcc_needed_by="ds_configs/zero3_nvme.json")[2]
+    assert cuda.status == doctor.FAIL and "needed by ds_configs/zero3_nvme.json: module load cuda/13.0" in cuda.detail
+
+    # a V100: no bf16, so the numbers differ from the bf16 benchmarks (a warning, not a failure)
+    v100 = fake_gpu_torch("Tesla V100-SXM2-32GB", (7, 0), bf16=False)
+    monkeypatch.setattr(doctor, "_import", lambda name: (v100, None) if name == "torch" else real(name))
+    bf16 = doctor.check_gpu()[3]
+    assert bf16.status == doctor.WARN
+    assert bf16.detail.startswith("Tesla V100-SXM2-32GB has no bf16: --precision auto trains in fp16")
+
 # ------------------------------------------------------------------------- DeepSpeed's ops
 def test_async_io_fails_only_where_the_job_offloads_to_nvme(monkeypatch):
     from deepspeed.ops.op_builder.all_ops import ALL_OPS

@@ -273,8 +273,9 @@ def _no_usable_gpu(torch, smi: NvidiaSmi | None, expected: str) -> str:
             "older, or run on nodes with a newer driver")
 
 
-def check_gpu(require_gpu: bool = False) -> list[Check]:
-    """gpu, driver, cuda, bf16 and nccl: skipped where there is no GPU, FAIL where one is unusable."""
+def check_gpu(require_gpu: bool = False, nvcc_needed_by: str | None = None) -> list[Check]:
+    """gpu, driver, cuda, bf16 and nccl: skipped where there is no GPU, FAIL where one is unusable.
+    ``nvcc_needed_by``: the config whose ops DeepSpeed compiles with nvcc on a GPU node (async_io)."""
     names = ("gpu", "driver", "cuda", "bf16", "nccl")
     torch, error = _import("torch")
     if torch is None:
@@ -300,7 +301,7 @@ def check_gpu(require_gpu: bool = False) -> list[Check]:
                             "(slurm/node.sh); add the driver's utilities to PATH (module load cuda)"))
     else:
         checks.append(Check("driver", OK, f"{smi.driver or '?'} (CUDA up to {smi.cuda or '?'})"))
-    checks.append(_check_cuda(torch))
+    checks.append(_check_cuda(torch, nvcc_needed_by))
 
     try:
         bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
@@ -322,8 +323,10 @@ def check_gpu(require_gpu: bool = False) -> list[Check]:
     return checks
 
 
-def _check_cuda(torch) -> Check:
-    """torch's CUDA, cuDNN, and the nvcc DeepSpeed compiles its ops with (its own mismatch check)."""
+def _check_cuda(torch, nvcc_needed_by: str | None = None) -> Check:
+    """torch's CUDA, cuDNN, and the nvcc DeepSpeed compiles its CUDA ops with, by DeepSpeed's own
+    mismatch check. In DeepSpeed 0.19 cpu_adam comes from the CPU op builder on GPU machines too (plain
+    C++, no nvcc); on a GPU node async_io (NVMe offload) and fused_adam are CUDA ops, built with nvcc."""
     parts = [f"torch built with CUDA {torch.version.cuda}"]
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     if cudnn is None:
@@ -333,19 +336,52 @@ def _check_cuda(torch) -> Check:
     builder, error = _import("deepspeed.ops.op_builder.builder")
     if builder is None:
         return Check("cuda", OK, ", ".join(parts) + f" (DeepSpeed does not import: {_first_line(error)})")
+    major_minor = ".".join(torch.version.cuda.split(".")[:2])
+    problem = None
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             builder.assert_no_cuda_mismatch("doctor")
-        nvcc = "{}.{}".format(*builder.installed_cuda_version())
-        parts.append(f"nvcc {nvcc} for DeepSpeed's op builds")
+        parts.append("nvcc {}.{}".format(*builder.installed_cuda_version()))
     except builder.MissingCUDAException:
-        parts.append("no nvcc (CUDA_HOME unset): DeepSpeed builds cpu_adam for the CPU, which is all the rungs "
-                     "need; `module load cuda` to build its GPU ops")
-    except Exception as error:  # CUDAMismatchException: DeepSpeed then refuses to build any op
-        major_minor = ".".join(torch.version.cuda.split(".")[:2])
-        return Check("cuda", FAIL, f"{_first_line(str(error)).lstrip('>- ')}: the offload rungs cannot build "
-                     f"cpu_adam: module load cuda/{major_minor} (or point CUDA_HOME at a CUDA {major_minor} toolkit)")
-    return Check("cuda", OK, ", ".join(parts))
+        problem = "no nvcc (CUDA_HOME unset)"
+    except Exception as error:  # CUDAMismatchException: DeepSpeed refuses to compile CUDA ops with it
+        problem = _first_line(str(error)).lstrip(">- ").split(", unable")[0]
+    if problem:
+        fix = f"module load cuda/{major_minor} (or point CUDA_HOME at a CUDA {major_minor} toolkit)"
+        for_what = f"needed by {nvcc_needed_by}" if nvcc_needed_by else "cpu_adam needs none"
+        return Check("cuda", FAIL if nvcc_needed_by else WARN,
+                     f"{', '.join(parts)}; {problem}: DeepSpeed cannot compile its CUDA ops (async_io for NVMe, "
+                     f"fused_adam); {for_what}: {fix}")
+    note = _arch_list_note()
+    return Check("cuda", OK, ", ".join(parts) + (f"; {note}" if note else ""))
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _arch_list_note() -> str | None:
+    """What workshop train does to TORCH_CUDA_ARCH_LIST before DeepSpeed compiles anything, said, not done."""
+    before = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    ds_preflight, _ = _import("workshop.ds_preflight")
+    if not before or ds_preflight is None:
+        return None
+    try:
+        with _quiet(ds_preflight.__name__):
+            chosen = ds_preflight.fix_cuda_arch_list()
+    finally:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = before
+    if chosen is None:
+        return None
+    return (f"TORCH_CUDA_ARCH_LIST={before} makes DeepSpeed's op builder crash; workshop train uses {chosen} "
+            f"instead, export TORCH_CUDA_ARCH_LIST={chosen} for anything else that compiles DeepSpeed ops")
 
 
 # ---------------------------------------------------------------------------- DeepSpeed's ops
@@ -422,8 +458,8 @@ def _build_op(op: str, for_what: str, needed_by: str | None) -> Check:
 
     # As workshop train does before DeepSpeed builds anything: an arch list DeepSpeed can parse (some
     # H100 images set "9.0a", on which its op builder crashes), for the child to inherit.
-    logging.getLogger(ds_preflight.__name__).setLevel(logging.ERROR)
-    ds_preflight.fix_cuda_arch_list()
+    with _quiet(ds_preflight.__name__):
+        ds_preflight.fix_cuda_arch_list()
     code = f"from deepspeed.ops.op_builder.all_ops import ALL_OPS; ALL_OPS[{op!r}].load(verbose=False)"
     start = time.monotonic()
     status, output = _run([sys.executable, "-c", code], timeout=1800)
@@ -561,7 +597,7 @@ def run_bytes(model: str) -> tuple[int, str]:
         from workshop.model import TINY_MODELS
 
         if model in TINY_MODELS:
-            return MIN_FREE_BYTES, f"the floor for any run ({model} is tiny)"
+            return MIN_FREE_BYTES, f"the floor for any run; {model} is tiny"
         n_params = model_shape(model).n_params  # known shapes, local folders, cached configs: never the network
     except Exception:  # not cached yet, or transformers missing (its line above says so)
         return UNKNOWN_MODEL_FREE_BYTES, f"{model}'s size is not known here"
@@ -600,7 +636,7 @@ def _train_defaults() -> tuple[str | None, str | None]:
 def run_checks(args, needs: dict[str, str | None]):
     """Every check, one at a time (a generator, so that each line shows as soon as it is known)."""
     yield from check_versions()
-    yield from check_gpu(args.require_gpu)
+    yield from check_gpu(args.require_gpu, nvcc_needed_by=needs.get("async_io"))
     yield from check_ops(needs, build=args.build_ops)
     if args.model_name_or_path is None or args.dataset_name is None:
         yield Check("hf cache", SKIPPED, "workshop train's defaults are unknown: workshop.config does not import "
