@@ -23,9 +23,10 @@ here, but something a later rung or a compute node needs is missing; the line sa
 * the SLURM commands, where this looks like a SLURM cluster (sbatch on PATH, or inside a job);
 * free space under logs/ for a run of the model: its checkpoints and the saved model.
 
-It needs no GPU, no network and no SLURM, writes nothing, and takes a few seconds (most of it
-importing torch, DeepSpeed and transformers, plus a child process that looks in the cache with the
-hub offline, as a compute node would).
+It needs no GPU, no network and no SLURM, writes nothing (--build_ops: the compiled ops, where
+torch keeps them), and takes a few seconds: most of it importing torch, DeepSpeed and transformers,
+plus, where the model is in the cache, a child process that loads it with the hub offline, as a
+compute node would.
 """
 
 from __future__ import annotations
