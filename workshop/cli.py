@@ -3,6 +3,7 @@
     workshop train --preset tiny        # fine-tune (python -m workshop train works the same)
     workshop report logs/               # the metrics tables and plots from run folders
     workshop estimate --model gpt2-xl   # predicted memory per GPU for each ZeRO stage
+    workshop doctor                     # is this machine ready? (run it before the first job)
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ COMMANDS = {
     "bench": ("workshop.bench", "each stage as the original workshop ran it vs this project's defaults (GPU)"),
     "scale": ("workshop.scale", "the largest model each stage trains on one GPU, predicted and found (GPU)"),
     "prefetch": ("workshop.prefetch", "download model, tokenizer and data into the caches (login node)"),
+    "doctor": ("workshop.doctor", "is this machine ready for the jobs? one line per check, each failure with its fix"),
 }
 
 
