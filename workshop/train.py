@@ -33,7 +33,7 @@ from workshop import data_loader, distributed, ds_grad_clip, ds_preflight, estim
 from workshop import model as models
 from workshop.callbacks import MeasureCallback, ProfileCallback, all_ranks_sum, peak_flops
 from workshop.checkpoints import StopOnSignal, WorkshopTrainer, complete_checkpoints
-from workshop.errors import OutOfMemory, WorkshopError
+from workshop.errors import STOPPED, OutOfMemory, WorkshopError
 from workshop.report import format_table, perplexity
 
 log = logging.getLogger("workshop")
@@ -222,7 +222,8 @@ def workshop_metrics(trainer, measure: MeasureCallback, prepared, run_info: dict
     }
 
 
-def run(argv: list[str]) -> dict:
+def run(argv: list[str]) -> dict | None:
+    """Train as ``argv`` says; the workshop's metrics, or None when a signal stopped the run (status.json)."""
     uses_deepspeed = any(a == "--deepspeed" or a.startswith("--deepspeed=") for a in cfg.expand_argv(argv))
     launch = distributed.init_env(deepspeed=uses_deepspeed)
     check_gpu_count()
@@ -357,7 +358,7 @@ def _first_line(error: BaseException) -> str:
 
 
 def _train(run_dir, model_args, data_args, ws_args, training_args, tokenizer, model_config, shape, prepared,
-           launch) -> dict:
+           launch) -> dict | None:
     training_args.output_dir = str(run_dir / "checkpoints")
     training_args.dataloader_pin_memory = torch.cuda.is_available()  # pinning needs a GPU; on CPU it only warns
     if "tensorboard" in training_args.report_to:
@@ -430,7 +431,7 @@ def _train(run_dir, model_args, data_args, ws_args, training_args, tokenizer, mo
                                                        "step": stop.stopped_at})
         distributed.print0(f"stopped on {stop.received} at step {stop.stopped_at}: checkpoint saved in "
                            f"{training_args.output_dir}; the same command with --run_dir {run_dir} resumes")
-        return {}
+        return None
     if ws_args.save_model:
         trainer.save_model(str(run_dir / "model"))  # consolidated 16-bit weights under ZeRO-3 (see ds_configs)
 
@@ -464,13 +465,18 @@ def _flat_config(run_info: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``workshop train``: its exit status says what status.json says (the table in errors.py).
+
+    Returns it to a caller in the same process (the tests); the process entry point (cli.entry) then
+    ends the process with it. Any other error propagates: the entry point makes it exit status 1.
+    """
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.disable_progress_bar()  # progress bars garble SLURM .out files
     try:
-        run(sys.argv[1:] if argv is None else argv)
+        metrics = run(sys.argv[1:] if argv is None else argv)
         distributed.shutdown()
     except WorkshopError as e:
         print(f"error: {e}", file=sys.stderr)
         distributed.leave_on_error()
         return e.exit_code
-    return 0
+    return 0 if metrics is not None else STOPPED
