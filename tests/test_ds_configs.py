@@ -91,3 +91,18 @@ def test_the_readme_has_a_row_for_every_key_the_trainer_does_not_fill():
     set_here = {dotted for path in CONFIGS for dotted, value in leaves(ds_preflight.load_config(str(path)))
                 if value != "auto" or dotted not in TRAINER_OWNED + OPTIMIZER_OWNED}  # workshop train fills the rest
     assert set_here - rows == set()
+
+
+def test_the_stage_registry_says_what_each_file_and_job_script_does():
+    from workshop import stages
+
+    assert sorted(s.ds_json for s in stages.REGISTRY.values() if s.ds_json) == [p.name for p in CONFIGS]
+    for stage in stages.REGISTRY.values():
+        config = ds_preflight.load_config(str(stage.ds_path)) if stage.ds_path else None
+        found = (ds_preflight.zero_stage(config), *ds_preflight.offload_devices(config).values()) if config else (None,) * 3
+        assert (stage.zero_stage, stage.offload_optimizer, stage.offload_param) == found, stage.name
+        assert stage.rung in stages.RUNGS
+        script = stages.REPO / stage.rung / f"{stage.name}.slurm"
+        assert script.is_file() == stage.job_script, script
+        if stage.job_script:
+            assert f"DS_CONFIG={'ds_configs/' + stage.ds_json if stage.ds_json else ''}" in script.read_text()

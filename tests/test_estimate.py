@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config
 
 from workshop import estimate as est
+from workshop.shapes import model_shape, shape_from_config
 from workshop.estimate import GIB
 
 stage_1_and_2 = pytest.importorskip("deepspeed.runtime.zero.stage_1_and_2")
@@ -35,7 +36,7 @@ def assert_same_as_deepspeed(total: int, largest: int) -> None:
 def test_tiny_gpt2_model_states_equal_deepspeeds_estimate():
     config = GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=1000)
     model = AutoModelForCausalLM.from_config(config)
-    shape = est.shape_from_config(config)  # counted on the meta device, as `workshop estimate` does
+    shape = shape_from_config(config)  # counted on the meta device, as `workshop estimate` does
     assert shape.n_params == stage_1_and_2.model_to_params(model)
     assert (shape.n_params, shape.largest_layer_params) == stage3.model_to_params(model)
     assert_same_as_deepspeed(shape.n_params, shape.largest_layer_params)
@@ -44,7 +45,7 @@ def test_tiny_gpt2_model_states_equal_deepspeeds_estimate():
 @pytest.mark.parametrize("name, n_params", [("gpt2", 124_439_808), ("gpt2-medium", 354_823_168),
                                             ("bloom-560m", 559_214_592)])
 def test_real_shapes_model_states_equal_deepspeeds_estimate(name, n_params):
-    shape = est.model_shape(name)  # offline: the known shapes
+    shape = model_shape(name)  # offline: the known shapes
     assert shape.n_params == n_params  # the published sizes
     assert shape.largest_layer_params == shape.vocab_size * shape.hidden_size  # the (tied) embedding
     assert_same_as_deepspeed(shape.n_params, shape.largest_layer_params)
@@ -110,7 +111,7 @@ def test_predictions_are_within_the_issues_15_percent_of_h100_measurements():
                                 "stage3_prefetch_bucket_size": "auto"}}
     shapes = {}
     for (name, micro, stage, opt, param), measured in H100_MEASURED.items():
-        shape = shapes.setdefault(name, est.model_shape(name))
+        shape = shapes.setdefault(name, model_shape(name))
         attention = "eager" if "bloom" in name else "sdpa"  # BLOOM's, before the workshop gave it sdpa
         predicted = est.estimate_for_shape(shape, 512, micro, stage, opt, param, ds_config=ds, fast_kernels=False,
                                            attn_implementation=attention).peak_allocated_bytes
@@ -158,7 +159,7 @@ def stage_json(file: str) -> dict:
 
 def test_predictions_are_within_the_issues_15_percent_of_h200_measurements():
     for (model, micro, file, fast, vocab), measured in H200_MEASURED.items():
-        shape = est.model_shape(model, vocab_size=vocab)
+        shape = model_shape(model, vocab_size=vocab)
         ds = stage_json(file) if file else None
         stage, opt, param = est.deepspeed_choices(ds) if ds else (None, None, None)
         predicted = est.estimate_for_shape(shape, 432, micro, stage, opt, param, ds_config=ds,
@@ -167,7 +168,7 @@ def test_predictions_are_within_the_issues_15_percent_of_h200_measurements():
 
 
 def test_zero1_gradients_from_the_json():
-    shape = est.model_shape("gpt2-medium")
+    shape = model_shape("gpt2-medium")
     as_shipped, bf16_grads = stage_json("zero1.json"), stage_json("default_bf16_grad_accum_zero1.json")
     assert est.DeepSpeedSettings.from_config(as_shipped, 1024).grad_accum_dtype == "auto"
     assert est.DeepSpeedSettings.from_config(bf16_grads, 1024).grad_accum_dtype == "bf16"
@@ -188,7 +189,7 @@ def test_deepspeed_buckets_from_the_json():
     assert est.deepspeed_choices({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"},
                                                         "offload_param": {"device": "none"}}}) == (3, "cpu", None)
     # DeepSpeed's default 5e8-element buckets, doubled by overlap_comm, cost 2 GB on top (the original workshop's JSON)
-    shape = est.model_shape("gpt2-medium")
+    shape = model_shape("gpt2-medium")
     auto = est.estimate_for_shape(shape, 512, 4, 2, ds_config={"zero_optimization": {"reduce_bucket_size": "auto"}})
     big = est.estimate_for_shape(shape, 512, 4, 2, ds_config={"zero_optimization": {"overlap_comm": True}})
     assert big.peak_allocated_bytes > auto.peak_allocated_bytes + 0.5 * GIB
@@ -226,7 +227,7 @@ def test_local_config_json(tmp_path):
     config = GPT2Config(n_layer=3, n_embd=96, n_head=4, vocab_size=500)
     config.save_pretrained(tmp_path)
     for where in (tmp_path, tmp_path / "config.json"):
-        shape = est.model_shape(str(where))
+        shape = model_shape(str(where))
         with torch.device("meta"):
             expected = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
         assert (shape.n_layers, shape.n_params, shape.vocab_size) == (3, expected, 500)

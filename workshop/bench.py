@@ -62,20 +62,23 @@ import threading
 import time
 from pathlib import Path
 
-from workshop import builtin_data, files
+from workshop import builtin_data, files, stages
+from workshop.stages import REPO
 from workshop.errors import WorkshopError
+from workshop.units import GIB
 
-REPO = Path(__file__).resolve().parents[1]
-STAGE_CONFIGS = {"baseline": None, "zero1": "zero1.json", "zero2": "zero2.json", "zero3": "zero3.json",
-                 "zero2_offload": "zero2_offload.json"}
+# The stages it runs, in this order (stages.REGISTRY says each one's JSON).
+STAGES = ("baseline", "zero1", "zero2", "zero3", "zero2_offload")
 
-# The original workshop's DeepSpeed JSON: only these keys, values written out.
+
 def original_ds_config(stage: str) -> dict | None:
-    if STAGE_CONFIGS[stage] is None:
+    """The original workshop's DeepSpeed JSON for a stage: only these keys, values written out."""
+    entry = stages.REGISTRY[stage]
+    if entry.zero_stage is None:
         return None
-    zero = {"stage": int(stage[4])}
-    if stage.endswith("_offload"):
-        zero["offload_optimizer"] = {"device": "cpu"}
+    zero = {"stage": entry.zero_stage}
+    if entry.offload_optimizer:
+        zero["offload_optimizer"] = {"device": entry.offload_optimizer}
     return {
         "train_batch_size": "auto", "gradient_accumulation_steps": "auto", "gradient_clipping": 1.0,
         "optimizer": {"type": "AdamW", "params": {"lr": 5e-5, "betas": [0.9, 0.999], "eps": 1e-8,
@@ -257,16 +260,16 @@ def run_one(out: Path, model: str, stage: str, mode: str, data: tuple[Path, Path
     run_dir = out / f"{_short(model)}-{stage}-{mode}{f'-seed{seed}' if name_seed else ''}"
     flags = ["--stage", "bench", "--model_name_or_path", model, "--train_file", str(data[0]),
              "--validation_file", str(data[1]), *COMMON, *MODES[mode], "--seed", str(seed), *extra]
-    ds = original_ds_config(stage) if mode == "original" else STAGE_CONFIGS[stage]
+    ds = original_ds_config(stage) if mode == "original" else stages.REGISTRY[stage].ds_path
     if mode in DS_LEVERS:
-        ds = with_keys(json.loads((REPO / "ds_configs" / ds).read_text()), DS_LEVERS[mode])
+        ds = with_keys(json.loads(ds.read_text()), DS_LEVERS[mode])
     if isinstance(ds, dict):
         out.joinpath("ds_configs").mkdir(exist_ok=True)
         path = out / "ds_configs" / f"{mode}_{stage}.json"
         files.write_json(path, ds)
         flags += ["--deepspeed", str(path)]
     elif ds:
-        flags += ["--deepspeed", str(REPO / "ds_configs" / ds)]
+        flags += ["--deepspeed", str(ds)]
     print(f"\n=== {model} | {stage} | {mode} | seed {seed}", flush=True)
     row, metrics = train_in_subprocess(run_dir, flags, env=ENV_LEVERS.get(mode))
     row = {"model": _short(model), "stage": stage, "mode": mode, "seed": seed, **row}
@@ -378,8 +381,8 @@ def reference_loop(model: str, data: tuple[Path, Path], samples: int, batching: 
                      "time_per_epoch_s": seconds, "first_step_s": first_step_s,
                      "tokens_per_second": tokens / seconds,
                      "per_device_train_batch_size": micro, "gradient_accumulation_steps": accum,
-                     "peak_gpu_allocated_gib": torch.cuda.max_memory_allocated() / 1024**3,
-                     "peak_gpu_reserved_gib": torch.cuda.max_memory_reserved() / 1024**3})
+                     "peak_gpu_allocated_gib": torch.cuda.max_memory_allocated() / GIB,
+                     "peak_gpu_reserved_gib": torch.cuda.max_memory_reserved() / GIB})
     return rows
 
 
@@ -543,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="workshop bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["gpt2-medium", "bigscience/bloom-560m"],
                    help="Architectures, built from their configs.")
-    p.add_argument("--stages", nargs="+", default=list(STAGE_CONFIGS), choices=list(STAGE_CONFIGS))
+    p.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
     p.add_argument("--modes", nargs="+", default=DEFAULT_MODES, choices=list(MODES),
                    help="original, default and default_micro4; the other default_* modes change one lever each.")
     p.add_argument("--samples", type=int, default=1000, help="Training samples (one epoch).")
@@ -578,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
     for model in args.models:
         for stage in args.stages:
             for mode in args.modes:
-                if mode in DS_LEVERS and STAGE_CONFIGS[stage] is None:
+                if mode in DS_LEVERS and stages.REGISTRY[stage].ds_json is None:
                     continue  # a DeepSpeed setting: nothing to change where DeepSpeed does not run
                 for seed in args.seeds:
                     rows.append(run_one(out, model, stage, mode, data, ["--max_train_samples", str(args.samples)]
@@ -635,8 +638,7 @@ def combine(folders: list[Path]) -> tuple[list[dict], str]:
                 found[(r["model"], "baseline")].append(r)
         chosen.update(found)
     models = list(dict.fromkeys(model for model, _ in chosen))
-    stages = list(STAGE_CONFIGS)
-    ordered = [chosen[key] for key in sorted(chosen, key=lambda k: (models.index(k[0]), stages.index(k[1])))]
+    ordered = [chosen[key] for key in sorted(chosen, key=lambda k: (models.index(k[0]), STAGES.index(k[1])))]
     rows = [r for group in ordered for r in group if r["stage"] != "reference loop"]
     rows += [r for group in ordered for r in group if r["stage"] == "reference loop"]  # last, as a bench writes them
     return rows, "; ".join(dict.fromkeys(headers))

@@ -20,8 +20,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from workshop.distributed import print0
-
-GIB = 1024**3
+from workshop.units import GIB
 
 # Dense peak TFLOP/s by GPU name and precision, from the vendors' data sheets (no sparsity).
 # fp32 without TF32 runs on the CUDA cores. A GPU missing here gets no MFU rather than a guess.

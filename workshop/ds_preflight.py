@@ -28,11 +28,10 @@ import psutil
 import torch
 
 from workshop.errors import WorkshopError
+from workshop.units import GIB
 from workshop.estimate import grad_accum_dtype
 
 logger = logging.getLogger(__name__)
-
-GIB = 1024**3
 
 # Bytes per parameter that offloading keeps off the GPU; DeepSpeed's own estimators
 # (deepspeed.runtime.zero.stage3.estimate_zero3_model_states_mem_needs) count the same:

@@ -81,8 +81,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from workshop.errors import WorkshopError
-
-GIB = 1024**3
+from workshop.shapes import ModelShape, model_shape
+from workshop.units import GIB
 
 # Measured on an H100 (CUDA 13, torch 2.11): nvidia-smi minus torch.cuda.memory_reserved at the peak.
 CUDA_CONTEXT_BYTES = int(1.75 * GIB)
@@ -126,83 +126,6 @@ DS_DEFAULTS = {"reduce_bucket_size": int(5e8), "contiguous_gradients": True, "st
                "stage3_max_live_parameters": int(1e9), "sub_group_size": int(1e9)}
 
 OFFLOAD_CHOICES = ("none", "cpu", "nvme")
-
-
-# ----------------------------------------------------------------------------------------------
-# Model shapes
-# ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ModelShape:
-    name: str
-    model_type: str
-    n_params: int              # unique parameters (tied embeddings once), as DeepSpeed's model_to_params counts
-    largest_layer_params: int  # the largest single module's own parameters (DeepSpeed's ZeRO-3 input)
-    n_layers: int
-    hidden_size: int
-    n_heads: int
-    vocab_size: int
-    attn_implementation: str   # "sdpa" or "eager": whether an s x s attention matrix is stored
-
-
-def _known_architectures() -> dict[str, dict]:
-    from workshop.model import KNOWN_ARCHITECTURES
-
-    return KNOWN_ARCHITECTURES
-
-
-def config_for(name: str, vocab_size: int | None = None):
-    """A transformers config for a known name, a local folder or config.json, or a cached hub name."""
-    from transformers import AutoConfig
-
-    known = _known_architectures()
-    key = name if name in known else f"bigscience/{name}" if f"bigscience/{name}" in known else None
-    if key is not None:
-        kwargs = dict(known[key])
-        model_type = kwargs.pop("model_type")
-        if kwargs.get("vocab_size") is None:
-            # The tiny presets take the built-in tokenizer's vocabulary; GPT-2's special token ids
-            # would then lie outside it (irrelevant to memory, but transformers warns).
-            from workshop import builtin_data
-
-            kwargs["vocab_size"] = vocab_size or len(builtin_data.build_tokenizer())
-            kwargs.update(bos_token_id=None, eos_token_id=None)
-        return AutoConfig.for_model(model_type, **kwargs)
-    path = Path(name)
-    if path.is_file() or (path / "config.json").is_file():
-        return AutoConfig.from_pretrained(str(path))
-    try:
-        return AutoConfig.from_pretrained(name, local_files_only=True)  # the hub cache only: never the network
-    except (OSError, ValueError):
-        raise WorkshopError(f"--model {name}: not a known name ({', '.join(sorted(known))}), local folder, config.json "
-                            f"or cached hub model: give one of those, or run `workshop prefetch` first") from None
-
-
-def shape_from_config(config, name: str | None = None) -> ModelShape:
-    """Counts parameters on the meta device: no memory, a second or so even for BLOOM-7b1."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from workshop.model import workshop_sdpa
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    n_params = sum(p.numel() for p in model.parameters())  # parameters() skips tied duplicates
-    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-    return ModelShape(
-        name=name or getattr(config, "_name_or_path", "") or config.model_type,
-        model_type=config.model_type, n_params=n_params, largest_layer_params=largest,
-        n_layers=config.num_hidden_layers, hidden_size=config.hidden_size, n_heads=config.num_attention_heads,
-        vocab_size=config.vocab_size,
-        attn_implementation=("sdpa" if workshop_sdpa(config.model_type, None)
-                             else model.config._attn_implementation or "eager"))  # what workshop train runs
-
-
-def model_shape(name: str, vocab_size: int | None = None) -> ModelShape:
-    """Shape of a model given by known name (gpt2*, bloom-*), local path, config.json or cached hub name."""
-    config = config_for(name, vocab_size)
-    if vocab_size:
-        config.vocab_size = vocab_size
-    return shape_from_config(config, name)
 
 
 # ----------------------------------------------------------------------------------------------

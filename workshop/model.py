@@ -19,28 +19,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 from workshop import builtin_data
 from workshop.data_loader import IGNORE_INDEX
 from workshop.errors import WorkshopError
+from workshop.shapes import KNOWN_ARCHITECTURES, TINY_MODELS, table_config, workshop_sdpa
 
 log = logging.getLogger(__name__)
 
-# The published shapes of the workshop's models, so --from_config needs no hub access.
-KNOWN_ARCHITECTURES: dict[str, dict] = {
-    "gpt2": dict(model_type="gpt2", n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=50257),
-    "gpt2-medium": dict(model_type="gpt2", n_layer=24, n_embd=1024, n_head=16, n_positions=1024, vocab_size=50257),
-    "gpt2-large": dict(model_type="gpt2", n_layer=36, n_embd=1280, n_head=20, n_positions=1024, vocab_size=50257),
-    "gpt2-xl": dict(model_type="gpt2", n_layer=48, n_embd=1600, n_head=25, n_positions=1024, vocab_size=50257),
-    "bigscience/bloom-560m": dict(model_type="bloom", n_layer=24, hidden_size=1024, n_head=16, vocab_size=250880),
-    "bigscience/bloom-1b1": dict(model_type="bloom", n_layer=24, hidden_size=1536, n_head=16, vocab_size=250880),
-    "bigscience/bloom-1b7": dict(model_type="bloom", n_layer=24, hidden_size=2048, n_head=16, vocab_size=250880),
-    "bigscience/bloom-3b": dict(model_type="bloom", n_layer=30, hidden_size=2560, n_head=32, vocab_size=250880),
-    "bigscience/bloom-7b1": dict(model_type="bloom", n_layer=30, hidden_size=4096, n_head=32, vocab_size=250880),
-    # Two layers, 64 wide: a few seconds per epoch on a laptop CPU. The vocabulary follows the tokenizer.
-    # No dropout, so runs that should match (ZeRO stages, resumes) match step for step.
-    "tiny-gpt2": dict(model_type="gpt2", n_layer=2, n_embd=64, n_head=4, n_positions=512, vocab_size=None,
-                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
-    "tiny-bloom": dict(model_type="bloom", n_layer=2, hidden_size=64, n_head=4, vocab_size=None,
-                       hidden_dropout=0.0, attention_dropout=0.0),
-}
-TINY_MODELS = ("tiny-gpt2", "tiny-bloom")
 
 
 def _not_found(flag: str, name: str, error: Exception, model_args) -> WorkshopError:
@@ -80,11 +62,7 @@ def load_tokenizer(model_args) -> "PreTrainedTokenizerBase":  # noqa: F821
 def model_config(model_args, tokenizer) -> PretrainedConfig:
     name = model_args.model_name_or_path
     if name in KNOWN_ARCHITECTURES and (model_args.from_config or name in TINY_MODELS):
-        kwargs = dict(KNOWN_ARCHITECTURES[name])
-        model_type = kwargs.pop("model_type")
-        if kwargs["vocab_size"] is None:
-            kwargs["vocab_size"] = len(tokenizer)
-        config = AutoConfig.for_model(model_type, **kwargs, **_special_tokens(tokenizer))
+        config = table_config(KNOWN_ARCHITECTURES[name], len(tokenizer), **_special_tokens(tokenizer))
     else:
         try:
             config = AutoConfig.from_pretrained(name)
@@ -242,15 +220,6 @@ def compute_logits_at_targets_only(model: torch.nn.Module) -> None:
         return CausalLMOutput(loss=loss)
 
     model.forward = types.MethodType(forward, model)
-
-
-def workshop_sdpa(model_type: str, attn_implementation: str | None) -> bool:
-    """Whether --attn_implementation (None: unset) means the workshop's fused attention for this model: BLOOM's.
-
-    transformers refuses 'sdpa' for BLOOM; the workshop loads it eager and replaces the attention's forward
-    (``use_sdpa_for_bloom_attention``), the default as it is for GPT-2, whose library default is sdpa.
-    """
-    return model_type == "bloom" and attn_implementation in (None, "sdpa")
 
 
 def attention_used(model_args, model: torch.nn.Module) -> str:

@@ -27,7 +27,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from workshop import data_loader
+from workshop import data_loader, shapes
 from workshop import model as models
 from workshop.config import DataArguments, ModelArguments
 from workshop.errors import WorkshopError
@@ -103,13 +103,13 @@ def dataset_command(dataset: str, dataset_config: str | None = None) -> str:
 # --------------------------------------------------------------------------------- what to fetch
 def _from_hub(name: str | None) -> bool:
     """A hub repository id, as opposed to nothing, a model built from a config, or a local folder."""
-    return bool(name) and name not in NOTHING_TO_FETCH and name not in models.TINY_MODELS and not os.path.isdir(name)
+    return bool(name) and name not in NOTHING_TO_FETCH and name not in shapes.TINY_MODELS and not os.path.isdir(name)
 
 
 def _tokenizer_name(args) -> str | None:
     if args.tokenizer_name_or_path:
         return args.tokenizer_name_or_path
-    return None if args.model_name_or_path in models.TINY_MODELS else args.model_name_or_path
+    return None if args.model_name_or_path in shapes.TINY_MODELS else args.model_name_or_path
 
 
 def _dataset_source(args) -> tuple[str, str | None] | None:
@@ -239,7 +239,7 @@ def check(args) -> list[str]:
     found = []
     model_args = ModelArguments(model_name_or_path=args.model_name_or_path,
                                 tokenizer_name_or_path=args.tokenizer_name_or_path, from_config=args.from_config)
-    model_needed = args.model_name_or_path not in NOTHING_TO_FETCH + models.TINY_MODELS
+    model_needed = args.model_name_or_path not in NOTHING_TO_FETCH + shapes.TINY_MODELS
     if model_needed or _from_hub(_tokenizer_name(args)):
         tokenizer = models.load_tokenizer(model_args)
         found.append(f"tokenizer {_tokenizer_name(args) or 'builtin'} ({len(tokenizer)} tokens)")

@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from workshop import estimate as est
+from workshop import shapes, stages
 from workshop.errors import WorkshopError
 from workshop.files import write_text
-
-GIB = 1024**3
+from workshop.units import GIB, mib_to_gib
 RUN_MARKERS = ("metrics.json", "log_history.json")
 SKIP_DIRS = {"model", "checkpoints", "tensorboard", "report", "__pycache__"}
 
@@ -227,11 +227,11 @@ def from_log_history(history: list[dict]) -> dict:
 
 def nvidia_smi_peaks(gpu_csv: dict[str, list[dict]]) -> dict[str, float]:
     """Largest memory.used of any GPU, per host, in GiB (nvidia-smi's MiB / 1024)."""
-    return {host: max(s["memory_used_mib"] for s in samples) / 1024 for host, samples in gpu_csv.items() if samples}
+    return {host: mib_to_gib(max(s["memory_used_mib"] for s in samples)) for host, samples in gpu_csv.items() if samples}
 
 
 def host_memory_peaks(host_csv: dict[str, list[dict]]) -> dict[str, float]:
-    return {host: max(s["used_mib"] for s in samples) / 1024 for host, samples in host_csv.items() if samples}
+    return {host: mib_to_gib(max(s["used_mib"] for s in samples)) for host, samples in host_csv.items() if samples}
 
 
 def _first(*values):
@@ -295,15 +295,9 @@ def settings(run: Run) -> dict:
 
 
 def setting_label(row: dict) -> str:
-    """'Trainer', 'ZeRO-2', 'ZeRO-3 + opt cpu + params cpu', with ' x8 GPUs' when more than one."""
-    label = "Trainer" if row.get("zero_stage") is None else f"ZeRO-{row['zero_stage']}"
-    if row.get("offload_optimizer"):
-        label += f" + opt {row['offload_optimizer']}"
-    if row.get("offload_param"):
-        label += f" + params {row['offload_param']}"
-    if (row.get("world_size") or 1) > 1:
-        label += f" x{row['world_size']} GPUs"
-    return label
+    """The row's stage label: 'Trainer', 'ZeRO-2', 'ZeRO-3 + opt cpu + params cpu', ' x8 GPUs' (stages.label)."""
+    return stages.label(row.get("zero_stage"), row.get("offload_optimizer"), row.get("offload_param"),
+                        row.get("world_size") or 1)
 
 
 def _seq_len_at_peak(run: Run) -> int | None:
@@ -327,13 +321,7 @@ def _model_description(run: Run, name: str | None) -> dict | None:
     """n_params, shape and model_type from config.json's model_info, the saved model's config, or the known shapes."""
     info = dict(run.config.get("model_info") or {})
     saved = _read_json(run.path / "model" / "config.json") or {}
-    known = {}
-    if name:
-        try:
-            archs = est._known_architectures()
-            known = archs.get(name) or archs.get(f"bigscience/{name}") or {}
-        except ImportError:
-            known = {}
+    known = (shapes.known(name) if name else None) or {}
     desc = {
         "n_params": info.get("n_params"),
         "n_layers": _first(info.get("n_layers"), saved.get("num_hidden_layers"), saved.get("n_layer"),

@@ -35,9 +35,10 @@ from workshop.callbacks import MeasureCallback, ProfileCallback, all_ranks_sum, 
 from workshop.checkpoints import StopOnSignal, WorkshopTrainer, complete_checkpoints
 from workshop.errors import OutOfMemory, WorkshopError
 from workshop.report import format_table
+from workshop.shapes import ModelShape, shape_from_config
+from workshop.units import GIB, MIB
 
 log = logging.getLogger("workshop")
-GIB = 1024**3
 
 
 def _versions() -> dict:
@@ -107,7 +108,7 @@ CHECKPOINT_BYTES_PER_PARAM = 12
 
 
 def _size(n_bytes: float) -> str:
-    return f"{n_bytes / GIB:.1f} GiB" if n_bytes >= GIB else f"{n_bytes / 1024**2:.1f} MiB"
+    return f"{n_bytes / GIB:.1f} GiB" if n_bytes >= GIB else f"{n_bytes / MIB:.1f} MiB"
 
 
 def check_room(run_dir: Path, n_params: int, training_args, save_model: bool) -> None:
@@ -143,7 +144,7 @@ def check_gpu_count() -> None:
                             f"{visible} for the job scripts) or ask SLURM for {asked} (#SBATCH --gres=gpu:{asked})")
 
 
-def architecture_shape(model_config, training_args) -> estimate.ModelShape:
+def architecture_shape(model_config, training_args) -> ModelShape:
     """Parameter counts of the architecture, from a model built on the meta device with ZeRO-3's hook off.
 
     Under a ZeRO-3 config ``from_config`` runs inside ``deepspeed.zero.Init``: the throw-away model would
@@ -154,10 +155,10 @@ def architecture_shape(model_config, training_args) -> estimate.ModelShape:
 
     ds_config = getattr(training_args, "hf_deepspeed_config", None)
     if ds_config is None:
-        return estimate.shape_from_config(model_config)
+        return shape_from_config(model_config)
     unset_hf_deepspeed_config()
     try:
-        return estimate.shape_from_config(model_config)
+        return shape_from_config(model_config)
     finally:
         set_hf_deepspeed_config(ds_config)
 
@@ -274,7 +275,7 @@ def peak_seq_len(data_args, prepared) -> int:
     return data_loader.Collator.for_run(data_args, pad_token_id=0).padded_length(prepared.stats["length_max"])
 
 
-def predicted_memory(shape: estimate.ModelShape, model_args, training_args, seq_len: int,
+def predicted_memory(shape: ModelShape, model_args, training_args, seq_len: int,
                      micro_batch: int) -> estimate.Estimate:
     """What `workshop estimate` predicts for this run's settings at this micro-batch."""
     ds = training_args.deepspeed or {}
@@ -290,7 +291,7 @@ def predicted_memory(shape: estimate.ModelShape, model_args, training_args, seq_
 FIT_SHARE = 0.9
 
 
-def micro_batch_that_fits(shape: estimate.ModelShape, model_args, training_args, seq_len: int,
+def micro_batch_that_fits(shape: ModelShape, model_args, training_args, seq_len: int,
                           gpu_bytes: float) -> int:
     """The micro-batch, halved until `workshop estimate` puts the run within FIT_SHARE of the GPU (1 at least)."""
     micro = training_args.per_device_train_batch_size
@@ -305,7 +306,7 @@ def gpu_bytes() -> int | None:
         else None
 
 
-def fit_batch_to_gpu(argv, parsed, shape: estimate.ModelShape, seq_len: int, card: int | None):
+def fit_batch_to_gpu(argv, parsed, shape: ModelShape, seq_len: int, card: int | None):
     """The default micro-batch where it fits a GPU of card bytes; else a smaller one with more accumulation.
 
     The global batch stays the same. Only when neither --per_device_train_batch_size nor
@@ -333,7 +334,7 @@ def fit_batch_to_gpu(argv, parsed, shape: estimate.ModelShape, seq_len: int, car
                       "--gradient_accumulation_steps", str(accum)])
 
 
-def oom_message(shape: estimate.ModelShape, model_args, training_args, seq_len: int) -> str:
+def oom_message(shape: ModelShape, model_args, training_args, seq_len: int) -> str:
     """One line: how far memory got, what this setup should need, and the next things to try."""
     ds = training_args.deepspeed or {}
     stage = ds_preflight.zero_stage(ds) if ds else None
