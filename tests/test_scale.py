@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from workshop import estimate, scale
+from workshop import memory, scale
 from workshop.shapes import model_shape
 
 
@@ -62,8 +62,8 @@ def test_host_prediction_counts_deepspeeds_offload_buffers_and_the_pinned_roundi
         predicted = scale.predict(model_shape(str(configs[model])), stage, 512, "bf16", False).host_bytes
         assert abs(predicted / scale.GIB / measured - 1) < 0.03, (stage, model, predicted / scale.GIB, measured)
     # The allocator's rounding: a pinned buffer just past a power of two takes nearly twice its size.
-    assert estimate.host_allocation_bytes(2**30 + 1, pinned=True) == 2**31
-    assert estimate.host_allocation_bytes(2**30 + 1, pinned=False) == 2**30 + 1
+    assert memory.host_allocation_bytes(2**30 + 1, pinned=True) == 2**31
+    assert memory.host_allocation_bytes(2**30 + 1, pinned=False) == 2**30 + 1
 
 
 def test_offload_moves_the_predicted_ceiling_until_host_memory_is_the_wall(tmp_path):

@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
-from workshop import ds_preflight
+from workshop import ds_config
 from workshop.errors import WorkshopError
 
 DATASETS = ("squad", "wikitext", "builtin", "builtin_text")
@@ -230,9 +230,9 @@ class WorkshopTrainingArguments(TrainingArguments):
             # "auto" values first, so a typo or a conflict stops here in one line instead of deep inside DeepSpeed.
             self.deepspeed_file = self.deepspeed
             source = f"--deepspeed {self.deepspeed}"
-            config = ds_preflight.resolve_config(self.deepspeed, self.nvme_path, self.precision)
-            ds_preflight.check_keys(config, source)
-            ds_preflight.check_trainer_conflicts(config, self, source)
+            config = ds_config.resolve_config(self.deepspeed, self.nvme_path, self.precision)
+            ds_config.check_keys(config, source)
+            ds_config.check_trainer_conflicts(config, self, source)
             self.deepspeed = config
         elif self.nvme_path:
             raise WorkshopError("--nvme_path is only read by an NVMe offload config: add "

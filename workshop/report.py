@@ -15,7 +15,7 @@ folder itself:
   memory, peak host RSS (``steps.jsonl`` stands in where metrics.json is missing);
 * from ``gpu_memory-<host>.csv``: the largest ``memory.used`` of any GPU, per host (nvidia-smi);
 * from ``host_memory-<host>.csv``: the largest ``used_mib``, per host;
-* from ``config.json``: the settings, fed to ``workshop.estimate`` for the predicted memory shown
+* from ``config.json``: the settings, fed to ``workshop.memory`` for the predicted memory shown
   beside the measured one.
 
 Runs that differ only in their GPU count get a scaling efficiency: samples/s per GPU relative to
@@ -34,10 +34,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from workshop import estimate as est
-from workshop import shapes, stages
+from workshop import memory, shapes, stages
+from workshop.ds_config import deepspeed_choices
 from workshop.errors import WorkshopError
 from workshop.files import write_text
+from workshop.shapes import ModelShape
 from workshop.units import GIB, mib_to_gib
 RUN_MARKERS = ("metrics.json", "log_history.json")
 SKIP_DIRS = {"model", "checkpoints", "tensorboard", "report", "__pycache__"}
@@ -261,7 +262,7 @@ def settings(run: Run) -> dict:
     m, cfg = run.metrics, run.config
     training, env = cfg.get("training") or {}, cfg.get("environment") or {}
     data, labels = cfg.get("data") or {}, cfg.get("labels") or {}
-    ds_stage, ds_opt, ds_param = est.deepspeed_choices(_ds_config(run))
+    ds_stage, ds_opt, ds_param = deepspeed_choices(_ds_config(run))
     deepspeed = _first(m.get("deepspeed"), labels.get("deepspeed"))
     if deepspeed is None and isinstance(training.get("deepspeed"), str):
         deepspeed = Path(training["deepspeed"]).name
@@ -317,48 +318,42 @@ def _seq_len_at_peak(run: Run) -> int | None:
     return int(seq)
 
 
-def _model_description(run: Run, name: str | None) -> dict | None:
-    """n_params, shape and model_type from config.json's model_info, the saved model's config, or the known shapes."""
+def _model_shape(run: Run, name: str | None) -> ModelShape | None:
+    """The model's shape from config.json's model_info, the saved model's config, or the shapes table."""
     info = dict(run.config.get("model_info") or {})
     saved = _read_json(run.path / "model" / "config.json") or {}
     known = (shapes.known(name) if name else None) or {}
-    desc = {
-        "n_params": info.get("n_params"),
-        "n_layers": _first(info.get("n_layers"), saved.get("num_hidden_layers"), saved.get("n_layer"),
-                           known.get("n_layer")),
-        "hidden": _first(info.get("hidden_size"), saved.get("hidden_size"), saved.get("n_embd"),
-                         known.get("hidden_size"), known.get("n_embd")),
-        "heads": _first(info.get("n_heads"), saved.get("num_attention_heads"), saved.get("n_head"),
-                        known.get("n_head")),
-        "vocab": _first(info.get("vocab_size"), saved.get("vocab_size"), known.get("vocab_size")),
-        "model_type": _first(info.get("model_type"), saved.get("model_type"), known.get("model_type"), "unknown"),
-        "largest_layer_params": info.get("largest_layer_params"),
-    }
-    if any(desc[k] is None for k in ("n_params", "n_layers", "hidden", "heads", "vocab")):
+    n_params = info.get("n_params")
+    n_layers = _first(info.get("n_layers"), saved.get("num_hidden_layers"), saved.get("n_layer"), known.get("n_layer"))
+    hidden = _first(info.get("hidden_size"), saved.get("hidden_size"), saved.get("n_embd"), known.get("hidden_size"),
+                    known.get("n_embd"))
+    heads = _first(info.get("n_heads"), saved.get("num_attention_heads"), saved.get("n_head"), known.get("n_head"))
+    vocab = _first(info.get("vocab_size"), saved.get("vocab_size"), known.get("vocab_size"))
+    if any(v is None for v in (n_params, n_layers, hidden, heads, vocab)):
         return None
-    return desc
+    model_type = _first(info.get("model_type"), saved.get("model_type"), known.get("model_type"), "unknown")
+    attn = (run.config.get("model") or {}).get("attn_implementation") or (  # unset: a run folder from before it
+        "eager" if model_type == "bloom" else "sdpa")  # was recorded, when BLOOM had no fused attention
+    largest = _first(info.get("largest_layer_params"), vocab * hidden)  # unrecorded: the embedding
+    return ModelShape(name or "", model_type, n_params, largest, n_layers, hidden, heads, vocab, attn)
 
 
-def predict(run: Run, row: dict) -> est.Estimate | None:
-    """workshop.estimate's prediction for this run's settings; None where the run folder lacks the model's shape."""
-    desc = _model_description(run, row.get("model"))
+def predict(run: Run, row: dict) -> memory.Estimate | None:
+    """`workshop estimate`'s prediction for this run's settings; None where the run folder lacks the model's shape."""
+    shape = _model_shape(run, row.get("model"))
     seq = _seq_len_at_peak(run)
     micro = row.get("per_device_train_batch_size")
     precision = row.get("precision") if row.get("precision") in ("bf16", "fp16", "fp32") else None
-    if desc is None or not seq or not micro or precision is None:
+    if shape is None or not seq or not micro or precision is None:
         return None
     model_settings = run.config.get("model") or {}
-    attn = model_settings.get("attn_implementation") or (  # unset: a run folder from before it was recorded
-        "eager" if desc["model_type"] == "bloom" else "sdpa")  # resolved, when BLOOM had no fused attention
     try:
-        return est.estimate(
-            desc["n_params"], desc["n_layers"], desc["hidden"], desc["heads"], desc["vocab"], seq, micro,
-            row.get("zero_stage"), row.get("offload_optimizer"), row.get("offload_param"), row.get("world_size") or 1,
-            precision, num_nodes=row.get("num_nodes") or 1, model_type=desc["model_type"], attn_implementation=attn,
-            largest_layer_params=desc["largest_layer_params"],
-            deepspeed=est.DeepSpeedSettings.from_config(_ds_config(run), desc["hidden"]),
-            gradient_checkpointing=bool((run.config.get("training") or {}).get("gradient_checkpointing")),
-            fast_kernels=model_settings.get("fast_kernels", False))  # run folders from before the flag: stock
+        return memory.predict(shape, memory.Settings(
+            seq, micro, row.get("zero_stage"), row.get("offload_optimizer"), row.get("offload_param"),
+            row.get("world_size") or 1, row.get("num_nodes") or 1, precision,
+            bool((run.config.get("training") or {}).get("gradient_checkpointing")),
+            model_settings.get("fast_kernels", False),  # run folders from before the flag: stock
+            memory.DeepSpeedSettings.from_config(_ds_config(run), shape.hidden_size)))
     except WorkshopError:
         return None
 

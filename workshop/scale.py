@@ -38,7 +38,8 @@ from pathlib import Path
 
 import psutil
 
-from workshop import bench, estimate, files, shapes, stages
+from workshop import bench, files, memory, shapes, stages
+from workshop.ds_config import deepspeed_choices
 from workshop.errors import WorkshopError
 from workshop.units import GIB, MIB
 
@@ -83,21 +84,22 @@ def check_models(models: list[str]) -> None:
         raise WorkshopError(f"--models {' '.join(unknown)}: not a shape the ladder knows; use {', '.join(known)}")
 
 
-def predict(shape: estimate.ModelShape, stage: str, seq_len: int, precision: str,
-            gradient_checkpointing: bool) -> estimate.Estimate:
+def predict(shape: shapes.ModelShape, stage: str, seq_len: int, precision: str,
+            gradient_checkpointing: bool) -> memory.Estimate:
     path = stages.REGISTRY[stage].ds_path
     ds_config = json.loads(path.read_text()) if path else None
-    zero, optimizer, param = estimate.deepspeed_choices(ds_config)
-    return estimate.estimate_for_shape(shape, seq_len, 1, zero, optimizer, param, 1, precision, 1, ds_config,
-                                       gradient_checkpointing=gradient_checkpointing)
+    zero, optimizer, param = deepspeed_choices(ds_config)
+    return memory.predict(shape, memory.Settings(
+        seq_len, 1, zero, optimizer, param, precision=precision, gradient_checkpointing=gradient_checkpointing,
+        deepspeed=memory.DeepSpeedSettings.from_config(ds_config, shape.hidden_size)))
 
 
-def fits(e: estimate.Estimate, resources: Resources) -> bool:
+def fits(e: memory.Estimate, resources: Resources) -> bool:
     room_on_disk = resources.nvme_bytes is None or e.nvme_bytes <= resources.nvme_bytes
     return e.fits(resources.gpu_bytes) and e.host_bytes <= resources.host_bytes and room_on_disk
 
 
-def prediction_fields(e: estimate.Estimate, resources: Resources) -> dict:
+def prediction_fields(e: memory.Estimate, resources: Resources) -> dict:
     """An attempt row's predicted columns."""
     return {"predicted_gpu_gib": e.gpu_total_bytes / GIB, "predicted_host_gib": e.host_bytes / GIB,
             "predicted_nvme_gib": e.nvme_bytes / GIB, "predicted_fits": fits(e, resources)}

@@ -29,7 +29,7 @@ import torch
 import transformers
 
 from workshop import config as cfg
-from workshop import data_loader, distributed, ds_grad_clip, ds_preflight, estimate, evaluation, files
+from workshop import data_loader, distributed, ds_config, ds_grad_clip, evaluation, files, memory, preflight
 from workshop import model as models
 from workshop.callbacks import MeasureCallback, ProfileCallback, all_ranks_sum, peak_flops
 from workshop.checkpoints import StopOnSignal, WorkshopTrainer, complete_checkpoints
@@ -83,67 +83,6 @@ def resolve_run_dir(ws_args) -> Path:
     return Path(distributed.broadcast(str(run_dir)))
 
 
-def _nearest_existing(path: Path) -> Path:
-    """``path`` or its closest ancestor that exists: where the run folder will be created."""
-    path = path.absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def check_run_dir(run_dir: Path) -> None:
-    if (run_dir / "metrics.json").exists():
-        raise WorkshopError(f"--run_dir {run_dir} already holds a finished run: give a new --run_dir or remove it")
-    parent = _nearest_existing(run_dir)
-    if not parent.is_dir():  # --run_dir some_file/run, or --logs_root naming a file
-        raise WorkshopError(f"--run_dir {run_dir}: {parent} is a file, not a folder: choose another --run_dir "
-                            "or --logs_root")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise WorkshopError(f"--run_dir {run_dir}: {parent} is not writable: choose a folder you can write to "
-                            "(--run_dir or --logs_root)")
-
-
-# The least one checkpoint holds per parameter: fp32 weights (4 bytes) and Adam's two moments (8).
-CHECKPOINT_BYTES_PER_PARAM = 12
-
-
-def _size(n_bytes: float) -> str:
-    return f"{n_bytes / GIB:.1f} GiB" if n_bytes >= GIB else f"{n_bytes / MIB:.1f} MiB"
-
-
-def check_room(run_dir: Path, n_params: int, training_args, save_model: bool) -> None:
-    """The run folder's disk has room for at least one checkpoint and the saved model.
-
-    A full disk otherwise shows up only when the first checkpoint is written, an epoch into the run.
-    """
-    needed = CHECKPOINT_BYTES_PER_PARAM * n_params if training_args.save_strategy != "no" else 0
-    if save_model:  # 16-bit under DeepSpeed (ZeRO-3 consolidates to 16-bit), else the fp32 weights
-        needed += (2 if training_args.deepspeed and training_args.precision in ("bf16", "fp16") else 4) * n_params
-    where = _nearest_existing(run_dir)
-    free = shutil.disk_usage(where).free
-    if free < needed:
-        raise WorkshopError(f"--run_dir {run_dir}: {where} has {_size(free)} free but this run writes at least "
-                            f"{_size(needed)} (a checkpoint with optimizer states and the final model of "
-                            f"{n_params / 1e6:.1f}M parameters): free some space, choose another --run_dir or "
-                            "--logs_root, or use --save_strategy no")
-
-
-def check_gpu_count() -> None:
-    """More processes on this node than GPUs it can see fails deep in CUDA ("invalid device ordinal")."""
-    if not torch.cuda.is_available():
-        return  # CPU processes (gloo) need no GPU each
-    local = (os.environ.get("LOCAL_WORLD_SIZE")  # torchrun
-             or os.environ.get("LOCAL_SIZE"))  # the deepspeed launcher
-    asked = int(local) if local else int(os.environ.get("LOCAL_RANK", "0")) + 1
-    visible = torch.cuda.device_count()
-    if asked > visible:
-        shown = os.environ.get("CUDA_VISIBLE_DEVICES")
-        shown = f" (CUDA_VISIBLE_DEVICES={shown})" if shown is not None else ""
-        raise WorkshopError(f"{asked} training processes on this node but only {visible} GPU(s) visible{shown}: "
-                            f"start at most {visible} (torchrun --nproc_per_node {visible}, NPROC_PER_NODE="
-                            f"{visible} for the job scripts) or ask SLURM for {asked} (#SBATCH --gres=gpu:{asked})")
-
-
 def architecture_shape(model_config, training_args) -> ModelShape:
     """Parameter counts of the architecture, from a model built on the meta device with ZeRO-3's hook off.
 
@@ -161,13 +100,6 @@ def architecture_shape(model_config, training_args) -> ModelShape:
         return shape_from_config(model_config)
     finally:
         set_hf_deepspeed_config(ds_config)
-
-
-def check_lengths(data_args, config) -> None:
-    limit = models.max_positions(config)
-    if limit is not None and data_args.max_seq_length > limit:
-        raise WorkshopError(f"--max_seq_length {data_args.max_seq_length} is longer than the model's {limit} "
-                            f"positions: use --max_seq_length {limit} or less")
 
 
 def workshop_metrics(trainer, measure: MeasureCallback, prepared, run_info: dict, answers: dict) -> dict:
@@ -225,24 +157,24 @@ def workshop_metrics(trainer, measure: MeasureCallback, prepared, run_info: dict
 def run(argv: list[str]) -> dict:
     uses_deepspeed = any(a == "--deepspeed" or a.startswith("--deepspeed=") for a in cfg.expand_argv(argv))
     launch = distributed.init_env(deepspeed=uses_deepspeed)
-    check_gpu_count()
+    preflight.check_gpu_count()
     model_args, data_args, ws_args, training_args = cfg.parse(argv)
     _ = training_args.device  # initialises torch.distributed when several processes run
     if uses_deepspeed:
         distributed.init_deepspeed_comm()
     run_dir = resolve_run_dir(ws_args)
-    check_run_dir(run_dir)
+    preflight.check_run_dir(run_dir)
 
     # Everything that can fail on bad input happens before the run folder exists.
     tokenizer = models.load_tokenizer(model_args)
     model_config = models.model_config(model_args, tokenizer)
-    check_lengths(data_args, model_config)
+    preflight.check_lengths(data_args, model_config)
     shape = architecture_shape(model_config, training_args)
     n_params = shape.n_params
-    check_room(run_dir, n_params, training_args, ws_args.save_model)
+    preflight.check_room(run_dir, n_params, training_args, ws_args.save_model)
     if training_args.deepspeed:
         # Host memory, NVMe room, async_io, the CUDA arch list: before DeepSpeed builds anything.
-        ds_preflight.check_resources(training_args.deepspeed, n_params, training_args, distributed.num_nodes(),
+        preflight.check_resources(training_args.deepspeed, n_params, training_args, distributed.num_nodes(),
                                      f"--deepspeed {training_args.deepspeed_file}")
     with training_args.main_process_first(desc="loading and tokenising the data"):
         prepared = data_loader.prepare(data_args, tokenizer, seed=training_args.seed)
@@ -250,7 +182,7 @@ def run(argv: list[str]) -> dict:
     model_args, data_args, ws_args, training_args = fit_batch_to_gpu(
         argv, (model_args, data_args, ws_args, training_args), shape, seq_len, gpu_bytes())
     if training_args.deepspeed:
-        ds_preflight.size_param_buffers(training_args, shape.largest_layer_params)
+        ds_config.size_param_buffers(training_args, shape.largest_layer_params)
 
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -259,7 +191,7 @@ def run(argv: list[str]) -> dict:
         return _train(run_dir, model_args, data_args, ws_args, training_args, tokenizer, model_config, shape,
                       prepared, launch)
     except torch.cuda.OutOfMemoryError:
-        message = oom_message(shape, model_args, training_args, seq_len)
+        message = memory.oom_message(shape, model_args, training_args, seq_len)
         if distributed.is_main():
             files.write_json(run_dir / "status.json", {"status": "oom", "error": message})
         raise OutOfMemory(message) from None
@@ -273,32 +205,6 @@ def run(argv: list[str]) -> dict:
 def peak_seq_len(data_args, prepared) -> int:
     """Tokens per sample in the longest batch, as the run's collator will pad it."""
     return data_loader.Collator.for_run(data_args, pad_token_id=0).padded_length(prepared.stats["length_max"])
-
-
-def predicted_memory(shape: ModelShape, model_args, training_args, seq_len: int,
-                     micro_batch: int) -> estimate.Estimate:
-    """What `workshop estimate` predicts for this run's settings at this micro-batch."""
-    ds = training_args.deepspeed or {}
-    stage = ds_preflight.zero_stage(ds) if ds else None
-    offload = ds_preflight.offload_devices(ds) if ds else {"offload_optimizer": None, "offload_param": None}
-    return estimate.estimate_for_shape(
-        shape, seq_len, micro_batch, stage, offload["offload_optimizer"],
-        offload["offload_param"], distributed.world_size(), training_args.precision, distributed.num_nodes(),
-        ds or None, gradient_checkpointing=training_args.gradient_checkpointing, fast_kernels=model_args.fast_kernels)
-
-
-# The estimate's GPU total (allocator cache and CUDA context included) may use this share of the card.
-FIT_SHARE = 0.9
-
-
-def micro_batch_that_fits(shape: ModelShape, model_args, training_args, seq_len: int,
-                          gpu_bytes: float) -> int:
-    """The micro-batch, halved until `workshop estimate` puts the run within FIT_SHARE of the GPU (1 at least)."""
-    micro = training_args.per_device_train_batch_size
-    while micro > 1 and predicted_memory(shape, model_args, training_args, seq_len,
-                                         micro).gpu_total_bytes > FIT_SHARE * gpu_bytes:
-        micro //= 2
-    return micro
 
 
 def gpu_bytes() -> int | None:
@@ -321,34 +227,17 @@ def fit_batch_to_gpu(argv, parsed, shape: ModelShape, seq_len: int, card: int | 
     if card is None or cfg.batch_given(argv) or batch_in_json:
         return parsed
     micro = training_args.per_device_train_batch_size
-    fitted = micro_batch_that_fits(shape, model_args, training_args, seq_len, card)
+    fitted = memory.micro_batch_that_fits(shape, model_args, training_args, seq_len, card)
     if fitted == micro:
         return parsed
     accum = training_args.gradient_accumulation_steps * (micro // fitted)
-    need = predicted_memory(shape, model_args, training_args, seq_len, micro).gpu_total_bytes
+    need = memory.predicted_memory(shape, model_args, training_args, seq_len, micro).gpu_total_bytes
     distributed.print0(f"micro-batch {micro} needs about {need / GIB:.1f} GiB by `workshop estimate` ({seq_len} tokens "
                        f"in the longest batch), the GPU has {card / GIB:.1f}: using --per_device_train_batch_size "
                        f"{fitted} --gradient_accumulation_steps {accum}, the same global batch (give either flag to "
                        "choose yourself)")
     return cfg.parse([*argv, "--per_device_train_batch_size", str(fitted), "--per_device_eval_batch_size", str(fitted),
                       "--gradient_accumulation_steps", str(accum)])
-
-
-def oom_message(shape: ModelShape, model_args, training_args, seq_len: int) -> str:
-    """One line: how far memory got, what this setup should need, and the next things to try."""
-    ds = training_args.deepspeed or {}
-    stage = ds_preflight.zero_stage(ds) if ds else None
-    micro, accum = training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps
-    predicted = predicted_memory(shape, model_args, training_args, seq_len, micro)
-    peak = torch.cuda.max_memory_reserved() / GIB if torch.cuda.is_available() else float("nan")
-    card = torch.cuda.get_device_properties(0).total_memory / GIB if torch.cuda.is_available() else float("nan")
-    smaller = (f"--per_device_train_batch_size {micro // 2} --gradient_accumulation_steps {accum * 2}"
-               if micro > 1 else "--gradient_checkpointing")
-    next_stage = {None: "ds_configs/zero2.json on several GPUs", 0: "ds_configs/zero2.json", 1: "ds_configs/zero2.json",
-                  2: "ds_configs/zero3.json", 3: "ds_configs/zero3_offload_all.json"}[stage]
-    return (f"out of GPU memory (reserved {peak:.1f} GiB of the card's {card:.1f} GiB; `workshop estimate` predicts "
-            f"{predicted.peak_allocated_bytes / GIB:.1f} GiB allocated for this setup): try {smaller} (same global "
-            f"batch), then --gradient_checkpointing, then {next_stage}, then CPU offload (ds_configs/zero3_offload.json)")
 
 
 def _first_line(error: BaseException) -> str:
@@ -366,8 +255,8 @@ def _train(run_dir, model_args, data_args, ws_args, training_args, tokenizer, mo
     # Same seed, same initial weights, whichever stage runs (the launchers consume RNG differently).
     transformers.set_seed(training_args.seed)
     models.prefer_shape_agnostic_attention()
-    ds_config = training_args.deepspeed
-    if ds_config:
+    ds_json = training_args.deepspeed
+    if ds_json:
         ds_grad_clip.use(training_args.foreach_grad_clip)
     model = models.build_model(model_args, tokenizer, model_config, training_args.device)
     shape = dataclasses.asdict(shape)
@@ -378,11 +267,11 @@ def _train(run_dir, model_args, data_args, ws_args, training_args, tokenizer, mo
             "run_id": run_dir.name, "stage": ws_args.stage, "model": model_args.model_name_or_path,
             "dataset": data_args.train_file or data_args.dataset_name,
             "deepspeed": Path(training_args.deepspeed_file).name if training_args.deepspeed_file else None,
-            "zero_stage": ds_preflight.zero_stage(ds_config) if ds_config else None,
-            **(ds_preflight.offload_devices(ds_config) if ds_config else
+            "zero_stage": ds_config.zero_stage(ds_json) if ds_json else None,
+            **(ds_config.offload_devices(ds_json) if ds_json else
                {"offload_optimizer": None, "offload_param": None}),
         },
-        "deepspeed_config": ds_config,
+        "deepspeed_config": ds_json,
         "model": {**vars(model_args), "attn_implementation": models.attention_used(model_args, model)},  # resolved
         "data": {**vars(data_args), "pad_to_multiple_of": collator.pad_to_multiple_of},  # as resolved for this device
         "workshop": {**vars(ws_args), "launch": launch},
