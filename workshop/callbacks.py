@@ -19,32 +19,9 @@ import psutil
 import torch
 from transformers import Trainer, TrainerCallback
 
+from workshop import metrics
 from workshop.distributed import print0
 from workshop.units import GIB
-
-# Dense peak TFLOP/s by GPU name and precision, from the vendors' data sheets (no sparsity).
-# fp32 without TF32 runs on the CUDA cores. A GPU missing here gets no MFU rather than a guess.
-PEAK_TFLOPS = {
-    "H200": {"bf16": 989, "fp16": 989, "fp32": 67},
-    "H100 80GB HBM3": {"bf16": 989, "fp16": 989, "fp32": 67},  # SXM
-    "H100 PCIe": {"bf16": 756, "fp16": 756, "fp32": 51},
-    "H100 NVL": {"bf16": 835, "fp16": 835, "fp32": 60},
-    "A100": {"bf16": 312, "fp16": 312, "fp32": 19.5},
-    "L40S": {"bf16": 362, "fp16": 362, "fp32": 91.6},
-    "A10": {"bf16": 125, "fp16": 125, "fp32": 31.2},
-    "V100": {"fp16": 125, "fp32": 15.7},
-}
-
-
-def peak_flops(gpu_name: str | None, precision: str) -> float | None:
-    """Peak FLOP/s of one GPU at this precision, or None when the GPU is not in the table."""
-    if not gpu_name:
-        return None
-    for key, peaks in PEAK_TFLOPS.items():
-        if key in gpu_name and precision in peaks:
-            return peaks[precision] * 1e12
-    return None
-
 
 class TokenCountingTrainer(Trainer):
     """The stock Trainer, counting non-padding tokens on the device without waiting for it.
@@ -79,7 +56,7 @@ class MeasureCallback(TrainerCallback):
         self.trainer = trainer
         self.steps_path = steps_path
         self.flops_per_token = flops_per_token
-        self.peak_flops = peak_flops(gpu_name, precision)
+        self.peak_flops = metrics.peak_flops(gpu_name, precision)
         self.world_size = world_size
         self.is_main = is_main
         self.cuda = torch.cuda.is_available()
@@ -151,8 +128,7 @@ class MeasureCallback(TrainerCallback):
         steps = state.global_step - self.last_step
         samples = steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * self.world_size
         tokens_per_s = (tokens - self.last_tokens) / dt
-        mfu = (tokens_per_s * self.flops_per_token / (self.peak_flops * self.world_size)
-               if self.peak_flops else None)
+        mfu = metrics.mfu(tokens_per_s, self.flops_per_token, self.peak_flops, self.world_size)
         row = {"step": state.global_step, "epoch": state.epoch, "loss": logs["loss"],
                "time_s": now - self.start, "step_time_s": dt / max(steps, 1), "tokens": tokens - self.last_tokens,
                "samples": samples, "tokens_per_s": tokens_per_s, "samples_per_s": samples / dt, "mfu": mfu,

@@ -292,8 +292,3 @@ def _alibi_and_mask(alibi: torch.Tensor, attention_mask: torch.Tensor | None, ba
     bias = bias.to(dtype)
     alibi._workshop_sdpa_bias = (attention_mask, dtype, bias)
     return bias
-
-
-def flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: float) -> float:
-    """Training FLOPs per token: 6 N for the weights (forward + backward) plus 12 L s h for attention."""
-    return 6 * n_params + 12 * n_layers * seq_len * hidden

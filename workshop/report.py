@@ -34,10 +34,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from workshop import memory, shapes, stages
+from workshop import memory, metrics, shapes, stages
 from workshop.ds_config import deepspeed_choices
 from workshop.errors import WorkshopError
 from workshop.files import write_text
+from workshop.metrics import format_table, markdown_table
 from workshop.shapes import ModelShape
 from workshop.units import GIB, mib_to_gib
 RUN_MARKERS = ("metrics.json", "log_history.json")
@@ -198,34 +199,6 @@ def load_run(path: str | Path) -> Run:
 # ----------------------------------------------------------------------------------------------
 # One run's numbers
 # ----------------------------------------------------------------------------------------------
-def from_log_history(history: list[dict]) -> dict:
-    """The workshop's table entries that the Trainer's log history holds, exactly as logged."""
-    train = [e for e in history if "loss" in e]
-    evals = [e for e in history if "eval_loss" in e]
-    summary = next((e for e in reversed(history) if "train_runtime" in e), {})
-    last = next((e for e in reversed(history) if e.get("step") is not None), {})
-    # An evaluation at the end of epoch 1 sits exactly on the epoch's last step; otherwise scale.
-    first_epoch_eval = next((e for e in evals if e.get("epoch") == 1), None)
-    if first_epoch_eval is not None:
-        steps_per_epoch = first_epoch_eval["step"]
-    elif last.get("epoch"):
-        steps_per_epoch = round(last["step"] / last["epoch"])
-    else:
-        steps_per_epoch = None
-    return {
-        "final_train_loss": train[-1]["loss"] if train else None,
-        "mean_train_loss": summary.get("train_loss"),
-        "eval_loss_per_epoch": [e["eval_loss"] for e in evals],
-        "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
-        "train_samples_per_second": summary.get("train_samples_per_second"),
-        "eval_samples_per_second": evals[-1].get("eval_samples_per_second") if evals else None,
-        "steps_per_epoch": steps_per_epoch,
-        "total_steps": last.get("step"),
-        "epochs_done": last.get("epoch"),
-        "train_runtime_s": summary.get("train_runtime"),
-    }
-
-
 def nvidia_smi_peaks(gpu_csv: dict[str, list[dict]]) -> dict[str, float]:
     """Largest memory.used of any GPU, per host, in GiB (nvidia-smi's MiB / 1024)."""
     return {host: mib_to_gib(max(s["memory_used_mib"] for s in samples)) for host, samples in gpu_csv.items() if samples}
@@ -363,7 +336,7 @@ def summarize(run: Run) -> dict:
     m = run.metrics
     row = settings(run)
     row["setting"] = setting_label(row)
-    hist = from_log_history(run.log_history)
+    hist = metrics.digest(run.log_history)
     row.update(hist)
     if row["epochs"] is None:
         row["epochs"] = hist["epochs_done"]
@@ -373,7 +346,7 @@ def summarize(run: Run) -> dict:
     # Without metrics.json: the Trainer's runtime per epoch (evaluation included) and steps.jsonl's tokens.
     row["time_per_epoch_s"] = _first(m.get("time_per_epoch_s"),
                                      runtime / epochs if runtime and epochs else None)
-    row["tokens_per_second"] = _first(m.get("tokens_per_second"), _tokens_per_second(steps))
+    row["tokens_per_second"] = _first(m.get("tokens_per_second"), metrics.tokens_per_second(steps))
     row["mfu"] = m.get("mfu")
     row["peak_gpu_allocated_gib"] = _first(m.get("peak_gpu_allocated_gib"),
                                            _max(steps, "gpu_peak_allocated_gib"))
@@ -398,13 +371,6 @@ def summarize(run: Run) -> dict:
     row["error"] = run.status.get("error")
     row["run_dir"] = str(run.path)
     return row
-
-
-def _tokens_per_second(steps: list[dict]) -> float | None:
-    """All useful tokens over all training time: each steps.jsonl row covers the time since the last one."""
-    rows = [s for s in steps if s.get("tokens") and s.get("tokens_per_s")]
-    seconds = sum(s["tokens"] / s["tokens_per_s"] for s in rows)
-    return sum(s["tokens"] for s in rows) / seconds if seconds else None
 
 
 def _max(rows: list[dict], key: str):
@@ -437,33 +403,6 @@ def add_scaling_efficiency(rows: list[dict]) -> None:
 # ----------------------------------------------------------------------------------------------
 # Tables
 # ----------------------------------------------------------------------------------------------
-def _show(value, key: str = "") -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, float):
-        if key == "mfu" or key.endswith("efficiency") or key.endswith("_over_predicted"):
-            return f"{100 * value:.1f}%"
-        if key.endswith("_gib"):
-            return f"{value:.2f}"
-        if abs(value) >= 1000:
-            return f"{value:,.0f}"
-        return f"{value:.4g}"
-    if isinstance(value, list):
-        return ", ".join(_show(v, key) for v in value)
-    if isinstance(value, dict):
-        return ", ".join(f"{k}: {_show(v, key)}" for k, v in value.items())
-    return str(value).replace("|", "\\|")
-
-
-def format_table(metrics: dict) -> str:
-    """A run's metrics (metrics.json) as a two-column Markdown table; train.py prints it at the end of a run."""
-    lines = ["| metric | value |", "|---|---|"]
-    lines += [f"| {key} | {_show(value, key)} |" for key, value in metrics.items()]
-    return "\n".join(lines)
-
-
 # (header, row key) of the side-by-side comparison; the CSV holds every key.
 COMPARISON = [
     ("run", "run"), ("setting", "setting"), ("model", "model"), ("status", "status"),
@@ -481,12 +420,6 @@ MEMORY = [
     ("peak host used", "peak_host_used_gib"), ("peak host RSS", "peak_host_rss_gib"),
     ("predicted host", "predicted_host_gib"),
 ]
-
-
-def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
-    lines = ["| " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_show(r.get(k), k) for _, k in columns) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def comparison_markdown(rows: list[dict]) -> str:

@@ -29,12 +29,12 @@ import torch
 import transformers
 
 from workshop import config as cfg
-from workshop import data_loader, distributed, ds_config, ds_grad_clip, evaluation, files, memory, preflight
+from workshop import data_loader, distributed, ds_config, ds_grad_clip, evaluation, files, memory, metrics, preflight
 from workshop import model as models
-from workshop.callbacks import MeasureCallback, ProfileCallback, all_ranks_sum, peak_flops
+from workshop.callbacks import MeasureCallback, ProfileCallback, all_ranks_sum
 from workshop.checkpoints import StopOnSignal, WorkshopTrainer, complete_checkpoints
 from workshop.errors import OutOfMemory, WorkshopError
-from workshop.report import format_table
+from workshop.metrics import format_table
 from workshop.shapes import ModelShape, shape_from_config
 from workshop.units import GIB, MIB
 
@@ -108,19 +108,14 @@ def workshop_metrics(trainer, measure: MeasureCallback, prepared, run_info: dict
     Speeds cover this job's training time only (no evaluation, no checkpointing, no earlier part of
     a resumed run): time per epoch is that time scaled to a full epoch of optimizer steps.
     """
-    history = trainer.state.log_history
     args = trainer.args
-    train_logs = [e for e in history if "loss" in e]
-    evals = [e for e in history if "eval_loss" in e]
-    summary = next((e for e in reversed(history) if "train_runtime" in e), {})
+    logged = metrics.digest(trainer.state.log_history)
     world = distributed.world_size()
-    steps_per_epoch = math.ceil(trainer.state.max_steps / args.num_train_epochs)
     training_time = sum(measure.epoch_times)
     steps_done = trainer.state.global_step - measure.first_step
     tokens = all_ranks_sum(trainer.tokens_seen)
     tokens_per_s = tokens / training_time if training_time else None
-    peak = peak_flops(run_info["environment"]["device"], args.precision)
-    mfu = tokens_per_s * run_info["model_info"]["flops_per_token"] / (peak * world) if peak and tokens_per_s else None
+    peak = metrics.peak_flops(run_info["environment"]["device"], args.precision)
     return {
         **run_info["labels"],
         "world_size": world,
@@ -133,19 +128,17 @@ def workshop_metrics(trainer, measure: MeasureCallback, prepared, run_info: dict
         "train_samples": prepared.stats["train_samples"],
         "eval_samples": prepared.stats["eval_samples"],
         "epochs": args.num_train_epochs,
-        "steps_per_epoch": steps_per_epoch,
+        "steps_per_epoch": logged["steps_per_epoch"],
         "total_steps": trainer.state.global_step,
-        "final_train_loss": train_logs[-1]["loss"] if train_logs else None,
-        "eval_loss_per_epoch": [e["eval_loss"] for e in evals],
-        "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
-        "train_runtime_s": summary.get("train_runtime"),
+        **{key: logged[key] for key in ("final_train_loss", "eval_loss_per_epoch", "final_eval_loss",
+                                        "train_runtime_s")},
         "epoch_times_s": measure.epoch_times,
         "first_step_s": measure.first_step_s,
-        "time_per_epoch_s": training_time / steps_done * steps_per_epoch if steps_done else None,
-        "train_samples_per_second": summary.get("train_samples_per_second"),
-        "eval_samples_per_second": evals[-1].get("eval_samples_per_second") if evals else None,
+        "time_per_epoch_s": training_time / steps_done * logged["steps_per_epoch"] if steps_done else None,
+        "train_samples_per_second": logged["train_samples_per_second"],
+        "eval_samples_per_second": logged["eval_samples_per_second"],
         "tokens_per_second": tokens_per_s,
-        "mfu": mfu,
+        "mfu": metrics.mfu(tokens_per_s, run_info["model_info"]["flops_per_token"], peak, world),
         **measure.peaks(),
         **answers,
         "dropped_too_long": prepared.stats["dropped_too_long"],
@@ -277,7 +270,7 @@ def _train(run_dir, model_args, data_args, ws_args, training_args, tokenizer, mo
         "workshop": {**vars(ws_args), "launch": launch},
         "training": training_args.to_dict(), "environment": environment(),
         "model_info": {**shape, "seq_len": prepared.stats["length_mean"],
-                       "flops_per_token": models.flops_per_token(shape["n_params"], shape["n_layers"],
+                       "flops_per_token": metrics.flops_per_token(shape["n_params"], shape["n_layers"],
                                                                  shape["hidden_size"], prepared.stats["length_mean"])},
         "data_stats": prepared.stats,
     }
@@ -330,13 +323,13 @@ def _train(run_dir, model_args, data_args, ws_args, training_args, tokenizer, mo
                                                   synced_gpus=zero3 and distributed.world_size() > 1)
         answers = evaluation.squad_scores(predictions, [r["answers"]["text"] for r in prepared.answer_eval])
 
-    metrics = workshop_metrics(trainer, measure, prepared, run_info, answers)
+    results = workshop_metrics(trainer, measure, prepared, run_info, answers)
     if distributed.is_main():
         files.write_json(run_dir / "log_history.json", trainer.state.log_history)
-        files.write_json(run_dir / "metrics.json", metrics)
+        files.write_json(run_dir / "metrics.json", results)
         files.write_json(run_dir / "status.json", {"status": "completed", "error": None})
-        distributed.print0(f"\nworkshop metrics ({run_dir}):\n{format_table(metrics)}")
-    return metrics
+        distributed.print0(f"\nworkshop metrics ({run_dir}):\n{format_table(results)}")
+    return results
 
 
 def _flat_config(run_info: dict) -> dict:
