@@ -6,7 +6,7 @@ import torch
 
 from conftest import REPO, read_json
 from workshop import config, memory, train
-from workshop.checkpoints import WorkshopTrainer
+from workshop.trainer import WorkshopTrainer
 
 
 def test_out_of_memory_is_reported_in_one_line_and_recorded(tmp_path, monkeypatch, capsys):

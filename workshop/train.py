@@ -31,8 +31,8 @@ import transformers
 from workshop import config as cfg
 from workshop import data_loader, distributed, ds_config, ds_grad_clip, evaluation, files, memory, metrics, preflight
 from workshop import model as models
-from workshop.callbacks import MeasureCallback, ProfileCallback, all_ranks_sum
-from workshop.checkpoints import StopOnSignal, WorkshopTrainer, complete_checkpoints
+from workshop.trainer import (MeasureCallback, ProfileCallback, StopOnSignal, WorkshopTrainer, all_ranks_sum,
+                              complete_checkpoints)
 from workshop.errors import OutOfMemory, WorkshopError
 from workshop.metrics import format_table
 from workshop.shapes import ModelShape, shape_from_config
