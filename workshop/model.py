@@ -16,7 +16,7 @@ import types
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
-from workshop import builtin_data
+from workshop import builtin_data, hub
 from workshop.data_loader import IGNORE_INDEX
 from workshop.errors import WorkshopError
 from workshop.shapes import KNOWN_ARCHITECTURES, TINY_MODELS, table_config, workshop_sdpa
@@ -28,10 +28,8 @@ log = logging.getLogger(__name__)
 def _not_found(flag: str, name: str, error: Exception, model_args) -> WorkshopError:
     import huggingface_hub
 
-    from workshop import prefetch  # imported here: prefetch imports this module
-
     reason = str(error).strip().splitlines()[0][:160]
-    fetch = f"run `{prefetch.model_command(model_args)}` on a login node with internet"
+    fetch = f"run `{hub.model_command(model_args)}` on a login node with internet"
     if huggingface_hub.constants.HF_HUB_OFFLINE:
         return WorkshopError(f"{flag} {name} is not in the local cache and the hub is offline: {fetch} first")
     if "couldn't connect" in reason:  # a compute node without internet, HF_HUB_OFFLINE not exported

@@ -31,9 +31,8 @@ from workshop import data_loader, shapes
 from workshop import model as models
 from workshop.config import DataArguments, ModelArguments
 from workshop.errors import WorkshopError
+from workshop.hub import DATASET_SOURCES, model_command
 
-# Hub data sets behind --dataset_name: (repository, configuration). The built-in ones need nothing.
-DATASET_SOURCES = {"squad": (data_loader.SQUAD_HUB_ID, None), "wikitext": data_loader.WIKITEXT_HUB_ID}
 NOTHING_TO_FETCH = ("none", "builtin", "builtin_text")
 
 # Top-level files a causal LM needs besides its weights: config.json, generation_config.json,
@@ -72,32 +71,6 @@ def parser() -> argparse.ArgumentParser:
                    help="Download nothing: check that everything loads with the hub offline, as on a compute node. "
                         "Run it inside a job to see what is missing.")
     return p
-
-
-# ------------------------------------------------------------------------------------ the command
-def command(model: str = "none", tokenizer: str | None = None, from_config: bool = False,
-            dataset: str | None = None, dataset_config: str | None = None) -> str:
-    """The prefetch command line that fetches exactly this (error messages elsewhere quote it)."""
-    parts = ["workshop prefetch", "--model_name_or_path", model]
-    if tokenizer and tokenizer != model:
-        parts += ["--tokenizer_name_or_path", tokenizer]
-    if from_config:
-        parts.append("--from_config")
-    if dataset:
-        parts += ["--dataset_name", dataset]
-        if dataset_config and dataset_config != DATASET_SOURCES.get(dataset, (None, None))[1]:
-            parts += ["--dataset_config_name", dataset_config]
-    return " ".join(parts)
-
-
-def model_command(model_args) -> str:
-    """The prefetch command for a job's model flags (the data set left at prefetch's default)."""
-    return command(model_args.model_name_or_path, model_args.tokenizer_name_or_path, model_args.from_config)
-
-
-def dataset_command(dataset: str, dataset_config: str | None = None) -> str:
-    """The prefetch command for a job's data set alone (its model is already cached by then)."""
-    return command("none", dataset=dataset, dataset_config=dataset_config)
 
 
 # --------------------------------------------------------------------------------- what to fetch
