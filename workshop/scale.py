@@ -38,7 +38,7 @@ from pathlib import Path
 
 import psutil
 
-from workshop import bench, files, memory, shapes, stages
+from workshop import files, memory, runner, shapes, stages
 from workshop.ds_config import deepspeed_choices
 from workshop.errors import WorkshopError
 from workshop.units import GIB, MIB
@@ -174,7 +174,7 @@ def attempt_row(out: Path, stage: str, name: str, config_path: Path, steps: int,
     print(f"\n=== {stage} | {name}", flush=True)
     disk = DiskSampler(nvme)
     try:
-        row, metrics = bench.train_in_subprocess(run_dir, flags, timeout_s)
+        row, metrics = runner.train_in_subprocess(run_dir, flags, timeout_s)
     finally:
         nvme_used = disk.stop()
         if nvme is not None:
@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     ladder = sorted(args.models, key=lambda name: model_shapes[name].n_params)
     short_ladder = [name.split("/")[-1] for name in ladder]
     host_total = psutil.virtual_memory().total / GIB
-    header = (f"{bench.environment_line()}; host memory {host_total:.0f} GiB; micro-batch 1 x {args.seq_len} tokens, "
+    header = (f"{runner.environment_line()}; host memory {host_total:.0f} GiB; micro-batch 1 x {args.seq_len} tokens, "
               f"{args.steps} steps{', gradient checkpointing' if args.gradient_checkpointing else ''}")
     settings = {"seq_len": args.seq_len, "precision": precision, "gradient_checkpointing": args.gradient_checkpointing}
     rows, summaries = [], []
