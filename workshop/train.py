@@ -6,8 +6,11 @@
     torchrun --nproc_per_node 4 -m workshop train --deepspeed ds_configs/zero3.json
     sbatch baseline/baseline.slurm --model_name_or_path gpt2-large          # what the stage scripts do
 
-The run folder (logs/<stage>/<run id>/) receives config.json, steps.jsonl, log_history.json,
-metrics.json, status.json and model/ (see the README for the full layout).
+A run is plan -> build -> fit -> record: ``plan`` decides every setting and runs every check before
+anything is written (a bad flag, file or machine stops there, in one line), ``build`` makes the model
+and the Trainer and writes config.json, ``fit`` trains (and stops cleanly on a signal), ``record``
+writes the results. The run folder (logs/<stage>/<run id>/) receives config.json, steps.jsonl,
+log_history.json, metrics.json, status.json and model/ (see the README for the full layout).
 """
 
 from __future__ import annotations
@@ -15,13 +18,11 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
-import math
 import os
 import platform
-import shutil
 import socket
-import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -31,42 +32,99 @@ import transformers
 from workshop import config as cfg
 from workshop import data_loader, distributed, ds_config, ds_grad_clip, evaluation, files, memory, metrics, preflight
 from workshop import model as models
-from workshop.trainer import (MeasureCallback, ProfileCallback, StopOnSignal, WorkshopTrainer, all_ranks_sum,
-                              complete_checkpoints)
 from workshop.errors import OutOfMemory, WorkshopError
 from workshop.metrics import format_table
 from workshop.shapes import ModelShape, shape_from_config
-from workshop.units import GIB, MIB
+from workshop.trainer import (MeasureCallback, ProfileCallback, StopOnSignal, WorkshopTrainer, all_ranks_sum,
+                              complete_checkpoints)
+from workshop.units import GIB
 
 log = logging.getLogger("workshop")
 
 
-def _versions() -> dict:
-    import accelerate
+@dataclass
+class Plan:
+    """A run as decided before anything is written: its settings, folder, model shape and data."""
 
+    model_args: cfg.ModelArguments
+    data_args: cfg.DataArguments
+    ws_args: cfg.WorkshopArguments
+    training_args: cfg.WorkshopTrainingArguments
+    launch: str  # how the processes were started (distributed.init_env)
+    run_dir: Path
+    tokenizer: object
+    model_config: object
+    shape: ModelShape
+    prepared: data_loader.Prepared
+    seq_len: int  # tokens per sample in the longest batch, as the collator pads it
+
+
+@dataclass
+class Built:
+    """The Trainer of a run, the callbacks ``fit`` and ``record`` read, and config.json's contents."""
+
+    trainer: WorkshopTrainer
+    measure: MeasureCallback
+    stop: StopOnSignal
+    run_info: dict
+
+
+def run(argv: list[str]) -> dict:
+    """``workshop train`` with these flags: the run's metrics ({} when a signal stopped it)."""
+    p = plan(argv)
+    if distributed.is_main():
+        p.run_dir.mkdir(parents=True, exist_ok=True)
+        files.write_json(p.run_dir / "status.json", {"status": "running", "error": None})
     try:
-        import deepspeed
+        built = build(p)
+        return record(p, built) if fit(p, built) else {}
+    except torch.cuda.OutOfMemoryError:
+        message = memory.oom_message(p.shape, p.model_args, p.training_args, p.seq_len)
+        if distributed.is_main():
+            files.write_json(p.run_dir / "status.json", {"status": "oom", "error": message})
+        raise OutOfMemory(message) from None
+    except BaseException as error:
+        # The run folder says what happened; earlier results elsewhere are untouched.
+        if distributed.is_main():
+            files.write_json(p.run_dir / "status.json", {"status": "failed", "error": _first_line(error)})
+        raise
 
-        ds_version = deepspeed.__version__
-    except ImportError:
-        ds_version = None
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "accelerate": accelerate.__version__, "deepspeed": ds_version}
+
+# ---------------------------------------------------------------------------------------------------------------
+# plan: every setting decided once, every check before anything is written
 
 
-def environment() -> dict:
-    cuda = torch.cuda.is_available()
-    return {
-        **_versions(),
-        "hostname": socket.gethostname(),
-        "world_size": distributed.world_size(),
-        "num_nodes": distributed.num_nodes(),
-        "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "gpu_count_per_node": torch.cuda.device_count() if cuda else 0,
-        "gpu_total_memory_gib": torch.cuda.get_device_properties(0).total_memory / GIB if cuda else None,
-        "host_total_memory_gib": psutil.virtual_memory().total / GIB,
-        "started_at": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-    }
+def plan(argv: list[str]) -> Plan:
+    """The flags parsed once, the processes joined, the run folder chosen, the model's shape and the data
+    known, the micro-batch fitted to the GPU: each check that can fail on bad input has passed."""
+    uses_deepspeed = any(a == "--deepspeed" or a.startswith("--deepspeed=") for a in cfg.expand_argv(argv))
+    launch = distributed.init_env(deepspeed=uses_deepspeed)
+    preflight.check_gpu_count()
+    parsed = cfg.parse(argv)
+    model_args, data_args, ws_args, training_args = parsed
+    _ = training_args.device  # initialises torch.distributed when several processes run
+    if uses_deepspeed:
+        distributed.init_deepspeed_comm()
+    run_dir = resolve_run_dir(ws_args)
+    preflight.check_run_dir(run_dir)
+
+    tokenizer = models.load_tokenizer(model_args)
+    model_config = models.model_config(model_args, tokenizer)
+    preflight.check_lengths(data_args, model_config)
+    shape = architecture_shape(model_config, training_args)
+    preflight.check_room(run_dir, shape.n_params, training_args, ws_args.save_model)
+    if training_args.deepspeed:
+        # Host memory, NVMe room, async_io, the CUDA arch list: before DeepSpeed builds anything.
+        preflight.check_resources(training_args.deepspeed, shape.n_params, training_args, distributed.num_nodes(),
+                                  f"--deepspeed {training_args.deepspeed_file}")
+    with training_args.main_process_first(desc="loading and tokenising the data"):
+        prepared = data_loader.prepare(data_args, tokenizer, seed=training_args.seed)
+    seq_len = peak_seq_len(data_args, prepared)
+    model_args, data_args, ws_args, training_args = fit_batch_to_gpu(argv, parsed, shape, seq_len, gpu_bytes())
+    if training_args.deepspeed:
+        ds_config.size_param_buffers(training_args, shape.largest_layer_params)
+    return Plan(model_args, data_args, ws_args, training_args, launch, run_dir, tokenizer, model_config, shape,
+                prepared, seq_len)
 
 
 def resolve_run_dir(ws_args) -> Path:
@@ -100,6 +158,206 @@ def architecture_shape(model_config, training_args) -> ModelShape:
         return shape_from_config(model_config)
     finally:
         set_hf_deepspeed_config(ds_config)
+
+
+def peak_seq_len(data_args, prepared) -> int:
+    """Tokens per sample in the longest batch, as the run's collator will pad it."""
+    return data_loader.Collator.for_run(data_args, pad_token_id=0).padded_length(prepared.stats["length_max"])
+
+
+def gpu_bytes() -> int | None:
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory if torch.cuda.is_available() \
+        else None
+
+
+def fit_batch_to_gpu(argv, parsed, shape: ModelShape, seq_len: int, card: int | None):
+    """The default micro-batch where it fits a GPU of card bytes; else a smaller one with more accumulation.
+
+    The global batch stays the same. Only when neither --per_device_train_batch_size nor
+    --gradient_accumulation_steps was given and the DeepSpeed JSON leaves the batch "auto" (a batch you
+    chose is used as it is), and only on a GPU (card None: nothing to fit). Returns the arguments, the
+    training arguments set to the fitted batch.
+    """
+    model_args, _, _, training_args = parsed
+    ds = training_args.deepspeed or {}
+    batch_in_json = any(ds.get(key, "auto") != "auto" for key in (
+        "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"))
+    if card is None or cfg.batch_given(argv) or batch_in_json:
+        return parsed
+    micro = training_args.per_device_train_batch_size
+    fitted = memory.micro_batch_that_fits(shape, model_args, training_args, seq_len, card)
+    if fitted == micro:
+        return parsed
+    accum = training_args.gradient_accumulation_steps * (micro // fitted)
+    need = memory.predicted_memory(shape, model_args, training_args, seq_len, micro).gpu_total_bytes
+    distributed.print0(f"micro-batch {micro} needs about {need / GIB:.1f} GiB by `workshop estimate` ({seq_len} tokens "
+                       f"in the longest batch), the GPU has {card / GIB:.1f}: using --per_device_train_batch_size "
+                       f"{fitted} --gradient_accumulation_steps {accum}, the same global batch (give either flag to "
+                       "choose yourself)")
+    training_args.use_batch(fitted, accum)
+    return parsed
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# build: the model, the Trainer and its callbacks; config.json
+
+
+def build(p: Plan) -> Built:
+    """The model on its device, the Trainer with the workshop's callbacks, and config.json written."""
+    args = p.training_args
+    args.output_dir = str(p.run_dir / "checkpoints")
+    args.dataloader_pin_memory = torch.cuda.is_available()  # pinning needs a GPU; on CPU it only warns
+    if "tensorboard" in args.report_to:
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(p.run_dir / "tensorboard"))
+    # Same seed, same initial weights, whichever stage runs (the launchers consume RNG differently).
+    transformers.set_seed(args.seed)
+    models.prefer_shape_agnostic_attention()
+    if args.deepspeed:
+        ds_grad_clip.use(args.foreach_grad_clip)
+    model = models.build_model(p.model_args, p.tokenizer, p.model_config, args.device)
+    collator = data_loader.Collator.for_run(p.data_args, p.tokenizer.pad_token_id)
+    run_info = describe(p, model, collator)
+    if distributed.is_main():
+        files.write_json(p.run_dir / "config.json", run_info)
+        distributed.print0(f"run folder: {p.run_dir}\nconfiguration:\n{format_table(_flat_config(run_info))}")
+
+    trainer = WorkshopTrainer(model=model, args=args, data_collator=collator, train_dataset=p.prepared.train,
+                              eval_dataset=p.prepared.eval, processing_class=p.tokenizer)
+    measure = MeasureCallback(trainer, p.run_dir / "steps.jsonl", run_info["model_info"]["flops_per_token"],
+                              run_info["environment"]["device"] if torch.cuda.is_available() else None,
+                              args.precision, distributed.world_size(), distributed.is_main())
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    for noisy in (PrinterCallback, ProgressCallback):  # the measure callback prints one line per log
+        trainer.remove_callback(noisy)
+    trainer.add_callback(measure)
+    stop = StopOnSignal()
+    trainer.add_callback(stop)
+    if p.ws_args.profile_steps:
+        trainer.add_callback(ProfileCallback(p.run_dir, p.ws_args.profile_steps, distributed.is_main(),
+                                             p.ws_args.profile_first_step))
+    return Built(trainer, measure, stop, run_info)
+
+
+def describe(p: Plan, model, collator) -> dict:
+    """config.json: the run's labels and every setting as resolved, the machine, the model and the data."""
+    args, ds_json = p.training_args, p.training_args.deepspeed
+    shape = dataclasses.asdict(p.shape)
+    shape.pop("name")
+    mean_length = p.prepared.stats["length_mean"]
+    return {
+        "labels": {
+            "run_id": p.run_dir.name, "stage": p.ws_args.stage, "model": p.model_args.model_name_or_path,
+            "dataset": p.data_args.train_file or p.data_args.dataset_name,
+            "deepspeed": Path(args.deepspeed_file).name if args.deepspeed_file else None,
+            "zero_stage": ds_config.zero_stage(ds_json) if ds_json else None,
+            **(ds_config.offload_devices(ds_json) if ds_json else
+               {"offload_optimizer": None, "offload_param": None}),
+        },
+        "deepspeed_config": ds_json,
+        # as resolved: the attention the model runs, the padding multiple of this device
+        "model": {**vars(p.model_args), "attn_implementation": models.attention_used(p.model_args, model)},
+        "data": {**vars(p.data_args), "pad_to_multiple_of": collator.pad_to_multiple_of},
+        "workshop": {**vars(p.ws_args), "launch": p.launch},
+        "training": args.to_dict(), "environment": environment(),
+        "model_info": {**shape, "seq_len": mean_length,
+                       "flops_per_token": metrics.flops_per_token(shape["n_params"], shape["n_layers"],
+                                                                 shape["hidden_size"], mean_length)},
+        "data_stats": p.prepared.stats,
+    }
+
+
+def _flat_config(run_info: dict) -> dict:
+    """The settings a participant cares about at a glance; config.json holds everything."""
+    t = run_info["training"]
+    return {**run_info["labels"], "precision": t["precision"], "micro_batch": t["per_device_train_batch_size"],
+            "grad_accum": t["gradient_accumulation_steps"], "epochs": t["num_train_epochs"],
+            "learning_rate": t["learning_rate"], "max_seq_length": run_info["data"]["max_seq_length"],
+            "loss_on": run_info["data"]["loss_on"], "parameters": run_info["model_info"]["n_params"],
+            "train_samples": run_info["data_stats"]["train_samples"],
+            "mean_length": run_info["data_stats"]["length_mean"], "max_length": run_info["data_stats"]["length_max"],
+            "dropped_too_long": run_info["data_stats"]["dropped_too_long"],
+            "device": run_info["environment"]["device"], "world_size": run_info["environment"]["world_size"]}
+
+
+def _versions() -> dict:
+    import accelerate
+
+    try:
+        import deepspeed
+
+        ds_version = deepspeed.__version__
+    except ImportError:
+        ds_version = None
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "accelerate": accelerate.__version__, "deepspeed": ds_version}
+
+
+def environment() -> dict:
+    cuda = torch.cuda.is_available()
+    return {
+        **_versions(),
+        "hostname": socket.gethostname(),
+        "world_size": distributed.world_size(),
+        "num_nodes": distributed.num_nodes(),
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "gpu_count_per_node": torch.cuda.device_count() if cuda else 0,
+        "gpu_total_memory_gib": torch.cuda.get_device_properties(0).total_memory / GIB if cuda else None,
+        "host_total_memory_gib": psutil.virtual_memory().total / GIB,
+        "started_at": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fit: train, resuming from the run folder's newest checkpoint; stop cleanly on a signal
+
+
+def fit(p: Plan, built: Built) -> bool:
+    """Train to the end (True), or to the checkpoint a stop signal asked for (False, status.json says so)."""
+    trainer, stop, args = built.trainer, built.stop, p.training_args
+    # A requeued job finds its own checkpoints in its run folder and goes on from the newest.
+    resume = args.resume_from_checkpoint
+    if resume is None and complete_checkpoints(args.output_dir):
+        resume = str(complete_checkpoints(args.output_dir)[-1])
+    if resume:
+        distributed.print0(f"resuming from {resume}")
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    finally:
+        stop.restore_handlers()
+    if stop.stopped_at is None:
+        return True
+    if distributed.is_main():
+        files.write_json(p.run_dir / "log_history.json", trainer.state.log_history)
+        files.write_json(p.run_dir / "status.json", {"status": "stopped", "error": None, "signal": stop.received,
+                                                     "step": stop.stopped_at})
+    distributed.print0(f"stopped on {stop.received} at step {stop.stopped_at}: checkpoint saved in "
+                       f"{args.output_dir}; the same command with --run_dir {p.run_dir} resumes")
+    return False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# record: the saved model, the answers' scores, metrics.json
+
+
+def record(p: Plan, built: Built) -> dict:
+    """The trained model saved, the validation questions answered, and the run's metrics written."""
+    trainer = built.trainer
+    if p.ws_args.save_model:
+        trainer.save_model(str(p.run_dir / "model"))  # consolidated 16-bit weights under ZeRO-3 (see ds_configs)
+    answers = {"exact_match": None, "f1": None}
+    if p.prepared.answer_eval:
+        zero3 = trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
+        predictions = evaluation.generate_answers(trainer.model, p.tokenizer, p.prepared.answer_eval,
+                                                  synced_gpus=zero3 and distributed.world_size() > 1)
+        answers = evaluation.squad_scores(predictions, [r["answers"]["text"] for r in p.prepared.answer_eval])
+    results = workshop_metrics(trainer, built.measure, p.prepared, built.run_info, answers)
+    if distributed.is_main():
+        files.write_json(p.run_dir / "log_history.json", trainer.state.log_history)
+        files.write_json(p.run_dir / "metrics.json", results)
+        files.write_json(p.run_dir / "status.json", {"status": "completed", "error": None})
+        distributed.print0(f"\nworkshop metrics ({p.run_dir}):\n{format_table(results)}")
+    return results
 
 
 def workshop_metrics(trainer, measure: MeasureCallback, prepared, run_info: dict, answers: dict) -> dict:
@@ -147,202 +405,9 @@ def workshop_metrics(trainer, measure: MeasureCallback, prepared, run_info: dict
     }
 
 
-def run(argv: list[str]) -> dict:
-    uses_deepspeed = any(a == "--deepspeed" or a.startswith("--deepspeed=") for a in cfg.expand_argv(argv))
-    launch = distributed.init_env(deepspeed=uses_deepspeed)
-    preflight.check_gpu_count()
-    model_args, data_args, ws_args, training_args = cfg.parse(argv)
-    _ = training_args.device  # initialises torch.distributed when several processes run
-    if uses_deepspeed:
-        distributed.init_deepspeed_comm()
-    run_dir = resolve_run_dir(ws_args)
-    preflight.check_run_dir(run_dir)
-
-    # Everything that can fail on bad input happens before the run folder exists.
-    tokenizer = models.load_tokenizer(model_args)
-    model_config = models.model_config(model_args, tokenizer)
-    preflight.check_lengths(data_args, model_config)
-    shape = architecture_shape(model_config, training_args)
-    n_params = shape.n_params
-    preflight.check_room(run_dir, n_params, training_args, ws_args.save_model)
-    if training_args.deepspeed:
-        # Host memory, NVMe room, async_io, the CUDA arch list: before DeepSpeed builds anything.
-        preflight.check_resources(training_args.deepspeed, n_params, training_args, distributed.num_nodes(),
-                                     f"--deepspeed {training_args.deepspeed_file}")
-    with training_args.main_process_first(desc="loading and tokenising the data"):
-        prepared = data_loader.prepare(data_args, tokenizer, seed=training_args.seed)
-    seq_len = peak_seq_len(data_args, prepared)
-    model_args, data_args, ws_args, training_args = fit_batch_to_gpu(
-        argv, (model_args, data_args, ws_args, training_args), shape, seq_len, gpu_bytes())
-    if training_args.deepspeed:
-        ds_config.size_param_buffers(training_args, shape.largest_layer_params)
-
-    if distributed.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        files.write_json(run_dir / "status.json", {"status": "running", "error": None})
-    try:
-        return _train(run_dir, model_args, data_args, ws_args, training_args, tokenizer, model_config, shape,
-                      prepared, launch)
-    except torch.cuda.OutOfMemoryError:
-        message = memory.oom_message(shape, model_args, training_args, seq_len)
-        if distributed.is_main():
-            files.write_json(run_dir / "status.json", {"status": "oom", "error": message})
-        raise OutOfMemory(message) from None
-    except BaseException as error:
-        # The run folder says what happened; earlier results elsewhere are untouched.
-        if distributed.is_main():
-            files.write_json(run_dir / "status.json", {"status": "failed", "error": _first_line(error)})
-        raise
-
-
-def peak_seq_len(data_args, prepared) -> int:
-    """Tokens per sample in the longest batch, as the run's collator will pad it."""
-    return data_loader.Collator.for_run(data_args, pad_token_id=0).padded_length(prepared.stats["length_max"])
-
-
-def gpu_bytes() -> int | None:
-    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory if torch.cuda.is_available() \
-        else None
-
-
-def fit_batch_to_gpu(argv, parsed, shape: ModelShape, seq_len: int, card: int | None):
-    """The default micro-batch where it fits a GPU of card bytes; else a smaller one with more accumulation.
-
-    The global batch stays the same. Only when neither --per_device_train_batch_size nor
-    --gradient_accumulation_steps was given and the DeepSpeed JSON leaves the batch "auto" (a batch you
-    chose is used as it is), and only on a GPU (card None: nothing to fit). Returns the arguments,
-    parsed again with the new flags.
-    """
-    model_args, _, _, training_args = parsed
-    ds = training_args.deepspeed or {}
-    batch_in_json = any(ds.get(key, "auto") != "auto" for key in (
-        "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"))
-    if card is None or cfg.batch_given(argv) or batch_in_json:
-        return parsed
-    micro = training_args.per_device_train_batch_size
-    fitted = memory.micro_batch_that_fits(shape, model_args, training_args, seq_len, card)
-    if fitted == micro:
-        return parsed
-    accum = training_args.gradient_accumulation_steps * (micro // fitted)
-    need = memory.predicted_memory(shape, model_args, training_args, seq_len, micro).gpu_total_bytes
-    distributed.print0(f"micro-batch {micro} needs about {need / GIB:.1f} GiB by `workshop estimate` ({seq_len} tokens "
-                       f"in the longest batch), the GPU has {card / GIB:.1f}: using --per_device_train_batch_size "
-                       f"{fitted} --gradient_accumulation_steps {accum}, the same global batch (give either flag to "
-                       "choose yourself)")
-    return cfg.parse([*argv, "--per_device_train_batch_size", str(fitted), "--per_device_eval_batch_size", str(fitted),
-                      "--gradient_accumulation_steps", str(accum)])
-
-
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
-
-
-def _train(run_dir, model_args, data_args, ws_args, training_args, tokenizer, model_config, shape, prepared,
-           launch) -> dict:
-    training_args.output_dir = str(run_dir / "checkpoints")
-    training_args.dataloader_pin_memory = torch.cuda.is_available()  # pinning needs a GPU; on CPU it only warns
-    if "tensorboard" in training_args.report_to:
-        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
-
-    # Same seed, same initial weights, whichever stage runs (the launchers consume RNG differently).
-    transformers.set_seed(training_args.seed)
-    models.prefer_shape_agnostic_attention()
-    ds_json = training_args.deepspeed
-    if ds_json:
-        ds_grad_clip.use(training_args.foreach_grad_clip)
-    model = models.build_model(model_args, tokenizer, model_config, training_args.device)
-    shape = dataclasses.asdict(shape)
-    shape.pop("name")
-    collator = data_loader.Collator.for_run(data_args, tokenizer.pad_token_id)
-    run_info = {
-        "labels": {
-            "run_id": run_dir.name, "stage": ws_args.stage, "model": model_args.model_name_or_path,
-            "dataset": data_args.train_file or data_args.dataset_name,
-            "deepspeed": Path(training_args.deepspeed_file).name if training_args.deepspeed_file else None,
-            "zero_stage": ds_config.zero_stage(ds_json) if ds_json else None,
-            **(ds_config.offload_devices(ds_json) if ds_json else
-               {"offload_optimizer": None, "offload_param": None}),
-        },
-        "deepspeed_config": ds_json,
-        "model": {**vars(model_args), "attn_implementation": models.attention_used(model_args, model)},  # resolved
-        "data": {**vars(data_args), "pad_to_multiple_of": collator.pad_to_multiple_of},  # as resolved for this device
-        "workshop": {**vars(ws_args), "launch": launch},
-        "training": training_args.to_dict(), "environment": environment(),
-        "model_info": {**shape, "seq_len": prepared.stats["length_mean"],
-                       "flops_per_token": metrics.flops_per_token(shape["n_params"], shape["n_layers"],
-                                                                 shape["hidden_size"], prepared.stats["length_mean"])},
-        "data_stats": prepared.stats,
-    }
-    if distributed.is_main():
-        files.write_json(run_dir / "config.json", run_info)
-        distributed.print0(f"run folder: {run_dir}\nconfiguration:\n{format_table(_flat_config(run_info))}")
-
-    trainer = WorkshopTrainer(model=model, args=training_args, data_collator=collator,
-                                   train_dataset=prepared.train, eval_dataset=prepared.eval,
-                                   processing_class=tokenizer)
-    measure = MeasureCallback(trainer, run_dir / "steps.jsonl", run_info["model_info"]["flops_per_token"],
-                              run_info["environment"]["device"] if torch.cuda.is_available() else None,
-                              training_args.precision, distributed.world_size(), distributed.is_main())
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    for noisy in (PrinterCallback, ProgressCallback):  # the measure callback prints one line per log
-        trainer.remove_callback(noisy)
-    trainer.add_callback(measure)
-    stop = StopOnSignal()
-    trainer.add_callback(stop)
-    if ws_args.profile_steps:
-        trainer.add_callback(ProfileCallback(run_dir, ws_args.profile_steps, distributed.is_main(),
-                                            ws_args.profile_first_step))
-
-    # A requeued job finds its own checkpoints in its run folder and goes on from the newest.
-    resume = training_args.resume_from_checkpoint
-    if resume is None and complete_checkpoints(training_args.output_dir):
-        resume = str(complete_checkpoints(training_args.output_dir)[-1])
-    if resume:
-        distributed.print0(f"resuming from {resume}")
-    try:
-        trainer.train(resume_from_checkpoint=resume)
-    finally:
-        stop.restore_handlers()
-    if stop.stopped_at is not None:
-        if distributed.is_main():
-            files.write_json(run_dir / "log_history.json", trainer.state.log_history)
-            files.write_json(run_dir / "status.json", {"status": "stopped", "error": None, "signal": stop.received,
-                                                       "step": stop.stopped_at})
-        distributed.print0(f"stopped on {stop.received} at step {stop.stopped_at}: checkpoint saved in "
-                           f"{training_args.output_dir}; the same command with --run_dir {run_dir} resumes")
-        return {}
-    if ws_args.save_model:
-        trainer.save_model(str(run_dir / "model"))  # consolidated 16-bit weights under ZeRO-3 (see ds_configs)
-
-    answers = {"exact_match": None, "f1": None}
-    if prepared.answer_eval:
-        zero3 = trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
-        predictions = evaluation.generate_answers(trainer.model, tokenizer, prepared.answer_eval,
-                                                  synced_gpus=zero3 and distributed.world_size() > 1)
-        answers = evaluation.squad_scores(predictions, [r["answers"]["text"] for r in prepared.answer_eval])
-
-    results = workshop_metrics(trainer, measure, prepared, run_info, answers)
-    if distributed.is_main():
-        files.write_json(run_dir / "log_history.json", trainer.state.log_history)
-        files.write_json(run_dir / "metrics.json", results)
-        files.write_json(run_dir / "status.json", {"status": "completed", "error": None})
-        distributed.print0(f"\nworkshop metrics ({run_dir}):\n{format_table(results)}")
-    return results
-
-
-def _flat_config(run_info: dict) -> dict:
-    """The settings a participant cares about at a glance; config.json holds everything."""
-    t = run_info["training"]
-    return {**run_info["labels"], "precision": t["precision"], "micro_batch": t["per_device_train_batch_size"],
-            "grad_accum": t["gradient_accumulation_steps"], "epochs": t["num_train_epochs"],
-            "learning_rate": t["learning_rate"], "max_seq_length": run_info["data"]["max_seq_length"],
-            "loss_on": run_info["data"]["loss_on"], "parameters": run_info["model_info"]["n_params"],
-            "train_samples": run_info["data_stats"]["train_samples"],
-            "mean_length": run_info["data_stats"]["length_mean"], "max_length": run_info["data_stats"]["length_max"],
-            "dropped_too_long": run_info["data_stats"]["dropped_too_long"],
-            "device": run_info["environment"]["device"], "world_size": run_info["environment"]["world_size"]}
 
 
 def main(argv: list[str] | None = None) -> int:
