@@ -118,7 +118,7 @@ def build_model(model_args, tokenizer, config: PretrainedConfig, device: torch.d
         except (OSError, ValueError) as e:
             raise _not_found("--model_name_or_path", model_args.model_name_or_path, e, model_args) from None
     # num_embeddings, not weight.shape: under ZeRO-3 the weight is a partitioned placeholder of size 0,
-    # which made every model look smaller than its tokenizer and shrank its vocabulary to the tokenizer's.
+    # which would make every model look smaller than its tokenizer and shrink its vocabulary to the tokenizer's.
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     if model_args.fast_kernels:
@@ -131,13 +131,13 @@ def build_model(model_args, tokenizer, config: PretrainedConfig, device: torch.d
 def init_children_under_zero3(model: torch.nn.Module) -> None:
     """Initialise again, with their children's weights gathered, the modules whose ``_init_weights`` sets them.
 
-    ZeRO-3 partitions each weight as it is made (``zero.Init``), and transformers before 5.23 gathered
+    ZeRO-3 partitions each weight as it is made (``zero.Init``), and transformers before 5.23 gathers
     only a module's own parameters around its ``_init_weights``. A module that sets its children's
-    weights wrote into empty shards: GPT-2's attention and MLP, which scale their residual projection
-    (``c_proj``) to 0.02 / sqrt(2 x layers), kept the plain 0.02 instead, and gpt2-medium built from its
-    configuration under ZeRO-3 ended a bench epoch at an eval loss of 2.9-3.1 where every other stage
-    reached 1.8 (H200, transformers 5.17). Later versions gather the children too; there this draws
-    those weights a second time, from the same distribution.
+    weights then writes into empty shards: GPT-2's attention and MLP, which scale their residual
+    projection (``c_proj``) to 0.02 / sqrt(2 x layers), keep the plain 0.02 instead, and a model built
+    from its configuration under ZeRO-3 trains to a far higher loss than at any other stage. Later
+    versions gather the children too; there this draws those weights a second time, from the same
+    distribution.
     """
     import deepspeed
 

@@ -213,21 +213,9 @@ def _first(*values):
 
 
 def _ds_config(run: Run) -> dict | None:
-    """The run's DeepSpeed JSON: config.json's copy, else the file its training arguments name."""
-    cfg = run.config
-    if isinstance(cfg.get("deepspeed_config"), dict):
-        return cfg["deepspeed_config"]
-    ds = (cfg.get("training") or {}).get("deepspeed")
-    if isinstance(ds, dict):
-        return ds
-    if isinstance(ds, str):
-        for candidate in (Path(ds), run.path / Path(ds).name):
-            if candidate.is_file():
-                try:
-                    return json.loads(candidate.read_text())
-                except ValueError:
-                    return None
-    return None
+    """The run's DeepSpeed JSON as config.json records it (resolved); None without DeepSpeed."""
+    ds = run.config.get("deepspeed_config")
+    return ds if isinstance(ds, dict) else None
 
 
 def settings(run: Run) -> dict:
@@ -237,8 +225,6 @@ def settings(run: Run) -> dict:
     data, labels = cfg.get("data") or {}, cfg.get("labels") or {}
     ds_stage, ds_opt, ds_param = deepspeed_choices(_ds_config(run))
     deepspeed = _first(m.get("deepspeed"), labels.get("deepspeed"))
-    if deepspeed is None and isinstance(training.get("deepspeed"), str):
-        deepspeed = Path(training["deepspeed"]).name
     stage = m.get("zero_stage") if "zero_stage" in m else ds_stage
     micro = _first(m.get("per_device_train_batch_size"), training.get("per_device_train_batch_size"))
     accum = _first(m.get("gradient_accumulation_steps"), training.get("gradient_accumulation_steps"))
@@ -283,7 +269,7 @@ def _seq_len_at_peak(run: Run) -> int | None:
     if data.get("pad_to_max_length") or longest is None:
         return int(max_len) if max_len else None
     seq = min(longest, max_len) if max_len else longest
-    # the multiple the collator rounded to; run folders from before --pad_to_multiple_of: 8 on GPUs
+    # the multiple the collator rounded to; where config.json does not say, its default: 8 on a GPU
     on_gpu = (cfg.get("environment") or {}).get("device", "cpu") != "cpu"
     multiple = data["pad_to_multiple_of"] if "pad_to_multiple_of" in data else (8 if on_gpu else None)
     if multiple:
@@ -292,22 +278,19 @@ def _seq_len_at_peak(run: Run) -> int | None:
 
 
 def _model_shape(run: Run, name: str | None) -> ModelShape | None:
-    """The model's shape from config.json's model_info, the saved model's config, or the shapes table."""
-    info = dict(run.config.get("model_info") or {})
-    saved = _read_json(run.path / "model" / "config.json") or {}
-    known = (shapes.known(name) if name else None) or {}
-    n_params = info.get("n_params")
-    n_layers = _first(info.get("n_layers"), saved.get("num_hidden_layers"), saved.get("n_layer"), known.get("n_layer"))
-    hidden = _first(info.get("hidden_size"), saved.get("hidden_size"), saved.get("n_embd"), known.get("hidden_size"),
-                    known.get("n_embd"))
-    heads = _first(info.get("n_heads"), saved.get("num_attention_heads"), saved.get("n_head"), known.get("n_head"))
-    vocab = _first(info.get("vocab_size"), saved.get("vocab_size"), known.get("vocab_size"))
-    if any(v is None for v in (n_params, n_layers, hidden, heads, vocab)):
+    """The model's shape as config.json's model_info records it; None where it lacks the counts.
+
+    Where model_info leaves out the model type, the largest layer or the attention, they are the shapes
+    table's type for the model's name, the embedding and sdpa.
+    """
+    info = run.config.get("model_info") or {}
+    counts = [info.get(key) for key in ("n_params", "n_layers", "hidden_size", "n_heads", "vocab_size")]
+    if any(v is None for v in counts):
         return None
-    model_type = _first(info.get("model_type"), saved.get("model_type"), known.get("model_type"), "unknown")
-    attn = (run.config.get("model") or {}).get("attn_implementation") or (  # unset: a run folder from before it
-        "eager" if model_type == "bloom" else "sdpa")  # was recorded, when BLOOM had no fused attention
-    largest = _first(info.get("largest_layer_params"), vocab * hidden)  # unrecorded: the embedding
+    n_params, n_layers, hidden, heads, vocab = counts
+    model_type = info.get("model_type") or ((shapes.known(name) if name else None) or {}).get("model_type", "unknown")
+    attn = (run.config.get("model") or {}).get("attn_implementation") or "sdpa"
+    largest = _first(info.get("largest_layer_params"), vocab * hidden)
     return ModelShape(name or "", model_type, n_params, largest, n_layers, hidden, heads, vocab, attn)
 
 
@@ -325,7 +308,7 @@ def predict(run: Run, row: dict) -> memory.Estimate | None:
             seq, micro, row.get("zero_stage"), row.get("offload_optimizer"), row.get("offload_param"),
             row.get("world_size") or 1, row.get("num_nodes") or 1, precision,
             bool((run.config.get("training") or {}).get("gradient_checkpointing")),
-            model_settings.get("fast_kernels", False),  # run folders from before the flag: stock
+            model_settings.get("fast_kernels", False),  # not recorded: the library's own modules
             memory.DeepSpeedSettings.from_config(_ds_config(run), shape.hidden_size)))
     except WorkshopError:
         return None

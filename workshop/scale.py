@@ -315,8 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train nothing: write one ladder from earlier runs' folders (a stage from the last that has it)")
     p.add_argument("--repredict", action="store_true",
                    help="with --combine: predict again with the current estimator, against the GPU, host memory and "
-                        "disk each run recorded, with its sequence length and checkpointing (runs older than that "
-                        "record take --seq_len and --gradient_checkpointing as given here)")
+                        "disk each run recorded, with its sequence length and checkpointing (a combined ladder whose "
+                        "runs differed in them takes --seq_len and --gradient_checkpointing as given here)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                    help="flags passed to every `workshop train` run (put last)")
     return p
@@ -408,11 +408,11 @@ def combine(folders: list[Path], out: Path, args) -> str:
     for folder in folders:
         data, header = files.read_results(folder, "scale")
         headers.append(header)
-        # Runs from before the ladder was kept in scale.json: the default ladder.
-        ladder = data.get("ladder") or [name.split("/")[-1] for name in LADDER]
-        # ... and before the prediction's settings were: the flags given now, and bf16 (the runs had GPUs).
-        settings = data.get("predicted_with") or {"seq_len": args.seq_len, "precision": "bf16",
-                                                  "gradient_checkpointing": args.gradient_checkpointing}
+        ladder = data["ladder"]
+        # A combined ladder whose runs predicted with different settings records none: the flags given
+        # now, and bf16 (the runs had GPUs).
+        settings = data["predicted_with"] or {"seq_len": args.seq_len, "precision": "bf16",
+                                              "gradient_checkpointing": args.gradient_checkpointing}
         resources = {s["stage"]: s for s in data["summary"]}
         run_resources = {k: v for k, v in (data["summary"] or [{}])[0].items()
                          if k in ("gpu_gib", "host_available_gib")}
