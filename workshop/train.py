@@ -242,6 +242,7 @@ def build(p: Plan) -> Built:
 def describe(p: Plan, model, collator) -> dict:
     """config.json: the run's labels and every setting as resolved, the machine, the model and the data."""
     args, ds_json = p.training_args, p.training_args.deepspeed
+    zero_stage, offload_optimizer, offload_param = ds_config.deepspeed_choices(ds_json)
     shape = dataclasses.asdict(p.shape)
     shape.pop("name")
     mean_length = p.prepared.stats["length_mean"]
@@ -250,9 +251,7 @@ def describe(p: Plan, model, collator) -> dict:
             "run_id": p.run_dir.name, "stage": p.ws_args.stage, "model": p.model_args.model_name_or_path,
             "dataset": p.data_args.train_file or p.data_args.dataset_name,
             "deepspeed": Path(args.deepspeed_file).name if args.deepspeed_file else None,
-            "zero_stage": ds_config.zero_stage(ds_json) if ds_json else None,
-            **(ds_config.offload_devices(ds_json) if ds_json else
-               {"offload_optimizer": None, "offload_param": None}),
+            "zero_stage": zero_stage, "offload_optimizer": offload_optimizer, "offload_param": offload_param,
         },
         "deepspeed_config": ds_json,
         # as resolved: the attention the model runs, the padding multiple of this device
