@@ -58,14 +58,21 @@ from workshop.errors import WorkshopError
 from workshop.shapes import ModelShape
 from workshop.units import GIB
 
-# Bytes per parameter of the model states (parameters, gradients, optimizer states), before ZeRO divides
-# them over the GPUs: the ZeRO paper's mixed-precision Adam keeps 16-bit parameters and gradients and an
-# fp32 master copy 4 + momentum 4 + variance 4; without mixed precision there is no master copy. The
-# Trainer without DeepSpeed keeps fp32 weights and gradients under autocast. ZeRO-1 in bf16, as
-# ds_configs/zero1.json runs it, keeps fp32 gradients (DeepSpeed's BF16_Optimizer): 2 + 4 + 12.
+# Bytes per parameter of the model states, and which of them each stage divides by the number of GPUs N
+# (the ZeRO paper, sec. 3.1: mixed-precision Adam keeps 16-bit parameters and gradients, and an fp32
+# master copy 4 + momentum 4 + variance 4):
+#
+#   stage      parameters   gradients   optimizer states   divided by N
+#   Trainer    4 (fp32)     4 (fp32)    8 (Adam)           -             torch autocast over fp32 weights
+#   ZeRO-0     2            2           12                 -
+#   ZeRO-1     2            2           12                 optimizer states (in bf16 the gradients: 4)
+#   ZeRO-2     2            2           12                 optimizer states, gradients
+#   ZeRO-3     2            2           12                 optimizer states, gradients, parameters
+#
+# DeepSpeed in fp32 keeps 4 + 4 + 8 (no master copy). ZeRO-1 in bf16, as ds_configs/zero1.json runs it,
+# keeps its gradients in fp32, whole (DeepSpeed's BF16_Optimizer).
 BYTES_PER_PARAM = {"trainer": (4, 4, 8), "mixed": (2, 2, 12), "fp32": (4, 4, 8)}
 BF16_OPTIMIZER_GRAD_BYTES = 4
-# Which of the three each ZeRO stage divides by the number of GPUs (stage 0 is plain data parallelism).
 PARTITIONED = {0: (False, False, False), 1: (False, False, True), 2: (False, True, True), 3: (True, True, True)}
 # What optimizer offload moves off the GPU: the fp32 master copy and Adam's moments (12) and the fp32
 # gradient partition the optimizer steps on (4), as DeepSpeed's estimators count them.
