@@ -167,7 +167,7 @@ def test_the_lines_of_a_usable_gpu(tmp_path, monkeypatch):
         "nccl": ("ok", "2.27.3, torch's own, for the multi-GPU and multi-node jobs")}
 
     # An H100 image's "9.0a": said on the cuda line, with what workshop train uses instead (the
-    # real ds_preflight.fix_cuda_arch_list, asked about the fake GPUs), and left as it was.
+    # real preflight.fix_cuda_arch_list, asked about the fake GPUs), and left as it was.
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0a")
     monkeypatch.setattr(torch.real.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.real.cuda, "device_count", lambda: 1)

@@ -23,7 +23,7 @@ import torch
 
 from conftest import REPO, read_json
 from workshop import cli
-from workshop.checkpoints import WorkshopTrainer
+from workshop.trainer import WorkshopTrainer
 
 # One rank of a two-process run, cut down to what its end does: a gloo process group on a TCP store
 # and the side group the stop-signal callback makes (both kept referenced to the end, as the Trainer

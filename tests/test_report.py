@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from workshop import estimate as est
+from workshop import memory as mem
 from workshop import report
+from workshop.units import GIB
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run_zero2"
 GPU_CSV = FIXTURE / "gpu_memory-gpu-node017.csv"
@@ -73,12 +74,12 @@ def test_measurements_from_metrics_json_and_settings_from_config(row):
 def test_prediction_beside_measurement(row):
     config = read_json(FIXTURE / "config.json")
     info = config["model_info"]
-    expected = est.estimate(info["n_params"], info["n_layers"], info["hidden_size"], info["n_heads"],
+    expected = mem.estimate(info["n_params"], info["n_layers"], info["hidden_size"], info["n_heads"],
                             info["vocab_size"], 512, 4, 2, None, None, 1, "bf16", model_type="gpt2",
                             attn_implementation="sdpa", fast_kernels=False,  # recorded before the flag existed
-                            deepspeed=est.DeepSpeedSettings.from_config(config["deepspeed_config"], 1024))
-    assert row["predicted_peak_allocated_gib"] == expected.peak_allocated_bytes / est.GIB
-    assert row["predicted_gpu_total_gib"] == expected.gpu_total_bytes / est.GIB
+                            deepspeed=mem.DeepSpeedSettings.from_config(config["deepspeed_config"], 1024))
+    assert row["predicted_peak_allocated_gib"] == expected.peak_allocated_bytes / GIB
+    assert row["predicted_gpu_total_gib"] == expected.gpu_total_bytes / GIB
     # the fixture's peak is a real H100 measurement of this configuration
     assert abs(row["allocated_over_predicted"] - 1) < 0.15 and abs(row["nvidia_smi_over_predicted"] - 1) < 0.15
 

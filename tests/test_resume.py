@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 from conftest import REPO, read_json
 from workshop import train
-from workshop.checkpoints import STAGING, WorkshopTrainer, complete_checkpoints
 from workshop.errors import STOPPED
+from workshop.trainer import STAGING, WorkshopTrainer, complete_checkpoints
 
 # 256 samples / micro-batch 8 = 32 steps an epoch, 2 epochs, a loss logged every step.
 RUN = ["--preset", "tiny", "--logging_steps", "1", "--answer_eval_samples", "0"]

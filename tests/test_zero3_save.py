@@ -9,7 +9,7 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from transformers import AutoModelForCausalLM
 
 from conftest import REPO
-from workshop.checkpoints import complete_checkpoints
+from workshop.trainer import complete_checkpoints
 
 
 def test_zero3_saves_a_consolidated_model_equal_to_the_engines_weights(tmp_path):

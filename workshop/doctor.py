@@ -47,21 +47,21 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from workshop.errors import WorkshopError  # no imports of its own: safe where packages are missing
+from workshop.errors import WorkshopError  # these two import nothing: safe where packages are missing
+from workshop.units import GIB
 
 OK, SKIPPED, WARN, FAIL = "ok", "skipped", "warn", "FAIL"
 DISTRIBUTION = "llm-finetuning-workshop"
-GIB = 1024**3
 
 # Where the job scripts' Python comes from: the fix for a missing package is to install it there.
 PIP_FIX = "python -m pip install {req} in the environment the jobs use (the one slurm/env.sh activates)"
 
 # Free space a run needs under logs/: the Trainer keeps 2 checkpoints (save_total_limit) and writes
-# a third before it deletes the oldest; a DeepSpeed checkpoint holds 16-bit weights 2 + fp32 master
-# weights 4 + Adam's two moments 8 = 14 bytes per parameter (the Trainer alone: 4 + 8 = 12), and the
-# saved model 4 more (fp32). bigscience/bloom-560m: 559M x (3 x 14 + 4) = 24 GiB; gpt2: 5.3 GiB.
-CHECKPOINT_BYTES_PER_PARAM = 14
-RUN_BYTES_PER_PARAM = 3 * CHECKPOINT_BYTES_PER_PARAM + 4
+# a third before it deletes the oldest, each the largest a stage writes (memory.CHECKPOINT_BYTES_PER_PARAM:
+# 14 bytes per parameter under DeepSpeed in 16 bits), and the saved model 4 more (fp32).
+# bigscience/bloom-560m: 559M x (3 x 14 + 4) = 24 GiB; gpt2: 5.3 GiB.
+CHECKPOINTS_KEPT = 3
+SAVED_MODEL_BYTES_PER_PARAM = 4
 MIN_FREE_BYTES = 2 * GIB  # any run: logs, memory CSVs, tokenised data, a tiny model and its checkpoints
 UNKNOWN_MODEL_FREE_BYTES = 10 * GIB  # a model whose size is not known here (not cached yet)
 
@@ -106,7 +106,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--logs_root", default="logs", help="Where the jobs write their run folders (default: %(default)s).")
     p.add_argument("--min_free_gib", type=float, default=None,
                    help="Free space the runs need under --logs_root. Default: what one run of the model writes "
-                        f"(up to 3 checkpoints x {CHECKPOINT_BYTES_PER_PARAM} bytes per parameter + the saved "
+                        f"(up to {CHECKPOINTS_KEPT} checkpoints, each the weights and the optimizer's state, + the saved "
                         f"model), at least {MIN_FREE_BYTES // GIB} GiB.")
     return p
 
@@ -371,12 +371,12 @@ def _quiet(logger_name: str):
 def _arch_list_note() -> str | None:
     """What workshop train does to TORCH_CUDA_ARCH_LIST before DeepSpeed compiles anything, said, not done."""
     before = os.environ.get("TORCH_CUDA_ARCH_LIST")
-    ds_preflight, _ = _import("workshop.ds_preflight")
-    if not before or ds_preflight is None:
+    preflight, _ = _import("workshop.preflight")
+    if not before or preflight is None:
         return None
     try:
-        with _quiet(ds_preflight.__name__):
-            chosen = ds_preflight.fix_cuda_arch_list()
+        with _quiet(preflight.__name__):
+            chosen = preflight.fix_cuda_arch_list()
     finally:
         os.environ["TORCH_CUDA_ARCH_LIST"] = before
     if chosen is None:
@@ -390,9 +390,9 @@ def op_needs(deepspeed_config: str | None) -> dict[str, str | None]:
     """{op: what needs it, or None}: cpu_adam for optimizer offload, async_io for NVMe."""
     if deepspeed_config is None:
         return {"cpu_adam": "the offload rung (ds_configs/*offload*.json)", "async_io": None}
-    from workshop import ds_preflight
+    from workshop import ds_config
 
-    devices = ds_preflight.offload_devices(ds_preflight.load_config(deepspeed_config))
+    devices = ds_config.offload_devices(ds_config.load_config(deepspeed_config))
     return {"cpu_adam": deepspeed_config if devices["offload_optimizer"] else None,
             "async_io": deepspeed_config if "nvme" in devices.values() else None}
 
@@ -455,12 +455,12 @@ def check_ops(needs: dict[str, str | None], build: bool = False) -> list[Check]:
 def _build_op(op: str, for_what: str, needed_by: str | None) -> Check:
     """Compile (or find compiled) and load the op, in a child process so that the compiler's output
     stays out of the check lines; its last lines are the FAIL's reason."""
-    from workshop import ds_preflight
+    from workshop import preflight
 
     # As workshop train does before DeepSpeed builds anything: an arch list DeepSpeed can parse (some
     # H100 images set "9.0a", on which its op builder crashes), for the child to inherit.
-    with _quiet(ds_preflight.__name__):
-        ds_preflight.fix_cuda_arch_list()
+    with _quiet(preflight.__name__):
+        preflight.fix_cuda_arch_list()
     code = f"from deepspeed.ops.op_builder.all_ops import ALL_OPS; ALL_OPS[{op!r}].load(verbose=False)"
     start = time.monotonic()
     status, output = _run([sys.executable, "-c", code], timeout=1800)
@@ -501,7 +501,7 @@ def look_in_cache(args) -> tuple[list[str], str | None]:
     from workshop import prefetch
 
     if all(prefetch.offline_flags()):
-        prefetch._quiet_libraries()
+        prefetch.quiet_libraries()
         try:
             return prefetch.check(args), None
         except WorkshopError as error:
@@ -512,8 +512,8 @@ def look_in_cache(args) -> tuple[list[str], str | None]:
     import huggingface_hub
 
     for flag, name in (("--model_name_or_path", args.model_name_or_path),
-                       ("--tokenizer_name_or_path", prefetch._tokenizer_name(args))):
-        if prefetch._from_hub(name):
+                       ("--tokenizer_name_or_path", prefetch.tokenizer_name(args))):
+        if prefetch.from_hub(name):
             try:
                 huggingface_hub.snapshot_download(name, local_files_only=True)  # the local cache only
             except Exception:
@@ -532,13 +532,15 @@ def check_hf_cache(args) -> Check:
     prefetch, error = _import("workshop.prefetch")
     if prefetch is None:
         return _not_importable("hf cache", "workshop.prefetch", error)
-    tokenizer = prefetch._tokenizer_name(args)
-    if not (prefetch._from_hub(args.model_name_or_path) or prefetch._from_hub(tokenizer)
-            or prefetch._dataset_source(args)):
+    tokenizer = prefetch.tokenizer_name(args)
+    if not (prefetch.from_hub(args.model_name_or_path) or prefetch.from_hub(tokenizer)
+            or prefetch.dataset_source(args)):
         return Check("hf cache", OK, f"nothing to fetch for {_describe(args)}: built from a config, built in or local")
-    dataset = args.dataset_name if args.dataset_name in prefetch.DATASET_SOURCES else None
-    fetch = prefetch.command(args.model_name_or_path, args.tokenizer_name_or_path, args.from_config, dataset,
-                             args.dataset_config_name)
+    from workshop import hub  # importable wherever prefetch is
+
+    dataset = args.dataset_name if args.dataset_name in hub.DATASET_SOURCES else None
+    fetch = hub.command(args.model_name_or_path, args.tokenizer_name_or_path, args.from_config, dataset,
+                        args.dataset_config_name)
     offline_now = all(prefetch.offline_flags())
     found, missing = look_in_cache(args)
     exports = " ".join(f"{key}={value}" for key, value in prefetch.OFFLINE_ENV.items())
@@ -594,17 +596,18 @@ def run_bytes(model: str) -> tuple[int, str]:
     if model == "none":
         return MIN_FREE_BYTES, "the floor for any run"
     try:
-        from workshop.estimate import model_shape
-        from workshop.model import TINY_MODELS
+        from workshop.memory import CHECKPOINT_BYTES_PER_PARAM
+        from workshop.shapes import TINY_MODELS, model_shape
 
         if model in TINY_MODELS:
             return MIN_FREE_BYTES, f"the floor for any run; {model} is tiny"
         n_params = model_shape(model).n_params  # known shapes, local folders, cached configs: never the network
     except Exception:  # not cached yet, or transformers missing (its line above says so)
         return UNKNOWN_MODEL_FREE_BYTES, f"{model}'s size is not known here"
-    needed = max(MIN_FREE_BYTES, n_params * RUN_BYTES_PER_PARAM)
-    return needed, (f"a {model} run: {n_params / 1e6:,.0f}M parameters x ({3} checkpoints x "
-                    f"{CHECKPOINT_BYTES_PER_PARAM} + 4 for the saved model) bytes")
+    checkpoint = max(CHECKPOINT_BYTES_PER_PARAM.values())
+    needed = max(MIN_FREE_BYTES, n_params * (CHECKPOINTS_KEPT * checkpoint + SAVED_MODEL_BYTES_PER_PARAM))
+    return needed, (f"a {model} run: {n_params / 1e6:,.0f}M parameters x ({CHECKPOINTS_KEPT} checkpoints x "
+                    f"{checkpoint} + {SAVED_MODEL_BYTES_PER_PARAM} for the saved model) bytes")
 
 
 def check_logs(logs_root: str, model: str, min_free_gib: float | None) -> Check:
