@@ -33,6 +33,12 @@
 # (slurm/node.sh says how), which save a checkpoint and exit. If the run is not finished (its
 # status.json does not say completed, failed or oom), the job requeues itself: same job id, same
 # run folder, same arguments, and the training resumes from its newest checkpoint.
+#
+# How the job ends follows the run's status.json (written by this launch; "none" if it wrote none:
+# refused on bad input, or killed before it began), whatever the launcher returned after that:
+#     END <date> stage=<stage> status=<status> exit=<N> ...
+#   completed -> exit 0 (SLURM: COMPLETED); anything else -> the launcher's non-zero status (FAILED),
+#   1 if the launcher returned 0. A job that requeues itself ends this part with 0 (it goes on).
 
 WORKSHOP_MAX_REQUEUES=${WORKSHOP_MAX_REQUEUES:-10}
 export PYTHONUNBUFFERED=1   # the job's log shows progress as it happens
@@ -85,17 +91,36 @@ _free_port() {
     "$WORKSHOP_PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])'
 }
 
+_run_status() {   # the status in status.json if this launch wrote it, else "none"
+    local file=$RUN_DIR/status.json status=
+    if [ -f "$file" ] && [ "$file" -nt "$LAUNCH_STAMP" ]; then
+        status=$(sed -n 's/.*"status": *"\([a-z_]*\)".*/\1/p' "$file" 2>/dev/null | head -n 1)
+    fi
+    echo "${status:-none}"
+}
+
+_job_status() {   # _job_status RC: the job's exit status from the run's status and the launcher's RC
+    local rc=$1
+    if [ "$RUN_STATUS" = completed ]; then
+        [ "$rc" = 0 ] || echo "the launcher returned $rc after the run completed (status.json):" \
+            "the job counts as completed; the lines above say what ended badly" >&2
+        return 0
+    fi
+    [ "$rc" != 0 ] && return "$rc"
+    [ "$RUN_STATUS" = none ] && return 0   # nothing ran (--help)
+    return 1
+}
+
 _requeue_if_unfinished() {   # after the training ended on the time-limit warning
     [ "$WARNING_SIGNAL_SEEN" = 1 ] || return 0
     if [ -z "${SLURM_JOB_ID:-}" ]; then
         echo "stopped on SIGUSR1: to go on, run the same command again with --run_dir $RUN_DIR"
         return 0
     fi
-    local status restarts=${SLURM_RESTART_COUNT:-0}
-    status=$(sed -n 's/.*"status": *"\([a-z_]*\)".*/\1/p' "$RUN_DIR/status.json" 2>/dev/null | head -n 1)
-    case $status in
+    local restarts=${SLURM_RESTART_COUNT:-0}
+    case $RUN_STATUS in
         completed | failed | oom)
-            echo "not requeued: the run's status is $status"
+            echo "not requeued: the run's status is $RUN_STATUS"
             return 0 ;;
     esac
     if [ "$restarts" -ge "$WORKSHOP_MAX_REQUEUES" ]; then
@@ -115,7 +140,9 @@ _job_exit() {
     # EOF while looking for matching `)'"), which would lose the END line below.
     trap '' USR1 TERM INT
     stop_memory_loggers
-    echo "END $(date '+%F %T') stage=$STAGE exit=$rc elapsed=$(($(date +%s) - JOB_START))s" \
+    local status=$RUN_STATUS
+    [ "$JOB_REQUEUED" = 1 ] && status=$status,requeued
+    echo "END $(date '+%F %T') stage=$STAGE status=$status exit=$rc elapsed=$(($(date +%s) - JOB_START))s" \
         "run folder: ${RUN_DIR:-none}"
 }
 
@@ -123,6 +150,7 @@ workshop_job() {
     : "${STAGE:?the job script sets STAGE before workshop_job}"
     JOB_START=$(date +%s)
     JOB_REQUEUED=0
+    RUN_STATUS=none
     echo "START $(date '+%F %T') stage=$STAGE"
     trap _job_exit EXIT
 
@@ -192,10 +220,15 @@ workshop_job() {
     echo "command: $(printf '%q ' "${LAUNCH[@]}" "${PROGRAM[@]}")"
 
     local rc=0
+    # status.json newer than this stamp was written by this launch, not by an earlier part of the run
+    # (none where the folder is not writable: the training says so itself)
+    LAUNCH_STAMP=$(mktemp "$RUN_DIR/.launch.XXXXXX" 2>/dev/null) || LAUNCH_STAMP=
     run_training "$launcher" "${LAUNCH[@]}" "${PROGRAM[@]}" || rc=$?
     # the training has ended: nothing left to forward signals to (and see _job_exit on bash 5.2)
     trap '' USR1 TERM INT
+    RUN_STATUS=$(_run_status)
+    rm -f "$LAUNCH_STAMP"
     _requeue_if_unfinished
     [ "$JOB_REQUEUED" = 1 ] && return 0
-    return "$rc"
+    _job_status "$rc"
 }

@@ -30,7 +30,7 @@ log_environment() {   # log_environment RUN_DIR
         "$WORKSHOP_PYTHON" - <<'EOF' || echo "python failed: $WORKSHOP_PYTHON"
 import importlib.metadata as md, platform, sys
 print("python", platform.python_version(), sys.executable)
-for name in ("torch", "transformers", "accelerate", "deepspeed", "datasets", "evaluate"):
+for name in ("torch", "transformers", "accelerate", "deepspeed", "datasets", "tokenizers"):
     try:
         print(name, md.version(name))
     except md.PackageNotFoundError:

@@ -1,4 +1,5 @@
-"""The catalogue of bad inputs (README, "Bad input"): every entry has a test here.
+"""The catalogue of bad inputs (docs/bad-input.md): every entry has a test here, or names the other test file
+that has it (tests/test_docs.py checks that each named test exists).
 
 Each bad input stops `workshop train` with one line, ``error: <what is wrong>: <the fix>``, exit
 status 2, before the model is built (so before any GPU time), and leaves earlier results alone:
@@ -31,7 +32,7 @@ import torch
 from deepspeed.ops.op_builder import AsyncIOBuilder  # noqa: F401  (sets DeepSpeed's env once, at import)
 
 from conftest import REPO
-from workshop import ds_preflight, train
+from workshop import preflight, train
 
 CONFIG_DIR = REPO / "ds_configs"
 NO_HUB = "http://127.0.0.1:9"  # the discard port: any download attempt fails at once
@@ -311,21 +312,21 @@ def test_more_processes_than_gpus(capsys, logs, two_gpus, monkeypatch):
 
 def test_process_count_check_passes_when_gpus_suffice_or_on_cpu(two_gpus, monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    train.check_gpu_count()
+    preflight.check_gpu_count()
     monkeypatch.setenv("LOCAL_SIZE", "3")  # the deepspeed launcher's name, when torchrun's is absent
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     with pytest.raises(train.WorkshopError, match="3 training processes on this node but only 2"):
-        train.check_gpu_count()
+        preflight.check_gpu_count()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # CPU processes (gloo) need no GPU
-    train.check_gpu_count()
+    preflight.check_gpu_count()
 
 
 def test_cuda_arch_list_deepspeed_cannot_parse_is_fixed(two_gpus, monkeypatch, caplog):
     """TORCH_CUDA_ARCH_LIST=9.0a (some H100 images) crashes DeepSpeed's op builds; the
     pre-flight replaces it with the visible GPUs' list and says so (the run goes on)."""
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0a")
-    with caplog.at_level(logging.WARNING, logger="workshop.ds_preflight"):
-        assert ds_preflight.fix_cuda_arch_list() == "9.0"
+    with caplog.at_level(logging.WARNING, logger="workshop.preflight"):
+        assert preflight.fix_cuda_arch_list() == "9.0"
     assert os.environ["TORCH_CUDA_ARCH_LIST"] == "9.0"
     assert "TORCH_CUDA_ARCH_LIST=9.0a cannot be parsed by DeepSpeed's op builder; using 9.0" in caplog.text
 

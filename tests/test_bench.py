@@ -3,8 +3,9 @@
 import json
 import os
 
-from workshop import bench
+from workshop import bench, runner
 from workshop.errors import WorkshopError
+from workshop.stages import REPO
 
 
 def test_bench_runs_each_mode_into_its_own_run_folder_and_tabulates_them(tmp_path, capsys):
@@ -125,7 +126,7 @@ def test_a_deepspeed_lever_runs_the_stage_json_with_its_keys_set(tmp_path):
     rows = json.loads((out / "bench.json").read_text())["rows"]
     assert [(r["stage"], r["status"]) for r in rows] == [("zero2", "completed")]  # no DeepSpeed, nothing to change
     written = json.loads((out / "ds_configs" / "default_overflow_check_zero2.json").read_text())
-    stage_json = json.loads((bench.REPO / "ds_configs" / "zero2.json").read_text())
+    stage_json = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
     assert written == {**stage_json, "bf16": {**stage_json["bf16"], "check_grad_overflow": True}}
     config = json.loads((out / "tiny-gpt2-zero2-default_overflow_check" / "config.json").read_text())
     assert config["deepspeed_config"]["bf16"]["check_grad_overflow"] is True
@@ -143,8 +144,8 @@ def test_an_environment_lever_is_set_for_the_training_process_only(tmp_path, mon
         def wait(self):
             return 1
 
-    monkeypatch.setattr(bench.subprocess, "Popen", Process)
-    monkeypatch.setattr(bench.shutil, "which", lambda name: None)  # no nvidia-smi beside it
+    monkeypatch.setattr(runner.subprocess, "Popen", Process)
+    monkeypatch.setattr(runner.shutil, "which", lambda name: None)  # no nvidia-smi beside it
     assert bench.main(["--models", "tiny-gpt2", "--stages", "baseline", "--modes", "default", "default_cublaslt",
                        "--samples", "8", "--eval_samples", "4", "--no_reference", "--out", str(tmp_path / "b")]) == 0
     assert started[0] is None  # the bench's own environment
@@ -194,9 +195,9 @@ def test_each_seed_is_a_run_of_its_own(tmp_path, monkeypatch):
 def test_a_refusal_is_reported_by_its_error_line_not_what_follows_it():
     output = ("loading...\nerror: --nvme_path /x has 63.8 GiB free but ZeRO-Infinity will write about 80.9 GiB there\n"
               "[rank0]:[W1201] Warning: WARNING: destroy_process_group() was not called before program exit\n")
-    assert bench.error_line(output) == "--nvme_path /x has 63.8 GiB free but ZeRO-Infinity will write about 80.9 GiB there"
-    assert bench.error_line("Traceback ...\nRuntimeError: boom\n") == "RuntimeError: boom"
-    assert bench.error_line("") == ""
+    assert runner.error_line(output) == "--nvme_path /x has 63.8 GiB free but ZeRO-Infinity will write about 80.9 GiB there"
+    assert runner.error_line("Traceback ...\nRuntimeError: boom\n") == "RuntimeError: boom"
+    assert runner.error_line("") == ""
 
 
 def test_every_mode_is_flags_that_workshop_train_accepts(tmp_path, monkeypatch):

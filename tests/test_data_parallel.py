@@ -11,7 +11,7 @@ from conftest import REPO
 RANK_SCRIPT = r"""
 import json, os, sys
 from workshop import config, data_loader, distributed, model as models
-from workshop.checkpoints import WorkshopTrainer
+from workshop.trainer import WorkshopTrainer
 distributed.init_env(deepspeed=False)
 model_args, data_args, ws_args, args = config.parse(sys.argv[2:])
 _ = args.device

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from workshop import ds_preflight
+from workshop import ds_config, memory, preflight
 from workshop.errors import WorkshopError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
@@ -50,45 +50,45 @@ def one_line(error) -> str:
 
 def test_a_missing_file_names_the_flag_and_the_folder_to_pick_from(tmp_path):
     with fails(r"--deepspeed .*nope.json: no such file; pick one of ds_configs/\*.json"):
-        ds_preflight.load_config(str(tmp_path / "nope.json"))
+        ds_config.load_config(str(tmp_path / "nope.json"))
 
 
 def test_malformed_json_gives_the_line(tmp_path):
     path = write(tmp_path, '{\n  "zero_optimization": {\n    "stage": 2, // ZeRO-2\n  }\n}\n')
     with fails(r"invalid JSON at line 3 column 17") as error:
-        ds_preflight.load_config(path)
+        ds_config.load_config(path)
     assert "no comments" in one_line(error)
 
 
 def test_a_key_written_twice_is_refused(tmp_path):
     with fails(r"key 'stage' appears twice"):
-        ds_preflight.load_config(write(tmp_path, '{"zero_optimization": {"stage": 2, "stage": 3}}'))
+        ds_config.load_config(write(tmp_path, '{"zero_optimization": {"stage": 2, "stage": 3}}'))
 
 
 def test_the_top_must_be_an_object(tmp_path):
     with fails(r"expected a JSON object"):
-        ds_preflight.load_config(write(tmp_path, '[{"zero_optimization": {}}]'))
+        ds_config.load_config(write(tmp_path, '[{"zero_optimization": {}}]'))
 
 
 def test_the_nvme_path_comes_from_the_flag(tmp_path):
-    config = ds_preflight.resolve_config(str(CONFIG_DIR / "zero3_nvme.json"), str(tmp_path), "bf16")
+    config = ds_config.resolve_config(str(CONFIG_DIR / "zero3_nvme.json"), str(tmp_path), "bf16")
     zero = config["zero_optimization"]
     assert zero["offload_optimizer"]["nvme_path"] == zero["offload_param"]["nvme_path"] == str(tmp_path)
 
 
 def test_an_nvme_config_without_the_flag_asks_for_it():
     with fails(r"zero3_nvme.json offloads to NVMe: pass --nvme_path DIR"):
-        ds_preflight.resolve_config(str(CONFIG_DIR / "zero3_nvme.json"), None, "bf16")
+        ds_config.resolve_config(str(CONFIG_DIR / "zero3_nvme.json"), None, "bf16")
 
 
 def test_zero1_accumulates_gradients_in_fp32_only_under_bf16(tmp_path):
     # bf16: DeepSpeed's BF16_Optimizer, one flat fp32 gradient buffer; fp16 and fp32: the ZeRO optimizer as it is
-    resolved = {precision: ds_preflight.resolve_config(str(CONFIG_DIR / "zero1.json"), None, precision)
+    resolved = {precision: ds_config.resolve_config(str(CONFIG_DIR / "zero1.json"), None, precision)
                 for precision in ("bf16", "fp16", "fp32")}
     assert {precision: config["data_types"]["grad_accum_dtype"] for precision, config in resolved.items()} == \
         {"bf16": "fp32", "fp16": "fp16", "fp32": "fp32"}
     explicit = write(tmp_path, '{"zero_optimization": {"stage": 1}, "data_types": {"grad_accum_dtype": "bf16"}}')
-    assert ds_preflight.resolve_config(explicit, None, "bf16")["data_types"] == {"grad_accum_dtype": "bf16"}
+    assert ds_config.resolve_config(explicit, None, "bf16")["data_types"] == {"grad_accum_dtype": "bf16"}
 
 
 # --- keys ------------------------------------------------------------------------------------------
@@ -97,7 +97,7 @@ def test_a_typo_names_the_key_it_meant():
     config = {"zero_optimization": {"stage": 2, "overlap_com": True}}
     with fails(r"x.json: unknown key 'zero_optimization.overlap_com' "
                r"\(did you mean 'zero_optimization.overlap_comm'\?\)") as error:
-        ds_preflight.check_keys(config, "x.json")
+        ds_config.check_keys(config, "x.json")
     one_line(error)
 
 
@@ -106,7 +106,7 @@ def test_typos_are_found_at_every_depth_and_in_auto_values():
               "zero_optimization": {"stage": 3, "stage3_prefetch_bucket_sise": "auto",
                                     "offload_optimizer": {"device": "cpu", "pin_memroy": True}}}
     with fails("x") as error:
-        ds_preflight.check_keys(config, "x")
+        ds_config.check_keys(config, "x")
     message = one_line(error)
     for meant in ("'train_batch_size'", "'zero_optimization.stage3_prefetch_bucket_size'",
                   "'zero_optimization.offload_optimizer.pin_memory'"):
@@ -114,7 +114,7 @@ def test_typos_are_found_at_every_depth_and_in_auto_values():
 
 
 def test_aliases_sections_and_free_form_params_are_accepted():
-    ds_preflight.check_keys({
+    ds_config.check_keys({
         "zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 10, "prefetch_bucket_size": 10},
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
         "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 10}},
@@ -125,13 +125,13 @@ def test_aliases_sections_and_free_form_params_are_accepted():
 
 def test_a_key_deepspeed_removed_says_so():
     with fails(r"'amp' is no longer supported: NVIDIA Apex AMP"):
-        ds_preflight.check_keys({"amp": {"enabled": True}}, "x")
+        ds_config.check_keys({"amp": {"enabled": True}}, "x")
 
 
 # --- values the Trainer owns -----------------------------------------------------------------------
 
 def test_auto_and_matching_values_pass(flags):
-    ds_preflight.check_trainer_conflicts({"train_micro_batch_size_per_gpu": "auto", "gradient_clipping": 1.0,
+    ds_config.check_trainer_conflicts({"train_micro_batch_size_per_gpu": "auto", "gradient_clipping": 1.0,
                                           "optimizer": {"params": {"betas": [0.9, 0.999]}}}, flags())
 
 
@@ -152,56 +152,56 @@ def test_auto_and_matching_values_pass(flags):
 ])
 def test_an_explicit_value_that_disagrees_with_a_flag_is_refused(flags, config, changed, says):
     with fails(says) as error:
-        ds_preflight.check_trainer_conflicts(config, flags(**changed), "--deepspeed x.json")
+        ds_config.check_trainer_conflicts(config, flags(**changed), "--deepspeed x.json")
     assert one_line(error).endswith('Set these to "auto" in the JSON so the Trainer fills them from its flags')
 
 
 def test_auto_find_batch_size_lets_the_trainer_change_the_micro_batch(flags):
-    ds_preflight.check_trainer_conflicts({"train_micro_batch_size_per_gpu": 64},
+    ds_config.check_trainer_conflicts({"train_micro_batch_size_per_gpu": 64},
                                          flags(auto_find_batch_size=True))
 
 
 # --- where the memory goes -------------------------------------------------------------------------
 
 def test_stage_and_offload_devices_for_the_report():
-    config = ds_preflight.load_config(str(CONFIG_DIR / "zero3_offload_all.json"))
-    assert ds_preflight.zero_stage(config) == 3
-    assert ds_preflight.offload_devices(config) == {"offload_optimizer": "cpu", "offload_param": "cpu"}
-    assert ds_preflight.zero_stage({}) == 0
-    assert ds_preflight.offload_devices({}) == {"offload_optimizer": None, "offload_param": None}
+    config = ds_config.load_config(str(CONFIG_DIR / "zero3_offload_all.json"))
+    assert ds_config.zero_stage(config) == 3
+    assert ds_config.offload_devices(config) == {"offload_optimizer": "cpu", "offload_param": "cpu"}
+    assert ds_config.zero_stage({}) == 0
+    assert ds_config.offload_devices({}) == {"offload_optimizer": None, "offload_param": None}
 
 
 def test_offloaded_bytes_count_optimizer_states_and_parameters(tmp_path):
     n = 1_000_000
-    cpu = ds_preflight.load_config(str(CONFIG_DIR / "zero3_offload_all.json"))
-    assert ds_preflight.offloaded_bytes(cpu, n, half_precision=True) == {"cpu": 18 * n}
-    assert ds_preflight.offloaded_bytes(cpu, n, half_precision=False, num_nodes=2) == {"cpu": 10 * n}
-    nvme = ds_preflight.resolve_config(str(CONFIG_DIR / "zero3_nvme.json"), str(tmp_path), "bf16")
-    assert ds_preflight.offloaded_bytes(nvme, n, half_precision=True) == {str(tmp_path): 18 * n}
-    assert ds_preflight.offloaded_bytes(ds_preflight.load_config(str(CONFIG_DIR / "zero2.json")), n, True) == {}
+    cpu = ds_config.load_config(str(CONFIG_DIR / "zero3_offload_all.json"))
+    assert memory.offloaded_bytes(cpu, n, half_precision=True) == {"cpu": 18 * n}
+    assert memory.offloaded_bytes(cpu, n, half_precision=False, num_nodes=2) == {"cpu": 10 * n}
+    nvme = ds_config.resolve_config(str(CONFIG_DIR / "zero3_nvme.json"), str(tmp_path), "bf16")
+    assert memory.offloaded_bytes(nvme, n, half_precision=True) == {str(tmp_path): 18 * n}
+    assert memory.offloaded_bytes(ds_config.load_config(str(CONFIG_DIR / "zero2.json")), n, True) == {}
 
 
 def test_nvme_offload_without_a_folder_is_refused():
     with fails(r"zero_optimization.offload_param offloads to NVMe but names no folder"):
-        ds_preflight.offloaded_bytes({"zero_optimization": {"offload_param": {"device": "nvme"}}}, 10, True)
+        memory.offloaded_bytes({"zero_optimization": {"offload_param": {"device": "nvme"}}}, 10, True)
 
 
 def test_host_memory_must_hold_the_offloaded_states():
-    ds_preflight.check_host_memory(1024, "--deepspeed x.json")
+    preflight.check_host_memory(1024, "--deepspeed x.json")
     with fails(r"--deepspeed x.json offloads about 1048576.0 GiB to host memory but this node has .* GiB "
                r"available; ask for more \(#SBATCH --mem\)"):
-        ds_preflight.check_host_memory(2**50, "--deepspeed x.json")
+        preflight.check_host_memory(2**50, "--deepspeed x.json")
 
 
 def test_the_nvme_folder_must_exist(tmp_path):
     with fails(r"--nvme_path .*/missing does not exist; create it \(mkdir -p"):
-        ds_preflight.check_nvme_path(str(tmp_path / "missing"), 0)
+        preflight.check_nvme_path(str(tmp_path / "missing"), 0)
 
 
 def test_the_nvme_path_must_be_a_folder(tmp_path):
     (tmp_path / "file").write_text("")
     with fails(r"--nvme_path .*/file is not a folder"):
-        ds_preflight.check_nvme_path(str(tmp_path / "file"), 0)
+        preflight.check_nvme_path(str(tmp_path / "file"), 0)
 
 
 def test_the_nvme_folder_must_be_writable(tmp_path, monkeypatch):
@@ -210,13 +210,13 @@ def test_the_nvme_folder_must_be_writable(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tempfile, "TemporaryFile", refuse)  # root may write anywhere: simulate a read-only disk
     with fails(r"--nvme_path .* is not writable \(Permission denied\); pass a folder you own"):
-        ds_preflight.check_nvme_path(str(tmp_path), 0)
+        preflight.check_nvme_path(str(tmp_path), 0)
 
 
 def test_the_nvme_folder_must_have_room(tmp_path):
-    ds_preflight.check_nvme_path(str(tmp_path), 1024)
+    preflight.check_nvme_path(str(tmp_path), 1024)
     with fails(r"--nvme_path .* GiB free but ZeRO-Infinity will write about 1048576.0 GiB there"):
-        ds_preflight.check_nvme_path(str(tmp_path), 2**50)
+        preflight.check_nvme_path(str(tmp_path), 2**50)
 
 
 def test_missing_libaio_gives_the_install_command(monkeypatch):
@@ -225,7 +225,7 @@ def test_missing_libaio_gives_the_install_command(monkeypatch):
     monkeypatch.setattr(AsyncIOBuilder, "is_compatible", lambda self, verbose=False: False)
     with fails(r"x.json offloads to NVMe, which needs DeepSpeed's async_io op and so libaio: "
                r"apt-get install libaio-dev \(dnf install libaio-devel"):
-        ds_preflight.check_async_io("x.json")
+        preflight.check_async_io("x.json")
 
 
 # --- CUDA arch list --------------------------------------------------------------------------------
@@ -249,26 +249,26 @@ def test_an_arch_list_deepspeed_cannot_parse_is_replaced(two_gpus, monkeypatch):
     with pytest.raises(ValueError, match="invalid literal for int"):
         deepspeed_parses_the_arch_list()
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0a")  # DeepSpeed rewrites it while parsing
-    assert ds_preflight.fix_cuda_arch_list() == "8.0;9.0"
+    assert preflight.fix_cuda_arch_list() == "8.0;9.0"
     assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0"
     assert "-gencode=arch=compute_90,code=sm_90" in deepspeed_parses_the_arch_list()
 
 
 def test_an_unset_arch_list_is_set_from_the_visible_gpus(two_gpus, monkeypatch):
     monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
-    assert ds_preflight.fix_cuda_arch_list() == "8.0;9.0"
+    assert preflight.fix_cuda_arch_list() == "8.0;9.0"
 
 
 def test_a_parsable_arch_list_is_left_alone(two_gpus, monkeypatch):
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0 9.0+PTX")
-    assert ds_preflight.fix_cuda_arch_list() is None
+    assert preflight.fix_cuda_arch_list() is None
     assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0 9.0+PTX"
 
 
 def test_without_cuda_the_arch_list_is_not_touched(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0a")
-    assert ds_preflight.fix_cuda_arch_list() is None
+    assert preflight.fix_cuda_arch_list() is None
 
 
 # --- wired into workshop train ----------------------------------------------------------------------
@@ -296,7 +296,7 @@ def test_the_parameter_buffers_are_sized_where_deepspeed_reads_them(parse, tmp_p
 
     *_, args = parse("--deepspeed", str(CONFIG_DIR / "zero3_nvme.json"), "--nvme_path", str(tmp_path))
     assert args.deepspeed["zero_optimization"]["offload_param"]["buffer_size"] == "auto"
-    ds_preflight.size_param_buffers(args, 642_252_800)
+    ds_config.size_param_buffers(args, 642_252_800)
     # the recorded JSON, and the config zero.Init and DeepSpeed's engine read
     for config in (args.deepspeed, deepspeed_config()):
         assert config["zero_optimization"]["offload_param"]["buffer_size"] == 642_252_800
@@ -317,8 +317,8 @@ def test_resources_are_checked_once_the_model_size_is_known(flags, tmp_path, mon
     from deepspeed.ops.op_builder import AsyncIOBuilder
 
     monkeypatch.setattr(AsyncIOBuilder, "is_compatible", lambda self, verbose=False: True)
-    config = ds_preflight.resolve_config(str(CONFIG_DIR / "zero3_nvme.json"), str(tmp_path / "missing"), "bf16")
+    config = ds_config.resolve_config(str(CONFIG_DIR / "zero3_nvme.json"), str(tmp_path / "missing"), "bf16")
     with fails(r"--nvme_path .*/missing does not exist"):
-        ds_preflight.check_resources(config, 1000, flags(), num_nodes=1, source="--deepspeed zero3_nvme.json")
-    config = ds_preflight.resolve_config(str(CONFIG_DIR / "zero3_nvme.json"), str(tmp_path), "bf16")
-    ds_preflight.check_resources(config, 1000, flags(), num_nodes=1, source="--deepspeed zero3_nvme.json")
+        preflight.check_resources(config, 1000, flags(), num_nodes=1, source="--deepspeed zero3_nvme.json")
+    config = ds_config.resolve_config(str(CONFIG_DIR / "zero3_nvme.json"), str(tmp_path), "bf16")
+    preflight.check_resources(config, 1000, flags(), num_nodes=1, source="--deepspeed zero3_nvme.json")

@@ -8,7 +8,10 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config
 
 from workshop import estimate as est
-from workshop.estimate import GIB
+from workshop import memory as mem
+from workshop.ds_config import deepspeed_choices
+from workshop.shapes import model_shape, shape_from_config
+from workshop.units import GIB
 
 stage_1_and_2 = pytest.importorskip("deepspeed.runtime.zero.stage_1_and_2")
 stage3 = pytest.importorskip("deepspeed.runtime.zero.stage3")
@@ -19,7 +22,7 @@ HARDWARE = [(1, 1), (4, 1), (8, 2), (3, 5)]  # (GPUs per node, nodes)
 def assert_same_as_deepspeed(total: int, largest: int) -> None:
     for (gpus, nodes), offload in itertools.product(HARDWARE, (True, False)):
         cpu, gpu = stage_1_and_2.estimate_zero2_model_states_mem_needs(total, gpus, nodes, cpu_offload=offload)
-        assert est.model_states_bytes(total, 2, gpus, nodes, offload_optimizer=offload) == (gpu, cpu)
+        assert mem.model_states_bytes(total, 2, gpus, nodes, offload_optimizer=offload) == (gpu, cpu)
     for (gpus, nodes), offload, offload_param, zero_init in itertools.product(HARDWARE, (True, False), (True, False),
                                                                               (True, False)):
         if offload_param and not offload:
@@ -27,7 +30,7 @@ def assert_same_as_deepspeed(total: int, largest: int) -> None:
         cpu, gpu, _ = stage3.estimate_zero3_model_states_mem_needs(total, largest, gpus, nodes, cpu_offload=offload,
                                                                    cpu_offload_params=offload_param,
                                                                    zero_init=zero_init)
-        ours = est.model_states_bytes(total, 3, gpus, nodes, offload_optimizer=offload, offload_param=offload_param,
+        ours = mem.model_states_bytes(total, 3, gpus, nodes, offload_optimizer=offload, offload_param=offload_param,
                                       largest_layer_params=largest, zero_init=zero_init)
         assert ours == (gpu, cpu), (gpus, nodes, offload, offload_param, zero_init)
 
@@ -35,7 +38,7 @@ def assert_same_as_deepspeed(total: int, largest: int) -> None:
 def test_tiny_gpt2_model_states_equal_deepspeeds_estimate():
     config = GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=1000)
     model = AutoModelForCausalLM.from_config(config)
-    shape = est.shape_from_config(config)  # counted on the meta device, as `workshop estimate` does
+    shape = shape_from_config(config)  # counted on the meta device, as `workshop estimate` does
     assert shape.n_params == stage_1_and_2.model_to_params(model)
     assert (shape.n_params, shape.largest_layer_params) == stage3.model_to_params(model)
     assert_same_as_deepspeed(shape.n_params, shape.largest_layer_params)
@@ -44,7 +47,7 @@ def test_tiny_gpt2_model_states_equal_deepspeeds_estimate():
 @pytest.mark.parametrize("name, n_params", [("gpt2", 124_439_808), ("gpt2-medium", 354_823_168),
                                             ("bloom-560m", 559_214_592)])
 def test_real_shapes_model_states_equal_deepspeeds_estimate(name, n_params):
-    shape = est.model_shape(name)  # offline: the known shapes
+    shape = model_shape(name)  # offline: the known shapes
     assert shape.n_params == n_params  # the published sizes
     assert shape.largest_layer_params == shape.vocab_size * shape.hidden_size  # the (tied) embedding
     assert_same_as_deepspeed(shape.n_params, shape.largest_layer_params)
@@ -53,39 +56,39 @@ def test_real_shapes_model_states_equal_deepspeeds_estimate(name, n_params):
 def test_model_states_follow_the_zero_paper():
     P, N = 1_000_000, 8
     kwargs = dict(n_layers=2, hidden=64, heads=4, vocab=100, seq_len=16, micro_batch=1, world_size=N)
-    zero = est.DeepSpeedSettings(grad_accum_dtype=None)  # gradients in the model's dtype: the ZeRO optimizer
-    states = {stage: est.estimate(P, zero_stage=stage, deepspeed=zero, **kwargs) for stage in (0, 1, 2, 3)}
+    zero = mem.DeepSpeedSettings(grad_accum_dtype=None)  # gradients in the model's dtype: the ZeRO optimizer
+    states = {stage: mem.estimate(P, zero_stage=stage, deepspeed=zero, **kwargs) for stage in (0, 1, 2, 3)}
     assert [(e.params_bytes, e.grads_bytes, e.optimizer_bytes) for e in states.values()] == [
         (2 * P, 2 * P, 12 * P), (2 * P, 2 * P, 12 * P // N), (2 * P, 2 * P // N, 12 * P // N),
         (2 * P // N, 2 * P // N, 12 * P // N)]
     # ds_configs/zero1.json in bf16 (its "auto", the estimate's default): DeepSpeed's BF16_Optimizer, whose
     # gradients are fp32 and whole; in fp16 the ZeRO optimizer again
-    bf16 = est.estimate(P, zero_stage=1, **kwargs)
+    bf16 = mem.estimate(P, zero_stage=1, **kwargs)
     assert (bf16.params_bytes, bf16.grads_bytes, bf16.optimizer_bytes) == (2 * P, 4 * P, 12 * P // N)
     assert bf16.backward_peak_bytes == bf16.model_states_bytes + bf16.activations_bytes + bf16.logits_bytes
-    assert est.estimate(P, zero_stage=1, precision="fp16", **kwargs).grads_bytes == 2 * P
-    assert est.estimate(P, zero_stage=1, offload_optimizer="cpu", **kwargs).grads_bytes == 2 * P
-    fp32 = est.estimate(P, zero_stage=3, precision="fp32", **kwargs)
+    assert mem.estimate(P, zero_stage=1, precision="fp16", **kwargs).grads_bytes == 2 * P
+    assert mem.estimate(P, zero_stage=1, offload_optimizer="cpu", **kwargs).grads_bytes == 2 * P
+    fp32 = mem.estimate(P, zero_stage=3, precision="fp32", **kwargs)
     assert (fp32.params_bytes, fp32.grads_bytes, fp32.optimizer_bytes) == (4 * P // N, 4 * P // N, 8 * P // N)
-    trainer = est.estimate(P, zero_stage=None, **kwargs)
+    trainer = mem.estimate(P, zero_stage=None, **kwargs)
     assert trainer.model_states_bytes == 16 * P
-    offloaded = est.estimate(P, zero_stage=3, offload_optimizer="cpu", offload_param="cpu", **kwargs)
+    offloaded = mem.estimate(P, zero_stage=3, offload_optimizer="cpu", offload_param="cpu", **kwargs)
     assert offloaded.optimizer_bytes == 0 and offloaded.params_bytes == 0
     assert offloaded.host_bytes - states[3].host_bytes > 16 * P  # the states moved to the host
 
 
 def test_activations_use_the_measured_coefficients_and_the_paper_as_fallback():
     s, b, h, a = 512, 4, 1024, 16
-    assert est.activation_bytes(24, h, a, s, b, "16bit", "gpt2", "sdpa") == 24 * 39 * s * b * h
+    assert mem.activation_bytes(24, h, a, s, b, "16bit", "gpt2", "sdpa") == 24 * 39 * s * b * h
     # GPT-2's stock GELU (--fast_kernels false) keeps its eight operations' intermediates as well
-    assert est.activation_bytes(24, h, a, s, b, "16bit", "gpt2", "sdpa", fast_kernels=False) == 24 * 62 * s * b * h
-    assert est.activation_bytes(24, h, a, s, b, "amp", "bloom", "eager", fast_kernels=False) == \
-        est.activation_bytes(24, h, a, s, b, "amp", "bloom", "eager")  # BLOOM's GELU is one function already
-    assert est.activation_bytes(24, h, a, s, b, "amp", "bloom", "eager") == 24 * (36 * s * b * h + 6 * b * a * s * s)
+    assert mem.activation_bytes(24, h, a, s, b, "16bit", "gpt2", "sdpa", fast_kernels=False) == 24 * 62 * s * b * h
+    assert mem.activation_bytes(24, h, a, s, b, "amp", "bloom", "eager", fast_kernels=False) == \
+        mem.activation_bytes(24, h, a, s, b, "amp", "bloom", "eager")  # BLOOM's GELU is one function already
+    assert mem.activation_bytes(24, h, a, s, b, "amp", "bloom", "eager") == 24 * (36 * s * b * h + 6 * b * a * s * s)
     # Korthikanti et al. 2022 for an architecture the workshop has not measured
-    assert est.activation_bytes(1, h, a, s, b, "16bit", "llama", "eager") == 34 * s * b * h + 5 * a * s * s * b
-    assert est.activation_bytes(24, h, a, s, b, "16bit", "gpt2", "sdpa", gradient_checkpointing=True) < \
-        est.activation_bytes(24, h, a, s, b, "16bit", "gpt2", "sdpa") / 10
+    assert mem.activation_bytes(1, h, a, s, b, "16bit", "llama", "eager") == 34 * s * b * h + 5 * a * s * s * b
+    assert mem.activation_bytes(24, h, a, s, b, "16bit", "gpt2", "sdpa", gradient_checkpointing=True) < \
+        mem.activation_bytes(24, h, a, s, b, "16bit", "gpt2", "sdpa") / 10
 
 
 # Peak torch.cuda.max_memory_allocated (GiB) measured on one H100 80GB, torch 2.11, transformers 5.17,
@@ -110,9 +113,9 @@ def test_predictions_are_within_the_issues_15_percent_of_h100_measurements():
                                 "stage3_prefetch_bucket_size": "auto"}}
     shapes = {}
     for (name, micro, stage, opt, param), measured in H100_MEASURED.items():
-        shape = shapes.setdefault(name, est.model_shape(name))
+        shape = shapes.setdefault(name, model_shape(name))
         attention = "eager" if "bloom" in name else "sdpa"  # BLOOM's, before the workshop gave it sdpa
-        predicted = est.estimate_for_shape(shape, 512, micro, stage, opt, param, ds_config=ds, fast_kernels=False,
+        predicted = mem.estimate_for_shape(shape, 512, micro, stage, opt, param, ds_config=ds, fast_kernels=False,
                                            attn_implementation=attention).peak_allocated_bytes
         assert abs(predicted / GIB / measured - 1) < 0.15, (name, micro, stage, opt, param, predicted / GIB, measured)
 
@@ -120,7 +123,7 @@ def test_predictions_are_within_the_issues_15_percent_of_h100_measurements():
 # The same, measured by `workshop bench` on one H200 (torch 2.11, transformers 5.17, DeepSpeed 0.19.8), bf16,
 # the longest batch 432 tokens (426 padded to a multiple of 8), ds_configs/*.json, or a bench lever's copy of one
 # as the bench writes it (<lever>_<stage>.json; ZeRO-1's gradients in bf16 are how zero1.json ran before the
-# section N of BENCHMARKS.md):
+# section N of BENCHMARKS.md, in its history: git show 835db09:BENCHMARKS.md):
 # (model, micro-batch, stage file, fast kernels, vocabulary) -> GiB.
 # gpt2-medium (2026-12-01): the ZeRO-3 and offload rows ran before --fast_kernels; the ZeRO-3 rows with the
 # vocabulary shrunk to the built-in tokenizer's 1,160 (a bug since fixed: see model.build_model).
@@ -158,39 +161,39 @@ def stage_json(file: str) -> dict:
 
 def test_predictions_are_within_the_issues_15_percent_of_h200_measurements():
     for (model, micro, file, fast, vocab), measured in H200_MEASURED.items():
-        shape = est.model_shape(model, vocab_size=vocab)
+        shape = model_shape(model, vocab_size=vocab)
         ds = stage_json(file) if file else None
-        stage, opt, param = est.deepspeed_choices(ds) if ds else (None, None, None)
-        predicted = est.estimate_for_shape(shape, 432, micro, stage, opt, param, ds_config=ds,
+        stage, opt, param = deepspeed_choices(ds) if ds else (None, None, None)
+        predicted = mem.estimate_for_shape(shape, 432, micro, stage, opt, param, ds_config=ds,
                                            fast_kernels=fast).peak_allocated_bytes
         assert abs(predicted / GIB / measured - 1) < 0.15, (model, micro, file, fast, predicted / GIB, measured)
 
 
 def test_zero1_gradients_from_the_json():
-    shape = est.model_shape("gpt2-medium")
+    shape = model_shape("gpt2-medium")
     as_shipped, bf16_grads = stage_json("zero1.json"), stage_json("default_bf16_grad_accum_zero1.json")
-    assert est.DeepSpeedSettings.from_config(as_shipped, 1024).grad_accum_dtype == "auto"
-    assert est.DeepSpeedSettings.from_config(bf16_grads, 1024).grad_accum_dtype == "bf16"
-    assert est.DeepSpeedSettings.from_config({"zero_optimization": {"stage": 1}}, 1024).grad_accum_dtype is None
-    peaks = {name: est.estimate_for_shape(shape, 432, 4, 1, ds_config=config).backward_peak_bytes
+    assert mem.DeepSpeedSettings.from_config(as_shipped, 1024).grad_accum_dtype == "auto"
+    assert mem.DeepSpeedSettings.from_config(bf16_grads, 1024).grad_accum_dtype == "bf16"
+    assert mem.DeepSpeedSettings.from_config({"zero_optimization": {"stage": 1}}, 1024).grad_accum_dtype is None
+    peaks = {name: mem.estimate_for_shape(shape, 432, 4, 1, ds_config=config).backward_peak_bytes
              for name, config in (("fp32", as_shipped), ("bf16", bf16_grads))}
     assert peaks["fp32"] - peaks["bf16"] == 4 * shape.n_params  # the fp32 buffer, there from the start
-    fp16 = [est.estimate_for_shape(shape, 432, 4, 1, precision="fp16", ds_config=config).backward_peak_bytes
+    fp16 = [mem.estimate_for_shape(shape, 432, 4, 1, precision="fp16", ds_config=config).backward_peak_bytes
             for config in (as_shipped, bf16_grads)]
     assert fp16[0] == fp16[1]  # "auto" is fp16 there: the ZeRO optimizer either way
 
 
 def test_deepspeed_buckets_from_the_json():
-    zero2 = est.DeepSpeedSettings.from_config({"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}, 1024)
+    zero2 = mem.DeepSpeedSettings.from_config({"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}, 1024)
     assert zero2.reduce_bucket_size == 1024 * 1024 and zero2.overlap_comm is None
-    default = est.DeepSpeedSettings.from_config({"zero_optimization": {"stage": 2, "overlap_comm": True}}, 1024)
+    default = mem.DeepSpeedSettings.from_config({"zero_optimization": {"stage": 2, "overlap_comm": True}}, 1024)
     assert default.reduce_bucket_size == 5e8
-    assert est.deepspeed_choices({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"},
+    assert deepspeed_choices({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"},
                                                         "offload_param": {"device": "none"}}}) == (3, "cpu", None)
     # DeepSpeed's default 5e8-element buckets, doubled by overlap_comm, cost 2 GB on top (the original workshop's JSON)
-    shape = est.model_shape("gpt2-medium")
-    auto = est.estimate_for_shape(shape, 512, 4, 2, ds_config={"zero_optimization": {"reduce_bucket_size": "auto"}})
-    big = est.estimate_for_shape(shape, 512, 4, 2, ds_config={"zero_optimization": {"overlap_comm": True}})
+    shape = model_shape("gpt2-medium")
+    auto = mem.estimate_for_shape(shape, 512, 4, 2, ds_config={"zero_optimization": {"reduce_bucket_size": "auto"}})
+    big = mem.estimate_for_shape(shape, 512, 4, 2, ds_config={"zero_optimization": {"overlap_comm": True}})
     assert big.peak_allocated_bytes > auto.peak_allocated_bytes + 0.5 * GIB
 
 
@@ -226,7 +229,7 @@ def test_local_config_json(tmp_path):
     config = GPT2Config(n_layer=3, n_embd=96, n_head=4, vocab_size=500)
     config.save_pretrained(tmp_path)
     for where in (tmp_path, tmp_path / "config.json"):
-        shape = est.model_shape(str(where))
+        shape = model_shape(str(where))
         with torch.device("meta"):
             expected = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
         assert (shape.n_layers, shape.n_params, shape.vocab_size) == (3, expected, 500)

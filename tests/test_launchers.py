@@ -14,6 +14,7 @@ TINY = ["--preset", "tiny", "--num_train_epochs", "1", "--answer_eval_samples", 
 def _run(cmd, run_dir):
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
     return json.loads((run_dir / "config.json").read_text()), json.loads((run_dir / "metrics.json").read_text())
 
 

@@ -4,7 +4,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.activations import ACT2FN, NewGELUActivation
 from transformers.models.bloom.modeling_bloom import BloomGelu
 
-from workshop import estimate
+from workshop import shapes
 from workshop import model as models
 from workshop.config import ModelArguments
 from workshop.data_loader import IGNORE_INDEX, Collator
@@ -12,10 +12,10 @@ from workshop.data_loader import IGNORE_INDEX, Collator
 
 def test_known_shapes_build_offline_with_the_published_sizes(tokenizer):
     config = models.model_config(ModelArguments(model_name_or_path="gpt2-medium", from_config=True), tokenizer)
-    assert estimate.shape_from_config(config).n_params == 354_823_168  # gpt2-medium's published 355M
+    assert shapes.shape_from_config(config).n_params == 354_823_168  # gpt2-medium's published 355M
     config = models.model_config(ModelArguments(model_name_or_path="bigscience/bloom-560m", from_config=True),
                                  tokenizer)
-    assert estimate.shape_from_config(config).n_params == 559_214_592
+    assert shapes.shape_from_config(config).n_params == 559_214_592
     assert models.max_positions(config) is None  # ALiBi: no position limit
 
 

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import REPO, read_json
-from workshop import builtin_data, prefetch
+from workshop import builtin_data, hub, prefetch
 from workshop import model as models
 from workshop.config import ModelArguments
 from workshop.errors import WorkshopError
@@ -266,8 +266,8 @@ def test_weight_files_follow_transformers_order():
 
 def test_the_printed_command_mirrors_the_job_flags():
     job = ModelArguments(model_name_or_path="gpt2-xl", from_config=True)
-    assert prefetch.model_command(job) == "workshop prefetch --model_name_or_path gpt2-xl --from_config"
-    assert prefetch.dataset_command("wikitext", "wikitext-2-raw-v1") == \
+    assert hub.model_command(job) == "workshop prefetch --model_name_or_path gpt2-xl --from_config"
+    assert hub.dataset_command("wikitext", "wikitext-2-raw-v1") == \
         "workshop prefetch --model_name_or_path none --dataset_name wikitext"
-    assert prefetch.dataset_command("wikitext", "wikitext-103-raw-v1").endswith(
+    assert hub.dataset_command("wikitext", "wikitext-103-raw-v1").endswith(
         "--dataset_name wikitext --dataset_config_name wikitext-103-raw-v1")

@@ -5,8 +5,8 @@ import json
 import torch
 
 from conftest import REPO, read_json
-from workshop import config, train
-from workshop.checkpoints import WorkshopTrainer
+from workshop import config, memory, train
+from workshop.trainer import WorkshopTrainer
 
 
 def test_out_of_memory_is_reported_in_one_line_and_recorded(tmp_path, monkeypatch, capsys):
@@ -35,12 +35,12 @@ def test_the_default_micro_batch_is_halved_until_the_estimate_fits_the_gpu(token
     parsed = config.parse(argv)
     model_args, _, _, args = parsed
     shape = train.architecture_shape(models.model_config(model_args, tokenizer), args)
-    need = {micro: train.predicted_memory(shape, model_args, args, 432, micro).gpu_total_bytes
+    need = {micro: memory.predicted_memory(shape, model_args, args, 432, micro).gpu_total_bytes
             for micro in (16, 8, 4, 2, 1)}
     assert need[16] > need[8] > need[4] > need[2] > need[1]
-    assert train.micro_batch_that_fits(shape, model_args, args, 432, 2 * need[16]) == 16
-    assert train.micro_batch_that_fits(shape, model_args, args, 432, (need[4] + need[8]) / 2 / 0.9) == 4
-    assert train.micro_batch_that_fits(shape, model_args, args, 432, need[1] / 2) == 1  # nothing fits: 1
+    assert memory.micro_batch_that_fits(shape, model_args, args, 432, 2 * need[16]) == 16
+    assert memory.micro_batch_that_fits(shape, model_args, args, 432, (need[4] + need[8]) / 2 / 0.9) == 4
+    assert memory.micro_batch_that_fits(shape, model_args, args, 432, need[1] / 2) == 1  # nothing fits: 1
 
     card = int(need[8] / 0.9) + 1
     _, _, _, fitted = train.fit_batch_to_gpu(argv, parsed, shape, 432, card)
@@ -76,7 +76,7 @@ def test_workshop_train_fits_the_default_batch_before_training(tmp_path, monkeyp
     real_fit = train.fit_batch_to_gpu
 
     def fit_on_a_small_card(argv_, parsed, shape, seq_len, card):
-        card = int(train.predicted_memory(shape, parsed[0], parsed[3], seq_len, 8).gpu_total_bytes / 0.9) + 1
+        card = int(memory.predicted_memory(shape, parsed[0], parsed[3], seq_len, 8).gpu_total_bytes / 0.9) + 1
         return real_fit(argv_, parsed, shape, seq_len, card)
 
     monkeypatch.setattr(train, "fit_batch_to_gpu", fit_on_a_small_card)

@@ -2,14 +2,16 @@
 exactly those of the log history, metrics.json and the nvidia-smi / host memory CSVs; the files are written."""
 
 import csv
+import math
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 
-from workshop import estimate as est
+from workshop import memory as mem
 from workshop import report
+from workshop.units import GIB
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run_zero2"
 GPU_CSV = FIXTURE / "gpu_memory-gpu-node017.csv"
@@ -72,12 +74,12 @@ def test_measurements_from_metrics_json_and_settings_from_config(row):
 def test_prediction_beside_measurement(row):
     config = read_json(FIXTURE / "config.json")
     info = config["model_info"]
-    expected = est.estimate(info["n_params"], info["n_layers"], info["hidden_size"], info["n_heads"],
+    expected = mem.estimate(info["n_params"], info["n_layers"], info["hidden_size"], info["n_heads"],
                             info["vocab_size"], 512, 4, 2, None, None, 1, "bf16", model_type="gpt2",
                             attn_implementation="sdpa", fast_kernels=False,  # recorded before the flag existed
-                            deepspeed=est.DeepSpeedSettings.from_config(config["deepspeed_config"], 1024))
-    assert row["predicted_peak_allocated_gib"] == expected.peak_allocated_bytes / est.GIB
-    assert row["predicted_gpu_total_gib"] == expected.gpu_total_bytes / est.GIB
+                            deepspeed=mem.DeepSpeedSettings.from_config(config["deepspeed_config"], 1024))
+    assert row["predicted_peak_allocated_gib"] == expected.peak_allocated_bytes / GIB
+    assert row["predicted_gpu_total_gib"] == expected.gpu_total_bytes / GIB
     # the fixture's peak is a real H100 measurement of this configuration
     assert abs(row["allocated_over_predicted"] - 1) < 0.15 and abs(row["nvidia_smi_over_predicted"] - 1) < 0.15
 
@@ -247,3 +249,57 @@ def test_without_metrics_json_the_row_falls_back_to_the_log_history_and_steps(ru
     assert row["peak_gpu_allocated_gib"] == max(s["gpu_peak_allocated_gib"] for s in steps)
     assert row["peak_host_rss_gib"] == max(s["host_rss_gib"] for s in steps)
     assert row["mfu"] is None and row["exact_match"] is None
+
+
+# The fill-in tables of the rung READMEs, column for column: what a participant checks their table against.
+FILL_IN = ["run", "setting", "final train loss", "eval loss per epoch", "train samples/s", "eval samples/s",
+           "steps/epoch", "time/epoch (s)", "peak allocated (GiB)", "peak nvidia-smi (GiB)"]
+RUNG_EXTRAS = {"baseline": [], "deepspeed_single_gpu": [], "offload": ["peak host used (GiB)"],
+               "multi_node": ["GPUs", "scaling efficiency"]}
+
+
+def table_after(text: str, heading: str) -> list[list[str]]:
+    """The cells of the Markdown table that follows `heading` (header first, the |---| line left out)."""
+    lines = text.splitlines()
+    start = lines.index(heading) + 2
+    table = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        if not line.startswith("|---"):
+            table.append([cell.strip() for cell in line.strip("|").split("|")])
+    return table
+
+
+def test_each_rung_gets_its_fill_in_table_with_perplexity_for_text(tmp_path, capsys):
+    logs = tmp_path / "logs"
+    for stage, dataset in (("baseline", "builtin"), ("deepspeed_single_gpu", "wikitext"), ("offload", "builtin"),
+                           ("multi_node", "builtin")):
+        target = logs / stage / "1"
+        shutil.copytree(FIXTURE, target)
+        metrics = read_json(target / "metrics.json")
+        metrics.update(stage=stage, dataset=dataset)
+        (target / "metrics.json").write_text(json.dumps(metrics))
+    assert report.main([str(logs), "--no_plots"]) == 0
+    out = capsys.readouterr().out
+    history = read_json(FIXTURE / "log_history.json")
+    evals = [e for e in history if "eval_loss" in e]
+    for stage, extras in RUNG_EXTRAS.items():
+        header, row = table_after(out, f"## {stage}")
+        text = ["perplexity"] if stage == "deepspeed_single_gpu" else []
+        assert header == FILL_IN + extras + text, stage
+        assert row[0] == f"{stage}/1" and row[1] == "ZeRO-2"
+        # The table shows 4 significant digits: a relative rounding of at most 5e-4.
+        assert float(row[2]) == pytest.approx([e for e in history if "loss" in e][-1]["loss"], rel=5e-4)
+        assert [float(v) for v in row[3].split(", ")] == pytest.approx([e["eval_loss"] for e in evals], rel=5e-4)
+        assert int(row[6]) == 16
+        if text:
+            assert float(row[-1]) == pytest.approx(math.exp(evals[-1]["eval_loss"]), rel=5e-4)
+
+
+def test_perplexity_is_exp_of_the_final_eval_loss(tiny_run):
+    history = read_json(tiny_run / "log_history.json")
+    final_eval = [e["eval_loss"] for e in history if "eval_loss" in e][-1]
+    metrics = read_json(tiny_run / "metrics.json")
+    assert metrics["perplexity"] == pytest.approx(math.exp(final_eval), rel=1e-12)
+    assert report.summarize(report.load_run(tiny_run))["perplexity"] == pytest.approx(math.exp(final_eval), rel=1e-12)

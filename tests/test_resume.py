@@ -15,7 +15,8 @@ from transformers import TrainerControl, TrainerState
 
 from conftest import REPO, read_json
 from workshop import train
-from workshop.checkpoints import STAGING, STOP_SIGNALS, StopOnSignal, WorkshopTrainer, complete_checkpoints
+from workshop.errors import STOPPED
+from workshop.trainer import STAGING, STOP_SIGNALS, StopOnSignal, WorkshopTrainer, complete_checkpoints
 
 # 256 samples / micro-batch 8 = 32 steps an epoch, 2 epochs, a loss logged every step.
 RUN = ["--preset", "tiny", "--logging_steps", "1", "--answer_eval_samples", "0"]
@@ -44,7 +45,7 @@ def _stop_with_signal_mid_epoch(run_dir, *extra) -> int:
         time.sleep(0.005)
     process.send_signal(signal.SIGUSR1)
     output = process.communicate(timeout=120)[0]
-    assert process.returncode == 0, output[-3000:]
+    assert process.returncode == STOPPED, output[-3000:]  # not 0: the run is not finished
     status = read_json(run_dir / "status.json")
     assert status["status"] == "stopped" and status["signal"] == "SIGUSR1", status
     return status["step"]
@@ -123,7 +124,7 @@ def test_resume_with_dropout_continues_exactly_from_the_newest_complete_checkpoi
 
     interrupted = tmp_path / "interrupted"
     monkeypatch.setattr(StopOnSignal, "on_step_end", signal_at_step_10)
-    assert train.main(run + ["--run_dir", str(interrupted)]) == 0
+    assert train.main(run + ["--run_dir", str(interrupted)]) == STOPPED
     monkeypatch.setattr(StopOnSignal, "on_step_end", on_step_end)
     assert read_json(interrupted / "status.json") == {"status": "stopped", "error": None, "signal": "SIGTERM",
                                                       "step": 10}
@@ -218,7 +219,7 @@ TWO_RANKS_SCRIPT = """
 import json, signal, sys
 import torch.distributed as dist
 from transformers import TrainerControl, TrainerState
-from workshop.checkpoints import StopOnSignal
+from workshop.trainer import StopOnSignal
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()

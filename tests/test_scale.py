@@ -5,7 +5,8 @@ import shutil
 
 import pytest
 
-from workshop import estimate, scale
+from workshop import memory, scale
+from workshop.shapes import model_shape
 
 
 def runs(outcomes):
@@ -40,13 +41,13 @@ def test_predicted_ceiling_is_the_last_fit_before_the_first_misfit():
 
 def test_scaled_shapes_grow_along_the_ladder(tmp_path):
     configs = scale.write_configs(tmp_path, scale.LADDER)
-    params = [estimate.model_shape(str(configs[name])).n_params for name in scale.LADDER]
+    params = [model_shape(str(configs[name])).n_params for name in scale.LADDER]
     assert params == sorted(params)
     assert 13e9 < params[scale.LADDER.index("bloom-14b")] < 15e9  # 12 L h^2 + V h for 40 x 5120
 
 
 # Peak host memory (the training process's resident memory) of `workshop scale` attempts on one H200 node
-# (2026-12-01, torch 2.11, DeepSpeed 0.19.8, micro-batch 1 x 512, bf16; offload/README.md): (stage, model) -> GiB.
+# (2026-12-01, torch 2.11, DeepSpeed 0.19.8, micro-batch 1 x 512, bf16; BENCHMARKS.md, "The scale ladder"): (stage, model) -> GiB.
 H200_HOST_MEASURED = {
     ("zero2_offload", "bloom-4b8"): 119.9, ("zero2_offload_nopin", "bloom-4b8"): 84.4,
     ("zero2_offload_nopin", "bloom-6b3"): 108.9, ("zero2_offload_nopin", "bigscience/bloom-7b1"): 122.4,
@@ -58,16 +59,16 @@ H200_HOST_MEASURED = {
 def test_host_prediction_counts_deepspeeds_offload_buffers_and_the_pinned_rounding(tmp_path):
     configs = scale.write_configs(tmp_path, sorted({model for _, model in H200_HOST_MEASURED}))
     for (stage, model), measured in H200_HOST_MEASURED.items():
-        predicted = scale.predict(estimate.model_shape(str(configs[model])), stage, 512, "bf16", False).host_bytes
+        predicted = scale.predict(model_shape(str(configs[model])), stage, 512, "bf16", False).host_bytes
         assert abs(predicted / scale.GIB / measured - 1) < 0.03, (stage, model, predicted / scale.GIB, measured)
     # The allocator's rounding: a pinned buffer just past a power of two takes nearly twice its size.
-    assert estimate.host_allocation_bytes(2**30 + 1, pinned=True) == 2**31
-    assert estimate.host_allocation_bytes(2**30 + 1, pinned=False) == 2**30 + 1
+    assert memory.host_allocation_bytes(2**30 + 1, pinned=True) == 2**31
+    assert memory.host_allocation_bytes(2**30 + 1, pinned=False) == 2**30 + 1
 
 
 def test_offload_moves_the_predicted_ceiling_until_host_memory_is_the_wall(tmp_path):
     configs = scale.write_configs(tmp_path, scale.LADDER)
-    shapes = [estimate.model_shape(str(configs[name])) for name in scale.LADDER]
+    shapes = [model_shape(str(configs[name])) for name in scale.LADDER]
 
     def ceiling(stage, host_gib, nvme_gib=None):
         resources = scale.Resources(80 * scale.GIB, host_gib * scale.GIB, nvme_gib and nvme_gib * scale.GIB)
@@ -110,7 +111,7 @@ def test_scale_refuses_bad_input_before_running_anything(tmp_path, capsys):
 def test_predictions_grow_with_size_along_the_ladder(tmp_path):
     """What summarize relies on: the predicted ceiling is the largest attempted size predicted to fit."""
     configs = scale.write_configs(tmp_path, scale.LADDER)
-    shapes = [estimate.model_shape(str(configs[name])) for name in scale.LADDER]
+    shapes = [model_shape(str(configs[name])) for name in scale.LADDER]
     for stage in scale.STAGES:
         predicted = [scale.predict(s, stage, 512, "bf16", False) for s in shapes]
         for key in ("gpu_total_bytes", "host_bytes", "nvme_bytes"):

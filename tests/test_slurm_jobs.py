@@ -57,6 +57,9 @@ while time.time() < deadline and not got:
     time.sleep(0.05)
 with open(f"{run_dir}/stub-{rank}.json", "w") as f:
     json.dump(dict(record, signals=got), f)
+if os.environ.get("STUB_STATUS") and rank == 0:
+    with open(f"{run_dir}/status.json", "w") as f:
+        json.dump({"status": os.environ["STUB_STATUS"], "error": None}, f)
 sys.exit(int(os.environ.get("STUB_EXIT", "0")))
 '''
 
@@ -196,6 +199,32 @@ def test_failed_training_gives_its_exit_code_and_leaves_no_process_behind(stub_r
     assert re.search(r"^END .* exit=3 ", out, re.M), out
 
 
+def test_the_job_ends_as_the_runs_status_json_says(stub_repo):
+    """END line and exit status follow status.json, whatever the launcher returned after it was written;
+    a status.json from an earlier part of the run (here: completed, then a refused restart) is not this one's."""
+    cases = {  # name: (status the stub writes, its exit status, the job's exit status, END's status)
+        "completed": ("completed", 0, 0, "completed"),
+        "completed_then_aborted": ("completed", 134, 0, "completed"),  # SIGABRT in the teardown
+        "failed": ("failed", 1, 1, "failed"),
+        "oom": ("oom", 3, 3, "oom"),
+        "stopped": ("stopped", 75, 75, "stopped"),
+        "stopped_exit_0": ("stopped", 0, 1, "stopped"),
+        "refused_in_a_finished_folder": ("", 2, 2, "none"),
+    }
+    (stub_repo / "logs" / "refused_in_a_finished_folder").mkdir()
+    (stub_repo / "logs" / "refused_in_a_finished_folder" / "status.json").write_text('{"status": "completed"}')
+    procs = {name: start_script(stub_repo, "baseline/baseline.slurm", "--run_dir", f"logs/{name}",
+                                STUB_STATUS=status, STUB_EXIT=str(code))
+             for name, (status, code, _, _) in cases.items()}
+    for name, proc in procs.items():
+        rc, out = finish(proc)
+        _, _, job_rc, end_status = cases[name]
+        assert rc == job_rc, (name, out)
+        assert re.search(rf"^END .* stage=baseline status={end_status} exit={job_rc} ", out, re.M), (name, out)
+        assert ("the job counts as completed" in out) == (name == "completed_then_aborted"), (name, out)
+        assert not list((stub_repo / "logs" / name).glob(".launch.*")), "the launch stamp is left behind"
+
+
 @pytest.mark.parametrize("nproc", [1, 2], ids=["python", "torchrun"])
 def test_warning_signal_reaches_every_rank(stub_repo, nproc):
     """SIGUSR1 to the job shell (what --signal=B:USR1 does) reaches the ranks, not the launcher."""
@@ -322,6 +351,7 @@ def run_folder(script, job_id):
 def assert_completed_run(script, job_id):
     state, exit_code, log = wait_for_job(job_id)
     assert (state, exit_code) == ("COMPLETED", "0:0"), f"{script}: {state} {exit_code}\n{log[-4000:]}"
+    assert re.search(r"^END .* status=completed exit=0 ", log, re.M), log[-4000:]
     run_dir = run_folder(script, job_id)
     for name in ("config.json", "metrics.json", "pip-freeze.txt"):
         assert (run_dir / name).is_file(), f"{run_dir} has no {name}\n{log[-4000:]}"
@@ -383,7 +413,7 @@ def test_failing_job_is_seen_failed_with_its_exit_code(sbatch):
     job = sbatch("baseline/baseline.slurm", "--preset", "tiny", "--no_such_flag", "1")
     state, exit_code, log = wait_for_job(job)
     assert (state, exit_code) == ("FAILED", "2:0"), f"{state} {exit_code}\n{log[-3000:]}"
-    assert re.search(r"^END .* exit=2 ", log, re.M), log
+    assert re.search(r"^END .* status=none exit=2 ", log, re.M), log  # refused: no run folder written
 
 
 @pytest.mark.slurm
@@ -422,6 +452,7 @@ def test_warning_signal_checkpoints_requeues_resumes_and_completes(sbatch):
     assert len(re.findall(r"^START ", log, re.M)) == 2 and "not requeued" not in log, log
     # each part ends cleanly, the first too (SLURM's SIGTERM after the requeue must not cut it short)
     assert len(re.findall(r"^END .* exit=0 ", log, re.M)) == 2, log
+    assert re.search(r"^END .* status=stopped,requeued exit=0 ", log, re.M), log
 
     # the run folder holds both parts as one run
     assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"

@@ -135,7 +135,7 @@ def test_peak_host_memory_covers_what_no_step_saw(monkeypatch):
 
     import psutil
 
-    from workshop.callbacks import MeasureCallback
+    from workshop.trainer import MeasureCallback
 
     measure = MeasureCallback.__new__(MeasureCallback)  # only the memory bookkeeping is needed
     measure.process, measure.cuda, measure.peak_host_rss = psutil.Process(), False, 0

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import REPO
-from workshop.checkpoints import complete_checkpoints
+from workshop.trainer import complete_checkpoints
 
 
 def test_zero3_saves_a_consolidated_model_equal_to_the_engines_weights(tmp_path):

@@ -64,6 +64,7 @@ def train_losses(run_dir, saved_model, *extra) -> dict[str, list[float]]:
            "--weight_decay", "0", *extra]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
     history = json.loads((run_dir / "log_history.json").read_text())
     return {key: [e.get(key) for e in history if "loss" in e] for key in ("loss", "grad_norm")}
 

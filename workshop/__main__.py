@@ -1,5 +1,3 @@
-import sys
+from workshop.cli import entry
 
-from workshop.cli import main
-
-sys.exit(main())
+entry()

@@ -48,34 +48,31 @@ of the reference loop), judged from this invocation alone.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import gc
-import io
 import json
 import os
-import shutil
-import socket
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-from workshop import builtin_data, files
+from workshop import builtin_data, files, stages
 from workshop.errors import WorkshopError
+from workshop.runner import environment_line, train_in_subprocess
+from workshop.units import GIB
 
-REPO = Path(__file__).resolve().parents[1]
-STAGE_CONFIGS = {"baseline": None, "zero1": "zero1.json", "zero2": "zero2.json", "zero3": "zero3.json",
-                 "zero2_offload": "zero2_offload.json"}
+# The stages it runs, in this order (stages.REGISTRY says each one's JSON).
+STAGES = ("baseline", "zero1", "zero2", "zero3", "zero2_offload")
 
-# The original workshop's DeepSpeed JSON: only these keys, values written out.
+
 def original_ds_config(stage: str) -> dict | None:
-    if STAGE_CONFIGS[stage] is None:
+    """The original workshop's DeepSpeed JSON for a stage: only these keys, values written out."""
+    entry = stages.REGISTRY[stage]
+    if entry.zero_stage is None:
         return None
-    zero = {"stage": int(stage[4])}
-    if stage.endswith("_offload"):
-        zero["offload_optimizer"] = {"device": "cpu"}
+    zero = {"stage": entry.zero_stage}
+    if entry.offload_optimizer:
+        zero["offload_optimizer"] = {"device": entry.offload_optimizer}
     return {
         "train_batch_size": "auto", "gradient_accumulation_steps": "auto", "gradient_clipping": 1.0,
         "optimizer": {"type": "AdamW", "params": {"lr": 5e-5, "betas": [0.9, 0.999], "eps": 1e-8,
@@ -154,119 +151,21 @@ def write_data(folder: Path, samples: int, eval_samples: int) -> tuple[Path, Pat
     return paths[0], paths[1]
 
 
-class GpuLogger:
-    """``nvidia-smi`` sampled into the run folder, in the format the slurm/ loggers write."""
-
-    QUERY = "timestamp,index,name,memory.used,memory.total,utilization.gpu,power.draw"
-
-    def __init__(self, run_dir: Path, interval_ms: int = 500):
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self.process = None
-        if not shutil.which("nvidia-smi"):
-            return
-        self.file = open(run_dir / f"gpu_memory-{socket.gethostname()}.csv", "w")
-        self.process = subprocess.Popen(["nvidia-smi", f"--query-gpu={self.QUERY}", "--format=csv,nounits",
-                                         f"-lms={interval_ms}"], stdout=self.file, stderr=subprocess.DEVNULL)
-
-    def stop(self):
-        if self.process is None:
-            return
-        self.process.terminate()
-        self.process.wait()
-        self.file.close()
-
-
-def nvidia_smi_peak_mib(run_dir: Path) -> float | None:
-    peaks = []
-    for path in run_dir.glob("gpu_memory-*.csv"):
-        rows = list(csv.reader(io.StringIO(path.read_text())))
-        header = [h.strip() for h in rows[0]] if rows else []
-        if "memory.used [MiB]" in header:
-            column = header.index("memory.used [MiB]")
-            peaks += [float(r[column]) for r in rows[1:] if len(r) > column and r[column].strip()]
-    return max(peaks) if peaks else None
-
-
-def train_in_subprocess(run_dir: Path, flags: list[str], timeout_s: float | None = None,
-                        env: dict | None = None) -> tuple[dict, dict]:
-    """``workshop train --run_dir run_dir *flags`` in a child process, ``nvidia-smi`` sampled beside it; ``env``:
-    variables set for the child on top of this process's environment.
-
-    Returns (row, metrics): the row has status (completed, or how it failed: oom, failed, killed, a
-    refusal before training, timeout), error, wall_s and the nvidia-smi peak; metrics is the run's
-    metrics.json ({} when it did not finish). A child of its own, so an out-of-memory error, a crash
-    or a kill by the kernel ends that run only.
-    """
-    cmd = [sys.executable, "-m", "workshop", "train", "--run_dir", str(run_dir), *flags]
-    print(f"{' '.join(cmd)}", flush=True)
-    logger = GpuLogger(run_dir)
-    started = time.perf_counter()
-    process = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env={**os.environ, **env} if env else None)
-    timed_out = threading.Event()
-
-    def stop_at_timeout():
-        timed_out.set()
-        process.kill()
-
-    timer = threading.Timer(timeout_s, stop_at_timeout) if timeout_s else None
-    if timer:
-        timer.start()
-    lines = []
-    try:
-        for line in process.stdout:  # shown as it comes: a large model's attempt takes minutes
-            print(f"    {line}", end="", flush=True)
-            lines.append(line)
-        returncode = process.wait()
-    finally:
-        if timer:
-            timer.cancel()
-        logger.stop()
-    output = "".join(lines)
-    run_dir.mkdir(parents=True, exist_ok=True)  # a run refused before training made no folder
-    (run_dir / "train.log").write_text(output)
-    row = {"wall_s": time.perf_counter() - started,
-           "nvidia_smi_peak_gib": (nvidia_smi_peak_mib(run_dir) or 0) / 1024 or None}
-    metrics_path = run_dir / "metrics.json"
-    if returncode == 0 and metrics_path.exists():
-        return {**row, "status": "completed", "error": None}, json.loads(metrics_path.read_text())
-    status = json.loads((run_dir / "status.json").read_text()) if (run_dir / "status.json").exists() else {}
-    if timed_out.is_set():
-        row.update(status="timeout", error=f"stopped after {timeout_s:.0f} s")
-    elif returncode < 0:  # SIGKILL from the kernel's out-of-memory killer, most often: host memory ran out
-        row.update(status="killed", error=f"killed by signal {-returncode} (host memory exhausted?)")
-    elif status.get("status") in ("oom", "failed"):
-        row.update(status=status["status"], error=status.get("error"))
-    else:  # a pre-flight check refused it, in one line
-        row.update(status="refused" if returncode == 2 else "failed", error=error_line(output))
-    return row, {}
-
-
-def error_line(output: str) -> str:
-    """The workshop's own ``error: ...`` line, the last one if several; else the last line of output.
-
-    Not simply the last line: libraries may still print on the way out (NCCL's warnings, for one).
-    """
-    lines = output.strip().splitlines() or [""]
-    errors = [line for line in lines if line.startswith("error: ")]
-    return (errors or lines)[-1].removeprefix("error: ")
-
-
 def run_one(out: Path, model: str, stage: str, mode: str, data: tuple[Path, Path], extra: list[str],
             seed: int = 42, name_seed: bool = False) -> dict:
     run_dir = out / f"{_short(model)}-{stage}-{mode}{f'-seed{seed}' if name_seed else ''}"
     flags = ["--stage", "bench", "--model_name_or_path", model, "--train_file", str(data[0]),
              "--validation_file", str(data[1]), *COMMON, *MODES[mode], "--seed", str(seed), *extra]
-    ds = original_ds_config(stage) if mode == "original" else STAGE_CONFIGS[stage]
+    ds = original_ds_config(stage) if mode == "original" else stages.REGISTRY[stage].ds_path
     if mode in DS_LEVERS:
-        ds = with_keys(json.loads((REPO / "ds_configs" / ds).read_text()), DS_LEVERS[mode])
+        ds = with_keys(json.loads(ds.read_text()), DS_LEVERS[mode])
     if isinstance(ds, dict):
         out.joinpath("ds_configs").mkdir(exist_ok=True)
         path = out / "ds_configs" / f"{mode}_{stage}.json"
         files.write_json(path, ds)
         flags += ["--deepspeed", str(path)]
     elif ds:
-        flags += ["--deepspeed", str(REPO / "ds_configs" / ds)]
+        flags += ["--deepspeed", str(ds)]
     print(f"\n=== {model} | {stage} | {mode} | seed {seed}", flush=True)
     row, metrics = train_in_subprocess(run_dir, flags, env=ENV_LEVERS.get(mode))
     row = {"model": _short(model), "stage": stage, "mode": mode, "seed": seed, **row}
@@ -378,8 +277,8 @@ def reference_loop(model: str, data: tuple[Path, Path], samples: int, batching: 
                      "time_per_epoch_s": seconds, "first_step_s": first_step_s,
                      "tokens_per_second": tokens / seconds,
                      "per_device_train_batch_size": micro, "gradient_accumulation_steps": accum,
-                     "peak_gpu_allocated_gib": torch.cuda.max_memory_allocated() / 1024**3,
-                     "peak_gpu_reserved_gib": torch.cuda.max_memory_reserved() / 1024**3})
+                     "peak_gpu_allocated_gib": torch.cuda.max_memory_allocated() / GIB,
+                     "peak_gpu_reserved_gib": torch.cuda.max_memory_reserved() / GIB})
     return rows
 
 
@@ -516,34 +415,11 @@ def targets_table(checks: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def environment_line() -> str:
-    """The GPU, the versions and the date: the first line of every table.
-
-    The GPU by name and the start of its UUID (as ``nvidia-smi -L`` prints it): two cards of one model can
-    differ in speed (README, "Measured"), and a table combined from pieces run on different cards says so.
-    """
-    import torch
-    import transformers
-
-    try:
-        import deepspeed
-
-        ds = deepspeed.__version__
-    except ImportError:
-        ds = "-"
-    gpu = "no GPU"
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        gpu = f"{props.name} (GPU-{str(props.uuid)[:8]})"
-    return (f"{gpu}; torch {torch.__version__}, transformers {transformers.__version__}, deepspeed {ds}; "
-            f"{dt.date.today().isoformat()}")
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="workshop bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["gpt2-medium", "bigscience/bloom-560m"],
                    help="Architectures, built from their configs.")
-    p.add_argument("--stages", nargs="+", default=list(STAGE_CONFIGS), choices=list(STAGE_CONFIGS))
+    p.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
     p.add_argument("--modes", nargs="+", default=DEFAULT_MODES, choices=list(MODES),
                    help="original, default and default_micro4; the other default_* modes change one lever each.")
     p.add_argument("--samples", type=int, default=1000, help="Training samples (one epoch).")
@@ -578,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     for model in args.models:
         for stage in args.stages:
             for mode in args.modes:
-                if mode in DS_LEVERS and STAGE_CONFIGS[stage] is None:
+                if mode in DS_LEVERS and stages.REGISTRY[stage].ds_json is None:
                     continue  # a DeepSpeed setting: nothing to change where DeepSpeed does not run
                 for seed in args.seeds:
                     rows.append(run_one(out, model, stage, mode, data, ["--max_train_samples", str(args.samples)]
@@ -635,8 +511,7 @@ def combine(folders: list[Path]) -> tuple[list[dict], str]:
                 found[(r["model"], "baseline")].append(r)
         chosen.update(found)
     models = list(dict.fromkeys(model for model, _ in chosen))
-    stages = list(STAGE_CONFIGS)
-    ordered = [chosen[key] for key in sorted(chosen, key=lambda k: (models.index(k[0]), stages.index(k[1])))]
+    ordered = [chosen[key] for key in sorted(chosen, key=lambda k: (models.index(k[0]), STAGES.index(k[1])))]
     rows = [r for group in ordered for r in group if r["stage"] != "reference loop"]
     rows += [r for group in ordered for r in group if r["stage"] == "reference loop"]  # last, as a bench writes them
     return rows, "; ".join(dict.fromkeys(headers))

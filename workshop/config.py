@@ -23,11 +23,11 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
-from workshop import ds_preflight
+from workshop import ds_config, stages
 from workshop.errors import WorkshopError
 
 DATASETS = ("squad", "wikitext", "builtin", "builtin_text")
-STAGES = ("local", "baseline", "deepspeed_single_gpu", "offload", "multi_node", "bench", "scale")
+STAGES = ("local", *stages.RUNGS, "bench", "scale")  # --stage: the folder under logs/
 
 # A preset is a list of flags put in front of the user's own, so any flag given explicitly wins.
 PRESETS = {
@@ -230,14 +230,30 @@ class WorkshopTrainingArguments(TrainingArguments):
             # "auto" values first, so a typo or a conflict stops here in one line instead of deep inside DeepSpeed.
             self.deepspeed_file = self.deepspeed
             source = f"--deepspeed {self.deepspeed}"
-            config = ds_preflight.resolve_config(self.deepspeed, self.nvme_path, self.precision)
-            ds_preflight.check_keys(config, source)
-            ds_preflight.check_trainer_conflicts(config, self, source)
+            config = ds_config.resolve_config(self.deepspeed, self.nvme_path, self.precision)
+            ds_config.check_keys(config, source)
+            ds_config.check_trainer_conflicts(config, self, source)
             self.deepspeed = config
         elif self.nvme_path:
             raise WorkshopError("--nvme_path is only read by an NVMe offload config: add "
                                 "--deepspeed ds_configs/zero3_nvme.json, or drop --nvme_path")
         super().__post_init__()
+
+    def use_batch(self, micro_batch: int, accumulation: int) -> None:
+        """Train and evaluate in micro-batches of ``micro_batch``, ``accumulation`` of them per optimizer step.
+
+        The Trainer filled DeepSpeed's "auto" batch sizes from the flags in ``__post_init__``: its copy of
+        the JSON is made again from the resolved one, as ``__post_init__`` made it.
+        """
+        self.per_device_train_batch_size = self.per_device_eval_batch_size = micro_batch
+        self.gradient_accumulation_steps = accumulation
+        if self.deepspeed:
+            from accelerate.utils import DeepSpeedPlugin
+            from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+            self.hf_deepspeed_config = HfTrainerDeepSpeedConfig(self.deepspeed)
+            self.hf_deepspeed_config.trainer_config_process(self)
+            self.deepspeed_plugin = DeepSpeedPlugin(hf_ds_config=self.hf_deepspeed_config)
 
     @property
     def world_size(self) -> int:

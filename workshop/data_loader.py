@@ -21,14 +21,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from workshop import builtin_data
+from workshop import builtin_data, hub
 from workshop.errors import WorkshopError
+from workshop.hub import SQUAD_HUB_ID, WIKITEXT_HUB_ID
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # the label PyTorch's cross-entropy skips
-SQUAD_HUB_ID = "rajpurkar/squad"
-WIKITEXT_HUB_ID = ("Salesforce/wikitext", "wikitext-2-raw-v1")
 
 
 @dataclass
@@ -99,10 +98,8 @@ def load_hub_dataset(path: str, name: str | None = None):
     try:
         return datasets.load_dataset(path, name)
     except (ConnectionError, FileNotFoundError, OSError, ValueError) as e:
-        from workshop import prefetch  # imported here: prefetch imports this module
-
-        dataset = {SQUAD_HUB_ID: "squad", WIKITEXT_HUB_ID[0]: "wikitext"}.get(path, path)
-        fetch = (f"run `{prefetch.dataset_command(dataset, name)}` on a login node with internet, "
+        dataset = hub.dataset_name(path)
+        fetch = (f"run `{hub.dataset_command(dataset, name)}` on a login node with internet, "
                  "or use --train_file with local data")
         if datasets.config.HF_HUB_OFFLINE:  # HF_DATASETS_OFFLINE=1 or HF_HUB_OFFLINE=1
             raise WorkshopError(f"--dataset_name {dataset} is not in the local cache and the hub is offline: "

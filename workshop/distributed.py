@@ -64,7 +64,9 @@ def shutdown() -> None:
     Left to interpreter exit, gloo's worker threads can still hold finished work whose tensors are
     freed while the interpreter is torn down, and the rank aborts ("terminate called without an
     active exception", SIGABRT) after a run that otherwise succeeded (pytorch/pytorch#179291).
-    The barrier keeps the first rank done from leaving while another still talks to it.
+    The barrier keeps the first rank done from leaving while another still talks to it. This narrows
+    that window but does not close it: the process entry point (cli.end_process) then ends the
+    process without the interpreter's teardown.
     """
     import torch.distributed as dist
 

@@ -40,10 +40,10 @@ def write_json(path: str | Path, obj) -> None:
 
 def read_results(folder: Path, command: str) -> tuple[dict, str]:
     """``<command>.json`` in an output folder of ``workshop <command>``, and its header line (GPU,
-    versions, date): the JSON's, or the first line of ``<command>.md`` where an older JSON lacks it."""
+    versions, date)."""
     path = folder / f"{command}.json"
     if not path.is_file():
         raise WorkshopError(f"--combine {folder}: no {command}.json there; give folders that `workshop {command}` "
                             "wrote")
     data = json.loads(path.read_text())
-    return data, data.get("header") or (folder / f"{command}.md").read_text().splitlines()[0]
+    return data, data["header"]

@@ -16,40 +16,20 @@ import types
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
-from workshop import builtin_data
+from workshop import builtin_data, hub
 from workshop.data_loader import IGNORE_INDEX
 from workshop.errors import WorkshopError
+from workshop.shapes import KNOWN_ARCHITECTURES, TINY_MODELS, table_config, workshop_sdpa
 
 log = logging.getLogger(__name__)
 
-# The published shapes of the workshop's models, so --from_config needs no hub access.
-KNOWN_ARCHITECTURES: dict[str, dict] = {
-    "gpt2": dict(model_type="gpt2", n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=50257),
-    "gpt2-medium": dict(model_type="gpt2", n_layer=24, n_embd=1024, n_head=16, n_positions=1024, vocab_size=50257),
-    "gpt2-large": dict(model_type="gpt2", n_layer=36, n_embd=1280, n_head=20, n_positions=1024, vocab_size=50257),
-    "gpt2-xl": dict(model_type="gpt2", n_layer=48, n_embd=1600, n_head=25, n_positions=1024, vocab_size=50257),
-    "bigscience/bloom-560m": dict(model_type="bloom", n_layer=24, hidden_size=1024, n_head=16, vocab_size=250880),
-    "bigscience/bloom-1b1": dict(model_type="bloom", n_layer=24, hidden_size=1536, n_head=16, vocab_size=250880),
-    "bigscience/bloom-1b7": dict(model_type="bloom", n_layer=24, hidden_size=2048, n_head=16, vocab_size=250880),
-    "bigscience/bloom-3b": dict(model_type="bloom", n_layer=30, hidden_size=2560, n_head=32, vocab_size=250880),
-    "bigscience/bloom-7b1": dict(model_type="bloom", n_layer=30, hidden_size=4096, n_head=32, vocab_size=250880),
-    # Two layers, 64 wide: a few seconds per epoch on a laptop CPU. The vocabulary follows the tokenizer.
-    # No dropout, so runs that should match (ZeRO stages, resumes) match step for step.
-    "tiny-gpt2": dict(model_type="gpt2", n_layer=2, n_embd=64, n_head=4, n_positions=512, vocab_size=None,
-                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
-    "tiny-bloom": dict(model_type="bloom", n_layer=2, hidden_size=64, n_head=4, vocab_size=None,
-                       hidden_dropout=0.0, attention_dropout=0.0),
-}
-TINY_MODELS = ("tiny-gpt2", "tiny-bloom")
 
 
 def _not_found(flag: str, name: str, error: Exception, model_args) -> WorkshopError:
     import huggingface_hub
 
-    from workshop import prefetch  # imported here: prefetch imports this module
-
     reason = str(error).strip().splitlines()[0][:160]
-    fetch = f"run `{prefetch.model_command(model_args)}` on a login node with internet"
+    fetch = f"run `{hub.model_command(model_args)}` on a login node with internet"
     if huggingface_hub.constants.HF_HUB_OFFLINE:
         return WorkshopError(f"{flag} {name} is not in the local cache and the hub is offline: {fetch} first")
     if "couldn't connect" in reason:  # a compute node without internet, HF_HUB_OFFLINE not exported
@@ -80,11 +60,7 @@ def load_tokenizer(model_args) -> "PreTrainedTokenizerBase":  # noqa: F821
 def model_config(model_args, tokenizer) -> PretrainedConfig:
     name = model_args.model_name_or_path
     if name in KNOWN_ARCHITECTURES and (model_args.from_config or name in TINY_MODELS):
-        kwargs = dict(KNOWN_ARCHITECTURES[name])
-        model_type = kwargs.pop("model_type")
-        if kwargs["vocab_size"] is None:
-            kwargs["vocab_size"] = len(tokenizer)
-        config = AutoConfig.for_model(model_type, **kwargs, **_special_tokens(tokenizer))
+        config = table_config(KNOWN_ARCHITECTURES[name], len(tokenizer), **_special_tokens(tokenizer))
     else:
         try:
             config = AutoConfig.from_pretrained(name)
@@ -142,7 +118,7 @@ def build_model(model_args, tokenizer, config: PretrainedConfig, device: torch.d
         except (OSError, ValueError) as e:
             raise _not_found("--model_name_or_path", model_args.model_name_or_path, e, model_args) from None
     # num_embeddings, not weight.shape: under ZeRO-3 the weight is a partitioned placeholder of size 0,
-    # which made every model look smaller than its tokenizer and shrank its vocabulary to the tokenizer's.
+    # which would make every model look smaller than its tokenizer and shrink its vocabulary to the tokenizer's.
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     if model_args.fast_kernels:
@@ -155,13 +131,13 @@ def build_model(model_args, tokenizer, config: PretrainedConfig, device: torch.d
 def init_children_under_zero3(model: torch.nn.Module) -> None:
     """Initialise again, with their children's weights gathered, the modules whose ``_init_weights`` sets them.
 
-    ZeRO-3 partitions each weight as it is made (``zero.Init``), and transformers before 5.23 gathered
+    ZeRO-3 partitions each weight as it is made (``zero.Init``), and transformers before 5.23 gathers
     only a module's own parameters around its ``_init_weights``. A module that sets its children's
-    weights wrote into empty shards: GPT-2's attention and MLP, which scale their residual projection
-    (``c_proj``) to 0.02 / sqrt(2 x layers), kept the plain 0.02 instead, and gpt2-medium built from its
-    configuration under ZeRO-3 ended a bench epoch at an eval loss of 2.9-3.1 where every other stage
-    reached 1.8 (H200, transformers 5.17). Later versions gather the children too; there this draws
-    those weights a second time, from the same distribution.
+    weights then writes into empty shards: GPT-2's attention and MLP, which scale their residual
+    projection (``c_proj``) to 0.02 / sqrt(2 x layers), keep the plain 0.02 instead, and a model built
+    from its configuration under ZeRO-3 trains to a far higher loss than at any other stage. Later
+    versions gather the children too; there this draws those weights a second time, from the same
+    distribution.
     """
     import deepspeed
 
@@ -244,15 +220,6 @@ def compute_logits_at_targets_only(model: torch.nn.Module) -> None:
     model.forward = types.MethodType(forward, model)
 
 
-def workshop_sdpa(model_type: str, attn_implementation: str | None) -> bool:
-    """Whether --attn_implementation (None: unset) means the workshop's fused attention for this model: BLOOM's.
-
-    transformers refuses 'sdpa' for BLOOM; the workshop loads it eager and replaces the attention's forward
-    (``use_sdpa_for_bloom_attention``), the default as it is for GPT-2, whose library default is sdpa.
-    """
-    return model_type == "bloom" and attn_implementation in (None, "sdpa")
-
-
 def attention_used(model_args, model: torch.nn.Module) -> str:
     """The attention ``build_model(model_args, ...)`` gave ``model``, as --attn_implementation names it."""
     if workshop_sdpa(model.config.model_type, model_args.attn_implementation):
@@ -323,8 +290,3 @@ def _alibi_and_mask(alibi: torch.Tensor, attention_mask: torch.Tensor | None, ba
     bias = bias.to(dtype)
     alibi._workshop_sdpa_bias = (attention_mask, dtype, bias)
     return bias
-
-
-def flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: float) -> float:
-    """Training FLOPs per token: 6 N for the weights (forward + backward) plus 12 L s h for attention."""
-    return 6 * n_params + 12 * n_layers * seq_len * hidden

@@ -19,7 +19,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-GIB_PER_MIB = 1 / 1024
+from workshop.units import mib_to_gib
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -80,7 +80,7 @@ def gpu_memory_series(run) -> list[tuple[str, list[float], list[float]]]:
         if fullest:
             times = sorted(fullest)
             series.append((f"nvidia-smi {host}", [(t - t0).total_seconds() for t in times],
-                           [fullest[t] * GIB_PER_MIB for t in times]))
+                           [mib_to_gib(fullest[t]) for t in times]))
     if not series:
         for key, name in (("gpu_reserved_gib", "reserved"), ("gpu_allocated_gib", "allocated")):
             points = [(s["time_s"], s[key]) for s in run.steps if s.get(key) is not None and "time_s" in s]

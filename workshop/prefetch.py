@@ -27,13 +27,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from workshop import data_loader
+from workshop import data_loader, shapes
 from workshop import model as models
 from workshop.config import DataArguments, ModelArguments
 from workshop.errors import WorkshopError
+from workshop.hub import DATASET_SOURCES, model_command
 
-# Hub data sets behind --dataset_name: (repository, configuration). The built-in ones need nothing.
-DATASET_SOURCES = {"squad": (data_loader.SQUAD_HUB_ID, None), "wikitext": data_loader.WIKITEXT_HUB_ID}
 NOTHING_TO_FETCH = ("none", "builtin", "builtin_text")
 
 # Top-level files a causal LM needs besides its weights: config.json, generation_config.json,
@@ -74,45 +73,19 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-# ------------------------------------------------------------------------------------ the command
-def command(model: str = "none", tokenizer: str | None = None, from_config: bool = False,
-            dataset: str | None = None, dataset_config: str | None = None) -> str:
-    """The prefetch command line that fetches exactly this (error messages elsewhere quote it)."""
-    parts = ["workshop prefetch", "--model_name_or_path", model]
-    if tokenizer and tokenizer != model:
-        parts += ["--tokenizer_name_or_path", tokenizer]
-    if from_config:
-        parts.append("--from_config")
-    if dataset:
-        parts += ["--dataset_name", dataset]
-        if dataset_config and dataset_config != DATASET_SOURCES.get(dataset, (None, None))[1]:
-            parts += ["--dataset_config_name", dataset_config]
-    return " ".join(parts)
-
-
-def model_command(model_args) -> str:
-    """The prefetch command for a job's model flags (the data set left at prefetch's default)."""
-    return command(model_args.model_name_or_path, model_args.tokenizer_name_or_path, model_args.from_config)
-
-
-def dataset_command(dataset: str, dataset_config: str | None = None) -> str:
-    """The prefetch command for a job's data set alone (its model is already cached by then)."""
-    return command("none", dataset=dataset, dataset_config=dataset_config)
-
-
 # --------------------------------------------------------------------------------- what to fetch
-def _from_hub(name: str | None) -> bool:
+def from_hub(name: str | None) -> bool:
     """A hub repository id, as opposed to nothing, a model built from a config, or a local folder."""
-    return bool(name) and name not in NOTHING_TO_FETCH and name not in models.TINY_MODELS and not os.path.isdir(name)
+    return bool(name) and name not in NOTHING_TO_FETCH and name not in shapes.TINY_MODELS and not os.path.isdir(name)
 
 
-def _tokenizer_name(args) -> str | None:
+def tokenizer_name(args) -> str | None:
     if args.tokenizer_name_or_path:
         return args.tokenizer_name_or_path
-    return None if args.model_name_or_path in models.TINY_MODELS else args.model_name_or_path
+    return None if args.model_name_or_path in shapes.TINY_MODELS else args.model_name_or_path
 
 
-def _dataset_source(args) -> tuple[str, str | None] | None:
+def dataset_source(args) -> tuple[str, str | None] | None:
     if args.dataset_name not in DATASET_SOURCES:
         return None
     path, default_config = DATASET_SOURCES[args.dataset_name]
@@ -198,12 +171,12 @@ def _download_dataset(dataset: str, path: str, config: str | None) -> None:
 
 
 def download(args) -> None:
-    tokenizer = _tokenizer_name(args)
-    if _from_hub(args.model_name_or_path):
+    tokenizer = tokenizer_name(args)
+    if from_hub(args.model_name_or_path):
         _download_repo("--model_name_or_path", args.model_name_or_path, with_weights=not args.from_config)
-    if _from_hub(tokenizer) and tokenizer != args.model_name_or_path:
+    if from_hub(tokenizer) and tokenizer != args.model_name_or_path:
         _download_repo("--tokenizer_name_or_path", tokenizer, with_weights=False)
-    source = _dataset_source(args)
+    source = dataset_source(args)
     if source:
         _download_dataset(args.dataset_name, *source)
 
@@ -239,17 +212,17 @@ def check(args) -> list[str]:
     found = []
     model_args = ModelArguments(model_name_or_path=args.model_name_or_path,
                                 tokenizer_name_or_path=args.tokenizer_name_or_path, from_config=args.from_config)
-    model_needed = args.model_name_or_path not in NOTHING_TO_FETCH + models.TINY_MODELS
-    if model_needed or _from_hub(_tokenizer_name(args)):
+    model_needed = args.model_name_or_path not in NOTHING_TO_FETCH + shapes.TINY_MODELS
+    if model_needed or from_hub(tokenizer_name(args)):
         tokenizer = models.load_tokenizer(model_args)
-        found.append(f"tokenizer {_tokenizer_name(args) or 'builtin'} ({len(tokenizer)} tokens)")
+        found.append(f"tokenizer {tokenizer_name(args) or 'builtin'} ({len(tokenizer)} tokens)")
         if model_needed:
             config = models.model_config(model_args, tokenizer)
             weights = "none needed (--from_config)" if args.from_config else (
-                "local folder" if not _from_hub(args.model_name_or_path)
+                "local folder" if not from_hub(args.model_name_or_path)
                 else _check_weights(args.model_name_or_path, model_command(model_args)))
             found.append(f"model {args.model_name_or_path} ({config.model_type}, weights: {weights})")
-    if _dataset_source(args):
+    if dataset_source(args):
         data_args = DataArguments(dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name)
         _, train, evaluation = data_loader.load_raw(data_args, seed=0)
         found.append(f"dataset {args.dataset_name} ({len(train)} train, {len(evaluation)} validation records)")
@@ -268,7 +241,7 @@ def exports() -> list[str]:
     return lines + [f"export {key}={value}" for key, value in OFFLINE_ENV.items()]
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     import datasets
     import transformers
 
@@ -285,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.check_only:
             if not all(offline_flags()):
                 return _run_offline_child([a for a in argv if a != "--check_only"])
-            _quiet_libraries()
+            quiet_libraries()
             for line in check(args):
                 print(f"  in the cache: {line}")
             print("everything this run needs is in the cache: it runs with " +

@@ -15,8 +15,12 @@ folder itself:
   memory, peak host RSS (``steps.jsonl`` stands in where metrics.json is missing);
 * from ``gpu_memory-<host>.csv``: the largest ``memory.used`` of any GPU, per host (nvidia-smi);
 * from ``host_memory-<host>.csv``: the largest ``used_mib``, per host;
-* from ``config.json``: the settings, fed to ``workshop.estimate`` for the predicted memory shown
+* from ``config.json``: the settings, fed to ``workshop.memory`` for the predicted memory shown
   beside the measured one.
+
+For each rung among the runs, a table with the columns of that rung's fill-in table (its README),
+in the same order, so a participant can check what they filled in; perplexity (exp of the final
+eval loss) joins it where a run trained on plain text.
 
 Runs that differ only in their GPU count get a scaling efficiency: samples/s per GPU relative to
 the smallest GPU count among them.
@@ -34,11 +38,13 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from workshop import estimate as est
+from workshop import memory, metrics, shapes, stages
+from workshop.ds_config import deepspeed_choices
 from workshop.errors import WorkshopError
 from workshop.files import write_text
-
-GIB = 1024**3
+from workshop.metrics import format_table, markdown_table
+from workshop.shapes import ModelShape
+from workshop.units import GIB, mib_to_gib
 RUN_MARKERS = ("metrics.json", "log_history.json")
 SKIP_DIRS = {"model", "checkpoints", "tensorboard", "report", "__pycache__"}
 
@@ -197,41 +203,13 @@ def load_run(path: str | Path) -> Run:
 # ----------------------------------------------------------------------------------------------
 # One run's numbers
 # ----------------------------------------------------------------------------------------------
-def from_log_history(history: list[dict]) -> dict:
-    """The workshop's table entries that the Trainer's log history holds, exactly as logged."""
-    train = [e for e in history if "loss" in e]
-    evals = [e for e in history if "eval_loss" in e]
-    summary = next((e for e in reversed(history) if "train_runtime" in e), {})
-    last = next((e for e in reversed(history) if e.get("step") is not None), {})
-    # An evaluation at the end of epoch 1 sits exactly on the epoch's last step; otherwise scale.
-    first_epoch_eval = next((e for e in evals if e.get("epoch") == 1), None)
-    if first_epoch_eval is not None:
-        steps_per_epoch = first_epoch_eval["step"]
-    elif last.get("epoch"):
-        steps_per_epoch = round(last["step"] / last["epoch"])
-    else:
-        steps_per_epoch = None
-    return {
-        "final_train_loss": train[-1]["loss"] if train else None,
-        "mean_train_loss": summary.get("train_loss"),
-        "eval_loss_per_epoch": [e["eval_loss"] for e in evals],
-        "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
-        "train_samples_per_second": summary.get("train_samples_per_second"),
-        "eval_samples_per_second": evals[-1].get("eval_samples_per_second") if evals else None,
-        "steps_per_epoch": steps_per_epoch,
-        "total_steps": last.get("step"),
-        "epochs_done": last.get("epoch"),
-        "train_runtime_s": summary.get("train_runtime"),
-    }
-
-
 def nvidia_smi_peaks(gpu_csv: dict[str, list[dict]]) -> dict[str, float]:
     """Largest memory.used of any GPU, per host, in GiB (nvidia-smi's MiB / 1024)."""
-    return {host: max(s["memory_used_mib"] for s in samples) / 1024 for host, samples in gpu_csv.items() if samples}
+    return {host: mib_to_gib(max(s["memory_used_mib"] for s in samples)) for host, samples in gpu_csv.items() if samples}
 
 
 def host_memory_peaks(host_csv: dict[str, list[dict]]) -> dict[str, float]:
-    return {host: max(s["used_mib"] for s in samples) / 1024 for host, samples in host_csv.items() if samples}
+    return {host: mib_to_gib(max(s["used_mib"] for s in samples)) for host, samples in host_csv.items() if samples}
 
 
 def _first(*values):
@@ -239,21 +217,9 @@ def _first(*values):
 
 
 def _ds_config(run: Run) -> dict | None:
-    """The run's DeepSpeed JSON: config.json's copy, else the file its training arguments name."""
-    cfg = run.config
-    if isinstance(cfg.get("deepspeed_config"), dict):
-        return cfg["deepspeed_config"]
-    ds = (cfg.get("training") or {}).get("deepspeed")
-    if isinstance(ds, dict):
-        return ds
-    if isinstance(ds, str):
-        for candidate in (Path(ds), run.path / Path(ds).name):
-            if candidate.is_file():
-                try:
-                    return json.loads(candidate.read_text())
-                except ValueError:
-                    return None
-    return None
+    """The run's DeepSpeed JSON as config.json records it (resolved); None without DeepSpeed."""
+    ds = run.config.get("deepspeed_config")
+    return ds if isinstance(ds, dict) else None
 
 
 def settings(run: Run) -> dict:
@@ -261,10 +227,8 @@ def settings(run: Run) -> dict:
     m, cfg = run.metrics, run.config
     training, env = cfg.get("training") or {}, cfg.get("environment") or {}
     data, labels = cfg.get("data") or {}, cfg.get("labels") or {}
-    ds_stage, ds_opt, ds_param = est.deepspeed_choices(_ds_config(run))
+    ds_stage, ds_opt, ds_param = deepspeed_choices(_ds_config(run))
     deepspeed = _first(m.get("deepspeed"), labels.get("deepspeed"))
-    if deepspeed is None and isinstance(training.get("deepspeed"), str):
-        deepspeed = Path(training["deepspeed"]).name
     stage = m.get("zero_stage") if "zero_stage" in m else ds_stage
     micro = _first(m.get("per_device_train_batch_size"), training.get("per_device_train_batch_size"))
     accum = _first(m.get("gradient_accumulation_steps"), training.get("gradient_accumulation_steps"))
@@ -295,15 +259,9 @@ def settings(run: Run) -> dict:
 
 
 def setting_label(row: dict) -> str:
-    """'Trainer', 'ZeRO-2', 'ZeRO-3 + opt cpu + params cpu', with ' x8 GPUs' when more than one."""
-    label = "Trainer" if row.get("zero_stage") is None else f"ZeRO-{row['zero_stage']}"
-    if row.get("offload_optimizer"):
-        label += f" + opt {row['offload_optimizer']}"
-    if row.get("offload_param"):
-        label += f" + params {row['offload_param']}"
-    if (row.get("world_size") or 1) > 1:
-        label += f" x{row['world_size']} GPUs"
-    return label
+    """The row's stage label: 'Trainer', 'ZeRO-2', 'ZeRO-3 + opt cpu + params cpu', ' x8 GPUs' (stages.label)."""
+    return stages.label(row.get("zero_stage"), row.get("offload_optimizer"), row.get("offload_param"),
+                        row.get("world_size") or 1)
 
 
 def _seq_len_at_peak(run: Run) -> int | None:
@@ -315,7 +273,7 @@ def _seq_len_at_peak(run: Run) -> int | None:
     if data.get("pad_to_max_length") or longest is None:
         return int(max_len) if max_len else None
     seq = min(longest, max_len) if max_len else longest
-    # the multiple the collator rounded to; run folders from before --pad_to_multiple_of: 8 on GPUs
+    # the multiple the collator rounded to; where config.json does not say, its default: 8 on a GPU
     on_gpu = (cfg.get("environment") or {}).get("device", "cpu") != "cpu"
     multiple = data["pad_to_multiple_of"] if "pad_to_multiple_of" in data else (8 if on_gpu else None)
     if multiple:
@@ -323,54 +281,39 @@ def _seq_len_at_peak(run: Run) -> int | None:
     return int(seq)
 
 
-def _model_description(run: Run, name: str | None) -> dict | None:
-    """n_params, shape and model_type from config.json's model_info, the saved model's config, or the known shapes."""
-    info = dict(run.config.get("model_info") or {})
-    saved = _read_json(run.path / "model" / "config.json") or {}
-    known = {}
-    if name:
-        try:
-            archs = est._known_architectures()
-            known = archs.get(name) or archs.get(f"bigscience/{name}") or {}
-        except ImportError:
-            known = {}
-    desc = {
-        "n_params": info.get("n_params"),
-        "n_layers": _first(info.get("n_layers"), saved.get("num_hidden_layers"), saved.get("n_layer"),
-                           known.get("n_layer")),
-        "hidden": _first(info.get("hidden_size"), saved.get("hidden_size"), saved.get("n_embd"),
-                         known.get("hidden_size"), known.get("n_embd")),
-        "heads": _first(info.get("n_heads"), saved.get("num_attention_heads"), saved.get("n_head"),
-                        known.get("n_head")),
-        "vocab": _first(info.get("vocab_size"), saved.get("vocab_size"), known.get("vocab_size")),
-        "model_type": _first(info.get("model_type"), saved.get("model_type"), known.get("model_type"), "unknown"),
-        "largest_layer_params": info.get("largest_layer_params"),
-    }
-    if any(desc[k] is None for k in ("n_params", "n_layers", "hidden", "heads", "vocab")):
+def _model_shape(run: Run, name: str | None) -> ModelShape | None:
+    """The model's shape as config.json's model_info records it; None where it lacks the counts.
+
+    Where model_info leaves out the model type, the largest layer or the attention, they are the shapes
+    table's type for the model's name, the embedding and sdpa.
+    """
+    info = run.config.get("model_info") or {}
+    counts = [info.get(key) for key in ("n_params", "n_layers", "hidden_size", "n_heads", "vocab_size")]
+    if any(v is None for v in counts):
         return None
-    return desc
+    n_params, n_layers, hidden, heads, vocab = counts
+    model_type = info.get("model_type") or ((shapes.known(name) if name else None) or {}).get("model_type", "unknown")
+    attn = (run.config.get("model") or {}).get("attn_implementation") or "sdpa"
+    largest = _first(info.get("largest_layer_params"), vocab * hidden)
+    return ModelShape(name or "", model_type, n_params, largest, n_layers, hidden, heads, vocab, attn)
 
 
-def predict(run: Run, row: dict) -> est.Estimate | None:
-    """workshop.estimate's prediction for this run's settings; None where the run folder lacks the model's shape."""
-    desc = _model_description(run, row.get("model"))
+def predict(run: Run, row: dict) -> memory.Estimate | None:
+    """`workshop estimate`'s prediction for this run's settings; None where the run folder lacks the model's shape."""
+    shape = _model_shape(run, row.get("model"))
     seq = _seq_len_at_peak(run)
     micro = row.get("per_device_train_batch_size")
     precision = row.get("precision") if row.get("precision") in ("bf16", "fp16", "fp32") else None
-    if desc is None or not seq or not micro or precision is None:
+    if shape is None or not seq or not micro or precision is None:
         return None
     model_settings = run.config.get("model") or {}
-    attn = model_settings.get("attn_implementation") or (  # unset: a run folder from before it was recorded
-        "eager" if desc["model_type"] == "bloom" else "sdpa")  # resolved, when BLOOM had no fused attention
     try:
-        return est.estimate(
-            desc["n_params"], desc["n_layers"], desc["hidden"], desc["heads"], desc["vocab"], seq, micro,
-            row.get("zero_stage"), row.get("offload_optimizer"), row.get("offload_param"), row.get("world_size") or 1,
-            precision, num_nodes=row.get("num_nodes") or 1, model_type=desc["model_type"], attn_implementation=attn,
-            largest_layer_params=desc["largest_layer_params"],
-            deepspeed=est.DeepSpeedSettings.from_config(_ds_config(run), desc["hidden"]),
-            gradient_checkpointing=bool((run.config.get("training") or {}).get("gradient_checkpointing")),
-            fast_kernels=model_settings.get("fast_kernels", False))  # run folders from before the flag: stock
+        return memory.predict(shape, memory.Settings(
+            seq, micro, row.get("zero_stage"), row.get("offload_optimizer"), row.get("offload_param"),
+            row.get("world_size") or 1, row.get("num_nodes") or 1, precision,
+            bool((run.config.get("training") or {}).get("gradient_checkpointing")),
+            model_settings.get("fast_kernels", False),  # not recorded: the library's own modules
+            memory.DeepSpeedSettings.from_config(_ds_config(run), shape.hidden_size)))
     except WorkshopError:
         return None
 
@@ -380,7 +323,7 @@ def summarize(run: Run) -> dict:
     m = run.metrics
     row = settings(run)
     row["setting"] = setting_label(row)
-    hist = from_log_history(run.log_history)
+    hist = metrics.digest(run.log_history)
     row.update(hist)
     if row["epochs"] is None:
         row["epochs"] = hist["epochs_done"]
@@ -390,7 +333,7 @@ def summarize(run: Run) -> dict:
     # Without metrics.json: the Trainer's runtime per epoch (evaluation included) and steps.jsonl's tokens.
     row["time_per_epoch_s"] = _first(m.get("time_per_epoch_s"),
                                      runtime / epochs if runtime and epochs else None)
-    row["tokens_per_second"] = _first(m.get("tokens_per_second"), _tokens_per_second(steps))
+    row["tokens_per_second"] = _first(m.get("tokens_per_second"), metrics.tokens_per_second(steps))
     row["mfu"] = m.get("mfu")
     row["peak_gpu_allocated_gib"] = _first(m.get("peak_gpu_allocated_gib"),
                                            _max(steps, "gpu_peak_allocated_gib"))
@@ -415,13 +358,6 @@ def summarize(run: Run) -> dict:
     row["error"] = run.status.get("error")
     row["run_dir"] = str(run.path)
     return row
-
-
-def _tokens_per_second(steps: list[dict]) -> float | None:
-    """All useful tokens over all training time: each steps.jsonl row covers the time since the last one."""
-    rows = [s for s in steps if s.get("tokens") and s.get("tokens_per_s")]
-    seconds = sum(s["tokens"] / s["tokens_per_s"] for s in rows)
-    return sum(s["tokens"] for s in rows) / seconds if seconds else None
 
 
 def _max(rows: list[dict], key: str):
@@ -454,33 +390,6 @@ def add_scaling_efficiency(rows: list[dict]) -> None:
 # ----------------------------------------------------------------------------------------------
 # Tables
 # ----------------------------------------------------------------------------------------------
-def _show(value, key: str = "") -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, float):
-        if key == "mfu" or key.endswith("efficiency") or key.endswith("_over_predicted"):
-            return f"{100 * value:.1f}%"
-        if key.endswith("_gib"):
-            return f"{value:.2f}"
-        if abs(value) >= 1000:
-            return f"{value:,.0f}"
-        return f"{value:.4g}"
-    if isinstance(value, list):
-        return ", ".join(_show(v, key) for v in value)
-    if isinstance(value, dict):
-        return ", ".join(f"{k}: {_show(v, key)}" for k, v in value.items())
-    return str(value).replace("|", "\\|")
-
-
-def format_table(metrics: dict) -> str:
-    """A run's metrics (metrics.json) as a two-column Markdown table; train.py prints it at the end of a run."""
-    lines = ["| metric | value |", "|---|---|"]
-    lines += [f"| {key} | {_show(value, key)} |" for key, value in metrics.items()]
-    return "\n".join(lines)
-
-
 # (header, row key) of the side-by-side comparison; the CSV holds every key.
 COMPARISON = [
     ("run", "run"), ("setting", "setting"), ("model", "model"), ("status", "status"),
@@ -500,14 +409,43 @@ MEMORY = [
 ]
 
 
-def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
-    lines = ["| " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_show(r.get(k), k) for _, k in columns) + " |" for r in rows]
-    return "\n".join(lines)
+# A rung's table: the original workshop's metrics beside memory and time, the columns of the rung
+# READMEs' fill-in tables in the same order, then what the rung adds.
+RUNG_COLUMNS = [
+    ("run", "run"), ("setting", "setting"), ("final train loss", "final_train_loss"),
+    ("eval loss per epoch", "eval_loss_per_epoch"), ("train samples/s", "train_samples_per_second"),
+    ("eval samples/s", "eval_samples_per_second"), ("steps/epoch", "steps_per_epoch"),
+    ("time/epoch (s)", "time_per_epoch_s"), ("peak allocated (GiB)", "peak_gpu_allocated_gib"),
+    ("peak nvidia-smi (GiB)", "peak_nvidia_smi_gib"),
+]
+RUNG_EXTRAS = {
+    "offload": [("peak host used (GiB)", "peak_host_used_gib")],
+    "multi_node": [("GPUs", "world_size"), ("scaling efficiency", "scaling_efficiency")],
+}
+TEXT_DATASETS = ("wikitext", "builtin_text")  # plain text: perplexity is the number to read
+
+
+def rung_columns(stage: str, rows: list[dict]) -> list[tuple[str, str]]:
+    columns = RUNG_COLUMNS + RUNG_EXTRAS.get(stage, [])
+    if any(r.get("dataset") in TEXT_DATASETS for r in rows):
+        columns = columns + [("perplexity", "perplexity")]
+    return columns
+
+
+def rung_tables(rows: list[dict]) -> str:
+    """One table per stage among the rows, in the order the stages first appear."""
+    stages = list(dict.fromkeys(r.get("stage") for r in rows))
+    parts = []
+    for stage in stages:
+        members = [r for r in rows if r.get("stage") == stage]
+        parts += [f"## {stage}", "", markdown_table(members, rung_columns(stage, members)), ""]
+    return "\n".join(parts)
+
 
 
 def comparison_markdown(rows: list[dict]) -> str:
     return "\n".join([
+        rung_tables(rows),
         "## Training", "", markdown_table(rows, COMPARISON), "",
         "## Memory (GiB per GPU; host: per node)", "", markdown_table(rows, MEMORY), "",
         "Peak allocated/reserved: torch.cuda.max_memory_allocated/reserved on rank 0. nvidia-smi: the largest "

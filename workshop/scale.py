@@ -16,7 +16,7 @@ out-of-memory error, a refusal by the pre-flight checks or a kill by the kernel 
 the end of the benchmark.
 
 The ladder: the workshop's GPT-2 and BLOOM shapes, then BLOOM shapes widened and deepened past
-bloom-7b1 (``SCALED_BLOOM``), each written as a config.json into the output folder.
+bloom-7b1 (``shapes.SCALED_BLOOM``), each written as a config.json into the output folder.
 
 Output: a run folder per attempt, ``scale.md`` and ``scale.json`` (rewritten after every attempt)
 with one row per attempt (predicted GPU/host/NVMe memory, status, tokens/s, peak GPU memory by
@@ -38,19 +38,15 @@ from pathlib import Path
 
 import psutil
 
-from workshop import bench, estimate, files
+from workshop import files, memory, runner, shapes, stages
+from workshop.ds_config import deepspeed_choices
 from workshop.errors import WorkshopError
+from workshop.units import GIB, MIB
 
-GIB = 1024**3
-STAGES = {"baseline": None, "zero2": "zero2.json", "zero3": "zero3.json", "zero2_offload": "zero2_offload.json",
-          "zero2_offload_nopin": "zero2_offload_nopin.json", "zero3_offload": "zero3_offload.json",
-          "zero3_offload_nopin": "zero3_offload_nopin.json", "zero3_offload_all": "zero3_offload_all.json",
-          "zero3_nvme": "zero3_nvme.json"}
-# BLOOM's layout scaled past bloom-7b1 (30 x 4096): width and depth grown together, 128-wide heads.
-# Parameters ~ 12 x layers x hidden^2 + 250880 x hidden.
-# bloom-4b8 and bloom-6b3 fill the gap between bloom-3b and bloom-7b1, where one GPU's walls lie.
-SCALED_BLOOM = {"bloom-4b8": (30, 3328), "bloom-6b3": (30, 3840), "bloom-10b": (36, 4608), "bloom-14b": (40, 5120),
-                "bloom-21b": (44, 6144)}
+# The stages it climbs, in this order (stages.REGISTRY says each one's JSON).
+STAGES = ("baseline", "zero2", "zero3", "zero2_offload", "zero2_offload_nopin", "zero3_offload", "zero3_offload_nopin",
+          "zero3_offload_all", "zero3_nvme")
+# The models, smallest first: the published shapes, then BLOOM scaled past bloom-7b1 (shapes.SCALED_BLOOM).
 LADDER = ["gpt2-medium", "bigscience/bloom-560m", "bigscience/bloom-1b1", "bigscience/bloom-1b7", "bigscience/bloom-3b",
           "bloom-4b8", "bloom-6b3", "bigscience/bloom-7b1", "bloom-10b", "bloom-14b", "bloom-21b"]
 # Each attempt: a few full blocks, no evaluation, nothing saved but the run folder's own files.
@@ -70,44 +66,40 @@ class Resources:
 
 def write_configs(folder: Path, models: list[str]) -> dict[str, Path]:
     """config.json for every ladder entry (published shapes and scaled ones alike): one code path."""
-    from transformers import AutoConfig
-
     paths = {}
     for name in models:
-        if name in SCALED_BLOOM:
-            layers, hidden = SCALED_BLOOM[name]
-            config = AutoConfig.for_model("bloom", n_layer=layers, hidden_size=hidden, n_head=hidden // 128,
-                                          vocab_size=250880)
+        if name in shapes.SCALED_BLOOM:
+            config = shapes.table_config(shapes.SCALED_BLOOM[name])
         else:
-            config = estimate.config_for(name)  # the published shapes, the tiny ones sized by the built-in tokenizer
+            config = shapes.config_for(name)  # the published shapes, the tiny ones sized by the built-in tokenizer
         paths[name] = folder / name.split("/")[-1]
         config.save_pretrained(paths[name])
     return paths
 
 
 def check_models(models: list[str]) -> None:
-    from workshop.model import KNOWN_ARCHITECTURES
-
-    unknown = [name for name in models if name not in SCALED_BLOOM and name not in KNOWN_ARCHITECTURES]
+    unknown = [name for name in models if name not in shapes.SCALED_BLOOM and name not in shapes.KNOWN_ARCHITECTURES]
     if unknown:
-        known = LADDER + [n for n in KNOWN_ARCHITECTURES if n not in LADDER]
+        known = LADDER + [n for n in shapes.KNOWN_ARCHITECTURES if n not in LADDER]
         raise WorkshopError(f"--models {' '.join(unknown)}: not a shape the ladder knows; use {', '.join(known)}")
 
 
-def predict(shape: estimate.ModelShape, stage: str, seq_len: int, precision: str,
-            gradient_checkpointing: bool) -> estimate.Estimate:
-    ds_config = json.loads((bench.REPO / "ds_configs" / STAGES[stage]).read_text()) if STAGES[stage] else None
-    zero, optimizer, param = estimate.deepspeed_choices(ds_config)
-    return estimate.estimate_for_shape(shape, seq_len, 1, zero, optimizer, param, 1, precision, 1, ds_config,
-                                       gradient_checkpointing=gradient_checkpointing)
+def predict(shape: shapes.ModelShape, stage: str, seq_len: int, precision: str,
+            gradient_checkpointing: bool) -> memory.Estimate:
+    path = stages.REGISTRY[stage].ds_path
+    ds_config = json.loads(path.read_text()) if path else None
+    zero, optimizer, param = deepspeed_choices(ds_config)
+    return memory.predict(shape, memory.Settings(
+        seq_len, 1, zero, optimizer, param, precision=precision, gradient_checkpointing=gradient_checkpointing,
+        deepspeed=memory.DeepSpeedSettings.from_config(ds_config, shape.hidden_size)))
 
 
-def fits(e: estimate.Estimate, resources: Resources) -> bool:
+def fits(e: memory.Estimate, resources: Resources) -> bool:
     room_on_disk = resources.nvme_bytes is None or e.nvme_bytes <= resources.nvme_bytes
     return e.fits(resources.gpu_bytes) and e.host_bytes <= resources.host_bytes and room_on_disk
 
 
-def prediction_fields(e: estimate.Estimate, resources: Resources) -> dict:
+def prediction_fields(e: memory.Estimate, resources: Resources) -> dict:
     """An attempt row's predicted columns."""
     return {"predicted_gpu_gib": e.gpu_total_bytes / GIB, "predicted_host_gib": e.host_bytes / GIB,
             "predicted_nvme_gib": e.nvme_bytes / GIB, "predicted_fits": fits(e, resources)}
@@ -172,8 +164,8 @@ def attempt_row(out: Path, stage: str, name: str, config_path: Path, steps: int,
     run_dir = out / stage / name.split("/")[-1]
     flags = ["--model_name_or_path", str(config_path), *TRAIN_FLAGS, "--max_steps", str(steps),
              "--max_seq_length", str(seq_len), *extra]
-    if STAGES[stage]:
-        flags += ["--deepspeed", str(bench.REPO / "ds_configs" / STAGES[stage])]
+    if stages.REGISTRY[stage].ds_path:
+        flags += ["--deepspeed", str(stages.REGISTRY[stage].ds_path)]
     nvme = None
     if stage == "zero3_nvme":
         nvme = nvme_path / f"scale-{name.split('/')[-1]}"
@@ -182,7 +174,7 @@ def attempt_row(out: Path, stage: str, name: str, config_path: Path, steps: int,
     print(f"\n=== {stage} | {name}", flush=True)
     disk = DiskSampler(nvme)
     try:
-        row, metrics = bench.train_in_subprocess(run_dir, flags, timeout_s)
+        row, metrics = runner.train_in_subprocess(run_dir, flags, timeout_s)
     finally:
         nvme_used = disk.stop()
         if nvme is not None:
@@ -192,10 +184,10 @@ def attempt_row(out: Path, stage: str, name: str, config_path: Path, steps: int,
     return row
 
 
-def scale_stage(out: Path, stage: str, ladder: list[str], shapes: dict, configs: dict, resources: Resources,
+def scale_stage(out: Path, stage: str, ladder: list[str], model_shapes: dict, configs: dict, resources: Resources,
                 settings: dict, args, on_row=lambda rows: None) -> tuple[list[dict], dict]:
     """The stage's attempts as rows, and its summary; ``on_row(rows)`` is told of each new row."""
-    predictions = [predict(shapes[name], stage, **settings) for name in ladder]
+    predictions = [predict(model_shapes[name], stage, **settings) for name in ladder]
     predicted_fit = [fits(e, resources) for e in predictions]
     ceiling = predicted_ceiling(predicted_fit)
     extra = (["--gradient_checkpointing"] if args.gradient_checkpointing else []) + args.extra
@@ -203,7 +195,7 @@ def scale_stage(out: Path, stage: str, ladder: list[str], shapes: dict, configs:
 
     def attempt(i: int) -> bool:
         name, e = ladder[i], predictions[i]
-        row = {"stage": stage, "model": name.split("/")[-1], "params": shapes[name].n_params,
+        row = {"stage": stage, "model": name.split("/")[-1], "params": model_shapes[name].n_params,
                **prediction_fields(e, resources)}
         row.update(attempt_row(out, stage, name, configs[name], args.steps, args.seq_len, args.nvme_path, extra,
                                args.timeout_s))
@@ -252,7 +244,7 @@ def repredict(folder: Path, stage: str, rows: list[dict], ladder: list[str], rec
         config = folder / "models" / name
         if not (config / "config.json").is_file():
             raise WorkshopError(f"--combine {folder}: {config}/config.json is missing; leave out --repredict")
-        predictions[name] = predict(estimate.model_shape(str(config)), stage, **settings)
+        predictions[name] = predict(shapes.model_shape(str(config)), stage, **settings)
     ceiling = predicted_ceiling([fits(predictions[name], resources) for name in ladder])
     rows = [{**r, **prediction_fields(predictions[r["model"]], resources)} for r in rows]
     return rows, ceiling if ceiling is None else ladder[ceiling]
@@ -265,7 +257,7 @@ def gpu_memory_bytes() -> float | None:
     result = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
                             capture_output=True, text=True)
     lines = result.stdout.split()
-    return float(lines[0]) * 1024**2 if result.returncode == 0 and lines else None
+    return float(lines[0]) * MIB if result.returncode == 0 and lines else None
 
 
 def _params(n: float) -> str:
@@ -323,8 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train nothing: write one ladder from earlier runs' folders (a stage from the last that has it)")
     p.add_argument("--repredict", action="store_true",
                    help="with --combine: predict again with the current estimator, against the GPU, host memory and "
-                        "disk each run recorded, with its sequence length and checkpointing (runs older than that "
-                        "record take --seq_len and --gradient_checkpointing as given here)")
+                        "disk each run recorded, with its sequence length and checkpointing (a combined ladder whose "
+                        "runs differed in them takes --seq_len and --gradient_checkpointing as given here)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                    help="flags passed to every `workshop train` run (put last)")
     return p
@@ -361,11 +353,11 @@ def main(argv: list[str] | None = None) -> int:
     except WorkshopError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    shapes = {name: estimate.model_shape(str(path)) for name, path in configs.items()}
-    ladder = sorted(args.models, key=lambda name: shapes[name].n_params)
+    model_shapes = {name: shapes.model_shape(str(path)) for name, path in configs.items()}
+    ladder = sorted(args.models, key=lambda name: model_shapes[name].n_params)
     short_ladder = [name.split("/")[-1] for name in ladder]
     host_total = psutil.virtual_memory().total / GIB
-    header = (f"{bench.environment_line()}; host memory {host_total:.0f} GiB; micro-batch 1 x {args.seq_len} tokens, "
+    header = (f"{runner.environment_line()}; host memory {host_total:.0f} GiB; micro-batch 1 x {args.seq_len} tokens, "
               f"{args.steps} steps{', gradient checkpointing' if args.gradient_checkpointing else ''}")
     settings = {"seq_len": args.seq_len, "precision": precision, "gradient_checkpointing": args.gradient_checkpointing}
     rows, summaries = [], []
@@ -374,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
                               shutil.disk_usage(args.nvme_path).free if stage == "zero3_nvme" else None)
         # Rewritten after every attempt and stage: a job stopped at its time limit keeps what it has.
         stage_rows, summary = scale_stage(
-            out, stage, ladder, shapes, configs, resources, settings, args,
+            out, stage, ladder, model_shapes, configs, resources, settings, args,
             on_row=lambda new: write_results(out, header, short_ladder, rows + new, summaries, settings))
         rows += stage_rows
         summaries.append({**summary, "gpu_gib": gpu_bytes / GIB, "host_available_gib": resources.host_bytes / GIB,
@@ -411,25 +403,25 @@ def combine(folders: list[Path], out: Path, args) -> str:
     predictions again (``repredict``); a stage whose run stopped before its summary then takes the GPU
     and host memory that run recorded for its other stages.
     """
-    stages: dict[str, tuple] = {}
+    by_stage: dict[str, tuple] = {}
     headers = []
     for folder in folders:
         data, header = files.read_results(folder, "scale")
         headers.append(header)
-        # Runs from before the ladder was kept in scale.json: the default ladder.
-        ladder = data.get("ladder") or [name.split("/")[-1] for name in LADDER]
-        # ... and before the prediction's settings were: the flags given now, and bf16 (the runs had GPUs).
-        settings = data.get("predicted_with") or {"seq_len": args.seq_len, "precision": "bf16",
-                                                  "gradient_checkpointing": args.gradient_checkpointing}
+        ladder = data["ladder"]
+        # A combined ladder whose runs predicted with different settings records none: the flags given
+        # now, and bf16 (the runs had GPUs).
+        settings = data["predicted_with"] or {"seq_len": args.seq_len, "precision": "bf16",
+                                              "gradient_checkpointing": args.gradient_checkpointing}
         resources = {s["stage"]: s for s in data["summary"]}
         run_resources = {k: v for k, v in (data["summary"] or [{}])[0].items()
                          if k in ("gpu_gib", "host_available_gib")}
         for stage in dict.fromkeys(r["stage"] for r in data["rows"]):
             stage_rows = sorted((r for r in data["rows"] if r["stage"] == stage), key=lambda r: r["params"])
-            stages[stage] = (folder, stage_rows, ladder, resources.get(stage, {}), run_resources, settings)
+            by_stage[stage] = (folder, stage_rows, ladder, resources.get(stage, {}), run_resources, settings)
     rows, summaries = [], []
     for stage, (folder, stage_rows, ladder, resources, run_resources, settings) in sorted(
-            stages.items(), key=lambda s: list(STAGES).index(s[0])):
+            by_stage.items(), key=lambda s: STAGES.index(s[0])):
         ceiling = None
         if args.repredict:
             resources = resources or run_resources
@@ -441,5 +433,5 @@ def combine(folders: list[Path], out: Path, args) -> str:
                  "run recorded." if args.repredict else "")
     out.mkdir(parents=True, exist_ok=True)
     return write_results(out, f"{header}\n\nCombined from {', '.join(str(f) for f in folders)}.{predicted}",
-                         list(dict.fromkeys(n for _, _, ladder, *_ in stages.values() for n in ladder)),
-                         rows, summaries, common(s for *_, s in stages.values()))
+                         list(dict.fromkeys(n for _, _, ladder, *_ in by_stage.values() for n in ladder)),
+                         rows, summaries, common(s for *_, s in by_stage.values()))

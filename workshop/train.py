@@ -6,8 +6,11 @@
     torchrun --nproc_per_node 4 -m workshop train --deepspeed ds_configs/zero3.json
     sbatch baseline/baseline.slurm --model_name_or_path gpt2-large          # what the stage scripts do
 
-The run folder (logs/<stage>/<run id>/) receives config.json, steps.jsonl, log_history.json,
-metrics.json, status.json and model/ (see the README for the full layout).
+A run is plan -> build -> fit -> record: ``plan`` decides every setting and runs every check before
+anything is written (a bad flag, file or machine stops there, in one line), ``build`` makes the model
+and the Trainer and writes config.json, ``fit`` trains (and stops cleanly on a signal), ``record``
+writes the results. The run folder (logs/<stage>/<run id>/) receives config.json, steps.jsonl,
+log_history.json, metrics.json, status.json and model/ (see the README for the full layout).
 """
 
 from __future__ import annotations
@@ -15,13 +18,11 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
-import math
 import os
 import platform
-import shutil
 import socket
-import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -29,15 +30,253 @@ import torch
 import transformers
 
 from workshop import config as cfg
-from workshop import data_loader, distributed, ds_grad_clip, ds_preflight, estimate, evaluation, files
+from workshop import data_loader, distributed, ds_config, ds_grad_clip, evaluation, files, memory, metrics, preflight
 from workshop import model as models
-from workshop.callbacks import MeasureCallback, ProfileCallback, all_ranks_sum, peak_flops
-from workshop.checkpoints import StopOnSignal, WorkshopTrainer, complete_checkpoints
-from workshop.errors import OutOfMemory, WorkshopError
-from workshop.report import format_table
+from workshop.errors import STOPPED, OutOfMemory, WorkshopError
+from workshop.metrics import format_table
+from workshop.shapes import ModelShape, shape_from_config
+from workshop.trainer import (MeasureCallback, ProfileCallback, StopOnSignal, WorkshopTrainer, all_ranks_sum,
+                              complete_checkpoints)
+from workshop.units import GIB
 
 log = logging.getLogger("workshop")
-GIB = 1024**3
+
+
+@dataclass
+class Plan:
+    """A run as decided before anything is written: its settings, folder, model shape and data."""
+
+    model_args: cfg.ModelArguments
+    data_args: cfg.DataArguments
+    ws_args: cfg.WorkshopArguments
+    training_args: cfg.WorkshopTrainingArguments
+    launch: str  # how the processes were started (distributed.init_env)
+    run_dir: Path
+    tokenizer: object
+    model_config: object
+    shape: ModelShape
+    prepared: data_loader.Prepared
+    seq_len: int  # tokens per sample in the longest batch, as the collator pads it
+
+
+@dataclass
+class Built:
+    """The Trainer of a run, the callbacks ``fit`` and ``record`` read, and config.json's contents."""
+
+    trainer: WorkshopTrainer
+    measure: MeasureCallback
+    stop: StopOnSignal
+    run_info: dict
+
+
+def run(argv: list[str]) -> dict | None:
+    """``workshop train`` with these flags: the run's metrics, or None when a signal stopped it (status.json)."""
+    p = plan(argv)
+    if distributed.is_main():
+        p.run_dir.mkdir(parents=True, exist_ok=True)
+        files.write_json(p.run_dir / "status.json", {"status": "running", "error": None})
+    try:
+        built = build(p)
+        return record(p, built) if fit(p, built) else None
+    except torch.cuda.OutOfMemoryError:
+        message = memory.oom_message(p.shape, p.model_args, p.training_args, p.seq_len)
+        if distributed.is_main():
+            files.write_json(p.run_dir / "status.json", {"status": "oom", "error": message})
+        raise OutOfMemory(message) from None
+    except BaseException as error:
+        # The run folder says what happened; earlier results elsewhere are untouched.
+        if distributed.is_main():
+            files.write_json(p.run_dir / "status.json", {"status": "failed", "error": _first_line(error)})
+        raise
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# plan: every setting decided once, every check before anything is written
+
+
+def plan(argv: list[str]) -> Plan:
+    """The flags parsed once, the processes joined, the run folder chosen, the model's shape and the data
+    known, the micro-batch fitted to the GPU: each check that can fail on bad input has passed."""
+    uses_deepspeed = any(a == "--deepspeed" or a.startswith("--deepspeed=") for a in cfg.expand_argv(argv))
+    launch = distributed.init_env(deepspeed=uses_deepspeed)
+    preflight.check_gpu_count()
+    parsed = cfg.parse(argv)
+    model_args, data_args, ws_args, training_args = parsed
+    _ = training_args.device  # initialises torch.distributed when several processes run
+    if uses_deepspeed:
+        distributed.init_deepspeed_comm()
+    run_dir = resolve_run_dir(ws_args)
+    preflight.check_run_dir(run_dir)
+
+    tokenizer = models.load_tokenizer(model_args)
+    model_config = models.model_config(model_args, tokenizer)
+    preflight.check_lengths(data_args, model_config)
+    shape = architecture_shape(model_config, training_args)
+    preflight.check_room(run_dir, shape.n_params, training_args, ws_args.save_model)
+    if training_args.deepspeed:
+        # Host memory, NVMe room, async_io, the CUDA arch list: before DeepSpeed builds anything.
+        preflight.check_resources(training_args.deepspeed, shape.n_params, training_args, distributed.num_nodes(),
+                                  f"--deepspeed {training_args.deepspeed_file}")
+    with training_args.main_process_first(desc="loading and tokenising the data"):
+        prepared = data_loader.prepare(data_args, tokenizer, seed=training_args.seed)
+    seq_len = peak_seq_len(data_args, prepared)
+    model_args, data_args, ws_args, training_args = fit_batch_to_gpu(argv, parsed, shape, seq_len, gpu_bytes())
+    if training_args.deepspeed:
+        ds_config.size_param_buffers(training_args, shape.largest_layer_params)
+    return Plan(model_args, data_args, ws_args, training_args, launch, run_dir, tokenizer, model_config, shape,
+                prepared, seq_len)
+
+
+def resolve_run_dir(ws_args) -> Path:
+    """logs/<stage>/<run id>; decided on rank 0 so every rank writes into the same folder."""
+    if ws_args.run_dir:
+        run_dir = Path(ws_args.run_dir)
+    else:
+        run_id = os.environ.get("SLURM_JOB_ID") or dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_dir = Path(ws_args.logs_root) / ws_args.stage / run_id
+        suffix = 1
+        while run_dir.exists():  # two local runs within one second, or a reused job id
+            suffix += 1
+            run_dir = Path(ws_args.logs_root) / ws_args.stage / f"{run_id}-{suffix}"
+    return Path(distributed.broadcast(str(run_dir)))
+
+
+def architecture_shape(model_config, training_args) -> ModelShape:
+    """Parameter counts of the architecture, from a model built on the meta device with ZeRO-3's hook off.
+
+    Under a ZeRO-3 config ``from_config`` runs inside ``deepspeed.zero.Init``: the throw-away model would
+    be partitioned for real and, with NVMe offload, get its own swap buffers (gigabytes per rank) and
+    open swap files, needing async_io and the folder before the checks that say what is missing.
+    """
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    ds_config = getattr(training_args, "hf_deepspeed_config", None)
+    if ds_config is None:
+        return shape_from_config(model_config)
+    unset_hf_deepspeed_config()
+    try:
+        return shape_from_config(model_config)
+    finally:
+        set_hf_deepspeed_config(ds_config)
+
+
+def peak_seq_len(data_args, prepared) -> int:
+    """Tokens per sample in the longest batch, as the run's collator will pad it."""
+    return data_loader.Collator.for_run(data_args, pad_token_id=0).padded_length(prepared.stats["length_max"])
+
+
+def gpu_bytes() -> int | None:
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory if torch.cuda.is_available() \
+        else None
+
+
+def fit_batch_to_gpu(argv, parsed, shape: ModelShape, seq_len: int, card: int | None):
+    """The default micro-batch where it fits a GPU of card bytes; else a smaller one with more accumulation.
+
+    The global batch stays the same. Only when neither --per_device_train_batch_size nor
+    --gradient_accumulation_steps was given and the DeepSpeed JSON leaves the batch "auto" (a batch you
+    chose is used as it is), and only on a GPU (card None: nothing to fit). Returns the arguments, the
+    training arguments set to the fitted batch.
+    """
+    model_args, _, _, training_args = parsed
+    ds = training_args.deepspeed or {}
+    batch_in_json = any(ds.get(key, "auto") != "auto" for key in (
+        "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"))
+    if card is None or cfg.batch_given(argv) or batch_in_json:
+        return parsed
+    micro = training_args.per_device_train_batch_size
+    fitted = memory.micro_batch_that_fits(shape, model_args, training_args, seq_len, card)
+    if fitted == micro:
+        return parsed
+    accum = training_args.gradient_accumulation_steps * (micro // fitted)
+    need = memory.predicted_memory(shape, model_args, training_args, seq_len, micro).gpu_total_bytes
+    distributed.print0(f"micro-batch {micro} needs about {need / GIB:.1f} GiB by `workshop estimate` ({seq_len} tokens "
+                       f"in the longest batch), the GPU has {card / GIB:.1f}: using --per_device_train_batch_size "
+                       f"{fitted} --gradient_accumulation_steps {accum}, the same global batch (give either flag to "
+                       "choose yourself)")
+    training_args.use_batch(fitted, accum)
+    return parsed
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# build: the model, the Trainer and its callbacks; config.json
+
+
+def build(p: Plan) -> Built:
+    """The model on its device, the Trainer with the workshop's callbacks, and config.json written."""
+    args = p.training_args
+    args.output_dir = str(p.run_dir / "checkpoints")
+    args.dataloader_pin_memory = torch.cuda.is_available()  # pinning needs a GPU; on CPU it only warns
+    if "tensorboard" in args.report_to:
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(p.run_dir / "tensorboard"))
+    # Same seed, same initial weights, whichever stage runs (the launchers consume RNG differently).
+    transformers.set_seed(args.seed)
+    models.prefer_shape_agnostic_attention()
+    if args.deepspeed:
+        ds_grad_clip.use(args.foreach_grad_clip)
+    model = models.build_model(p.model_args, p.tokenizer, p.model_config, args.device)
+    collator = data_loader.Collator.for_run(p.data_args, p.tokenizer.pad_token_id)
+    run_info = describe(p, model, collator)
+    if distributed.is_main():
+        files.write_json(p.run_dir / "config.json", run_info)
+        distributed.print0(f"run folder: {p.run_dir}\nconfiguration:\n{format_table(_flat_config(run_info))}")
+
+    trainer = WorkshopTrainer(model=model, args=args, data_collator=collator, train_dataset=p.prepared.train,
+                              eval_dataset=p.prepared.eval, processing_class=p.tokenizer)
+    measure = MeasureCallback(trainer, p.run_dir / "steps.jsonl", run_info["model_info"]["flops_per_token"],
+                              run_info["environment"]["device"] if torch.cuda.is_available() else None,
+                              args.precision, distributed.world_size(), distributed.is_main())
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    for noisy in (PrinterCallback, ProgressCallback):  # the measure callback prints one line per log
+        trainer.remove_callback(noisy)
+    trainer.add_callback(measure)
+    stop = StopOnSignal()
+    trainer.add_callback(stop)
+    if p.ws_args.profile_steps:
+        trainer.add_callback(ProfileCallback(p.run_dir, p.ws_args.profile_steps, distributed.is_main(),
+                                             p.ws_args.profile_first_step))
+    return Built(trainer, measure, stop, run_info)
+
+
+def describe(p: Plan, model, collator) -> dict:
+    """config.json: the run's labels and every setting as resolved, the machine, the model and the data."""
+    args, ds_json = p.training_args, p.training_args.deepspeed
+    zero_stage, offload_optimizer, offload_param = ds_config.deepspeed_choices(ds_json)
+    shape = dataclasses.asdict(p.shape)
+    shape.pop("name")
+    mean_length = p.prepared.stats["length_mean"]
+    return {
+        "labels": {
+            "run_id": p.run_dir.name, "stage": p.ws_args.stage, "model": p.model_args.model_name_or_path,
+            "dataset": p.data_args.train_file or p.data_args.dataset_name,
+            "deepspeed": Path(args.deepspeed_file).name if args.deepspeed_file else None,
+            "zero_stage": zero_stage, "offload_optimizer": offload_optimizer, "offload_param": offload_param,
+        },
+        "deepspeed_config": ds_json,
+        # as resolved: the attention the model runs, the padding multiple of this device
+        "model": {**vars(p.model_args), "attn_implementation": models.attention_used(p.model_args, model)},
+        "data": {**vars(p.data_args), "pad_to_multiple_of": collator.pad_to_multiple_of},
+        "workshop": {**vars(p.ws_args), "launch": p.launch},
+        "training": args.to_dict(), "environment": environment(),
+        "model_info": {**shape, "seq_len": mean_length,
+                       "flops_per_token": metrics.flops_per_token(shape["n_params"], shape["n_layers"],
+                                                                 shape["hidden_size"], mean_length)},
+        "data_stats": p.prepared.stats,
+    }
+
+
+def _flat_config(run_info: dict) -> dict:
+    """The settings a participant cares about at a glance; config.json holds everything."""
+    t = run_info["training"]
+    return {**run_info["labels"], "precision": t["precision"], "micro_batch": t["per_device_train_batch_size"],
+            "grad_accum": t["gradient_accumulation_steps"], "epochs": t["num_train_epochs"],
+            "learning_rate": t["learning_rate"], "max_seq_length": run_info["data"]["max_seq_length"],
+            "loss_on": run_info["data"]["loss_on"], "parameters": run_info["model_info"]["n_params"],
+            "train_samples": run_info["data_stats"]["train_samples"],
+            "mean_length": run_info["data_stats"]["length_mean"], "max_length": run_info["data_stats"]["length_max"],
+            "dropped_too_long": run_info["data_stats"]["dropped_too_long"],
+            "device": run_info["environment"]["device"], "world_size": run_info["environment"]["world_size"]}
 
 
 def _versions() -> dict:
@@ -68,105 +307,56 @@ def environment() -> dict:
     }
 
 
-def resolve_run_dir(ws_args) -> Path:
-    """logs/<stage>/<run id>; decided on rank 0 so every rank writes into the same folder."""
-    if ws_args.run_dir:
-        run_dir = Path(ws_args.run_dir)
-    else:
-        run_id = os.environ.get("SLURM_JOB_ID") or dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        run_dir = Path(ws_args.logs_root) / ws_args.stage / run_id
-        suffix = 1
-        while run_dir.exists():  # two local runs within one second, or a reused job id
-            suffix += 1
-            run_dir = Path(ws_args.logs_root) / ws_args.stage / f"{run_id}-{suffix}"
-    return Path(distributed.broadcast(str(run_dir)))
+# ---------------------------------------------------------------------------------------------------------------
+# fit: train, resuming from the run folder's newest checkpoint; stop cleanly on a signal
 
 
-def _nearest_existing(path: Path) -> Path:
-    """``path`` or its closest ancestor that exists: where the run folder will be created."""
-    path = path.absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def check_run_dir(run_dir: Path) -> None:
-    if (run_dir / "metrics.json").exists():
-        raise WorkshopError(f"--run_dir {run_dir} already holds a finished run: give a new --run_dir or remove it")
-    parent = _nearest_existing(run_dir)
-    if not parent.is_dir():  # --run_dir some_file/run, or --logs_root naming a file
-        raise WorkshopError(f"--run_dir {run_dir}: {parent} is a file, not a folder: choose another --run_dir "
-                            "or --logs_root")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise WorkshopError(f"--run_dir {run_dir}: {parent} is not writable: choose a folder you can write to "
-                            "(--run_dir or --logs_root)")
-
-
-# The least one checkpoint holds per parameter: fp32 weights (4 bytes) and Adam's two moments (8).
-CHECKPOINT_BYTES_PER_PARAM = 12
-
-
-def _size(n_bytes: float) -> str:
-    return f"{n_bytes / GIB:.1f} GiB" if n_bytes >= GIB else f"{n_bytes / 1024**2:.1f} MiB"
-
-
-def check_room(run_dir: Path, n_params: int, training_args, save_model: bool) -> None:
-    """The run folder's disk has room for at least one checkpoint and the saved model.
-
-    A full disk otherwise shows up only when the first checkpoint is written, an epoch into the run.
-    """
-    needed = CHECKPOINT_BYTES_PER_PARAM * n_params if training_args.save_strategy != "no" else 0
-    if save_model:  # 16-bit under DeepSpeed (ZeRO-3 consolidates to 16-bit), else the fp32 weights
-        needed += (2 if training_args.deepspeed and training_args.precision in ("bf16", "fp16") else 4) * n_params
-    where = _nearest_existing(run_dir)
-    free = shutil.disk_usage(where).free
-    if free < needed:
-        raise WorkshopError(f"--run_dir {run_dir}: {where} has {_size(free)} free but this run writes at least "
-                            f"{_size(needed)} (a checkpoint with optimizer states and the final model of "
-                            f"{n_params / 1e6:.1f}M parameters): free some space, choose another --run_dir or "
-                            "--logs_root, or use --save_strategy no")
-
-
-def check_gpu_count() -> None:
-    """More processes on this node than GPUs it can see fails deep in CUDA ("invalid device ordinal")."""
-    if not torch.cuda.is_available():
-        return  # CPU processes (gloo) need no GPU each
-    local = (os.environ.get("LOCAL_WORLD_SIZE")  # torchrun
-             or os.environ.get("LOCAL_SIZE"))  # the deepspeed launcher
-    asked = int(local) if local else int(os.environ.get("LOCAL_RANK", "0")) + 1
-    visible = torch.cuda.device_count()
-    if asked > visible:
-        shown = os.environ.get("CUDA_VISIBLE_DEVICES")
-        shown = f" (CUDA_VISIBLE_DEVICES={shown})" if shown is not None else ""
-        raise WorkshopError(f"{asked} training processes on this node but only {visible} GPU(s) visible{shown}: "
-                            f"start at most {visible} (torchrun --nproc_per_node {visible}, NPROC_PER_NODE="
-                            f"{visible} for the job scripts) or ask SLURM for {asked} (#SBATCH --gres=gpu:{asked})")
-
-
-def architecture_shape(model_config, training_args) -> estimate.ModelShape:
-    """Parameter counts of the architecture, from a model built on the meta device with ZeRO-3's hook off.
-
-    Under a ZeRO-3 config ``from_config`` runs inside ``deepspeed.zero.Init``: the throw-away model would
-    be partitioned for real and, with NVMe offload, get its own swap buffers (gigabytes per rank) and
-    open swap files, needing async_io and the folder before the checks that say what is missing.
-    """
-    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
-
-    ds_config = getattr(training_args, "hf_deepspeed_config", None)
-    if ds_config is None:
-        return estimate.shape_from_config(model_config)
-    unset_hf_deepspeed_config()
+def fit(p: Plan, built: Built) -> bool:
+    """Train to the end (True), or to the checkpoint a stop signal asked for (False, status.json says so)."""
+    trainer, stop, args = built.trainer, built.stop, p.training_args
+    # A requeued job finds its own checkpoints in its run folder and goes on from the newest.
+    resume = args.resume_from_checkpoint
+    if resume is None and complete_checkpoints(args.output_dir):
+        resume = str(complete_checkpoints(args.output_dir)[-1])
+    if resume:
+        distributed.print0(f"resuming from {resume}")
     try:
-        return estimate.shape_from_config(model_config)
+        trainer.train(resume_from_checkpoint=resume)
     finally:
-        set_hf_deepspeed_config(ds_config)
+        stop.restore_handlers()
+    if stop.stopped_at is None:
+        return True
+    if distributed.is_main():
+        files.write_json(p.run_dir / "log_history.json", trainer.state.log_history)
+        files.write_json(p.run_dir / "status.json", {"status": "stopped", "error": None, "signal": stop.received,
+                                                     "step": stop.stopped_at})
+    distributed.print0(f"stopped on {stop.received} at step {stop.stopped_at}: checkpoint saved in "
+                       f"{args.output_dir}; the same command with --run_dir {p.run_dir} resumes")
+    return False
 
 
-def check_lengths(data_args, config) -> None:
-    limit = models.max_positions(config)
-    if limit is not None and data_args.max_seq_length > limit:
-        raise WorkshopError(f"--max_seq_length {data_args.max_seq_length} is longer than the model's {limit} "
-                            f"positions: use --max_seq_length {limit} or less")
+# ---------------------------------------------------------------------------------------------------------------
+# record: the saved model, the answers' scores, metrics.json
+
+
+def record(p: Plan, built: Built) -> dict:
+    """The trained model saved, the validation questions answered, and the run's metrics written."""
+    trainer = built.trainer
+    if p.ws_args.save_model:
+        trainer.save_model(str(p.run_dir / "model"))  # consolidated 16-bit weights under ZeRO-3 (see ds_configs)
+    answers = {"exact_match": None, "f1": None}
+    if p.prepared.answer_eval:
+        zero3 = trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
+        predictions = evaluation.generate_answers(trainer.model, p.tokenizer, p.prepared.answer_eval,
+                                                  synced_gpus=zero3 and distributed.world_size() > 1)
+        answers = evaluation.squad_scores(predictions, [r["answers"]["text"] for r in p.prepared.answer_eval])
+    results = workshop_metrics(trainer, built.measure, p.prepared, built.run_info, answers)
+    if distributed.is_main():
+        files.write_json(p.run_dir / "log_history.json", trainer.state.log_history)
+        files.write_json(p.run_dir / "metrics.json", results)
+        files.write_json(p.run_dir / "status.json", {"status": "completed", "error": None})
+        distributed.print0(f"\nworkshop metrics ({p.run_dir}):\n{format_table(results)}")
+    return results
 
 
 def workshop_metrics(trainer, measure: MeasureCallback, prepared, run_info: dict, answers: dict) -> dict:
@@ -175,19 +365,14 @@ def workshop_metrics(trainer, measure: MeasureCallback, prepared, run_info: dict
     Speeds cover this job's training time only (no evaluation, no checkpointing, no earlier part of
     a resumed run): time per epoch is that time scaled to a full epoch of optimizer steps.
     """
-    history = trainer.state.log_history
     args = trainer.args
-    train_logs = [e for e in history if "loss" in e]
-    evals = [e for e in history if "eval_loss" in e]
-    summary = next((e for e in reversed(history) if "train_runtime" in e), {})
+    logged = metrics.digest(trainer.state.log_history)
     world = distributed.world_size()
-    steps_per_epoch = math.ceil(trainer.state.max_steps / args.num_train_epochs)
     training_time = sum(measure.epoch_times)
     steps_done = trainer.state.global_step - measure.first_step
     tokens = all_ranks_sum(trainer.tokens_seen)
     tokens_per_s = tokens / training_time if training_time else None
-    peak = peak_flops(run_info["environment"]["device"], args.precision)
-    mfu = tokens_per_s * run_info["model_info"]["flops_per_token"] / (peak * world) if peak and tokens_per_s else None
+    peak = metrics.peak_flops(run_info["environment"]["device"], args.precision)
     return {
         **run_info["labels"],
         "world_size": world,
@@ -200,19 +385,17 @@ def workshop_metrics(trainer, measure: MeasureCallback, prepared, run_info: dict
         "train_samples": prepared.stats["train_samples"],
         "eval_samples": prepared.stats["eval_samples"],
         "epochs": args.num_train_epochs,
-        "steps_per_epoch": steps_per_epoch,
+        "steps_per_epoch": logged["steps_per_epoch"],
         "total_steps": trainer.state.global_step,
-        "final_train_loss": train_logs[-1]["loss"] if train_logs else None,
-        "eval_loss_per_epoch": [e["eval_loss"] for e in evals],
-        "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
-        "train_runtime_s": summary.get("train_runtime"),
+        **{key: logged[key] for key in ("final_train_loss", "eval_loss_per_epoch", "final_eval_loss",
+                                        "perplexity", "train_runtime_s")},
         "epoch_times_s": measure.epoch_times,
         "first_step_s": measure.first_step_s,
-        "time_per_epoch_s": training_time / steps_done * steps_per_epoch if steps_done else None,
-        "train_samples_per_second": summary.get("train_samples_per_second"),
-        "eval_samples_per_second": evals[-1].get("eval_samples_per_second") if evals else None,
+        "time_per_epoch_s": training_time / steps_done * logged["steps_per_epoch"] if steps_done else None,
+        "train_samples_per_second": logged["train_samples_per_second"],
+        "eval_samples_per_second": logged["eval_samples_per_second"],
         "tokens_per_second": tokens_per_s,
-        "mfu": mfu,
+        "mfu": metrics.mfu(tokens_per_s, run_info["model_info"]["flops_per_token"], peak, world),
         **measure.peaks(),
         **answers,
         "dropped_too_long": prepared.stats["dropped_too_long"],
@@ -221,255 +404,24 @@ def workshop_metrics(trainer, measure: MeasureCallback, prepared, run_info: dict
     }
 
 
-def run(argv: list[str]) -> dict:
-    uses_deepspeed = any(a == "--deepspeed" or a.startswith("--deepspeed=") for a in cfg.expand_argv(argv))
-    launch = distributed.init_env(deepspeed=uses_deepspeed)
-    check_gpu_count()
-    model_args, data_args, ws_args, training_args = cfg.parse(argv)
-    _ = training_args.device  # initialises torch.distributed when several processes run
-    if uses_deepspeed:
-        distributed.init_deepspeed_comm()
-    run_dir = resolve_run_dir(ws_args)
-    check_run_dir(run_dir)
-
-    # Everything that can fail on bad input happens before the run folder exists.
-    tokenizer = models.load_tokenizer(model_args)
-    model_config = models.model_config(model_args, tokenizer)
-    check_lengths(data_args, model_config)
-    shape = architecture_shape(model_config, training_args)
-    n_params = shape.n_params
-    check_room(run_dir, n_params, training_args, ws_args.save_model)
-    if training_args.deepspeed:
-        # Host memory, NVMe room, async_io, the CUDA arch list: before DeepSpeed builds anything.
-        ds_preflight.check_resources(training_args.deepspeed, n_params, training_args, distributed.num_nodes(),
-                                     f"--deepspeed {training_args.deepspeed_file}")
-    with training_args.main_process_first(desc="loading and tokenising the data"):
-        prepared = data_loader.prepare(data_args, tokenizer, seed=training_args.seed)
-    seq_len = peak_seq_len(data_args, prepared)
-    model_args, data_args, ws_args, training_args = fit_batch_to_gpu(
-        argv, (model_args, data_args, ws_args, training_args), shape, seq_len, gpu_bytes())
-    if training_args.deepspeed:
-        ds_preflight.size_param_buffers(training_args, shape.largest_layer_params)
-
-    if distributed.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        files.write_json(run_dir / "status.json", {"status": "running", "error": None})
-    try:
-        return _train(run_dir, model_args, data_args, ws_args, training_args, tokenizer, model_config, shape,
-                      prepared, launch)
-    except torch.cuda.OutOfMemoryError:
-        message = oom_message(shape, model_args, training_args, seq_len)
-        if distributed.is_main():
-            files.write_json(run_dir / "status.json", {"status": "oom", "error": message})
-        raise OutOfMemory(message) from None
-    except BaseException as error:
-        # The run folder says what happened; earlier results elsewhere are untouched.
-        if distributed.is_main():
-            files.write_json(run_dir / "status.json", {"status": "failed", "error": _first_line(error)})
-        raise
-
-
-def peak_seq_len(data_args, prepared) -> int:
-    """Tokens per sample in the longest batch, as the run's collator will pad it."""
-    return data_loader.Collator.for_run(data_args, pad_token_id=0).padded_length(prepared.stats["length_max"])
-
-
-def predicted_memory(shape: estimate.ModelShape, model_args, training_args, seq_len: int,
-                     micro_batch: int) -> estimate.Estimate:
-    """What `workshop estimate` predicts for this run's settings at this micro-batch."""
-    ds = training_args.deepspeed or {}
-    stage = ds_preflight.zero_stage(ds) if ds else None
-    offload = ds_preflight.offload_devices(ds) if ds else {"offload_optimizer": None, "offload_param": None}
-    return estimate.estimate_for_shape(
-        shape, seq_len, micro_batch, stage, offload["offload_optimizer"],
-        offload["offload_param"], distributed.world_size(), training_args.precision, distributed.num_nodes(),
-        ds or None, gradient_checkpointing=training_args.gradient_checkpointing, fast_kernels=model_args.fast_kernels)
-
-
-# The estimate's GPU total (allocator cache and CUDA context included) may use this share of the card.
-FIT_SHARE = 0.9
-
-
-def micro_batch_that_fits(shape: estimate.ModelShape, model_args, training_args, seq_len: int,
-                          gpu_bytes: float) -> int:
-    """The micro-batch, halved until `workshop estimate` puts the run within FIT_SHARE of the GPU (1 at least)."""
-    micro = training_args.per_device_train_batch_size
-    while micro > 1 and predicted_memory(shape, model_args, training_args, seq_len,
-                                         micro).gpu_total_bytes > FIT_SHARE * gpu_bytes:
-        micro //= 2
-    return micro
-
-
-def gpu_bytes() -> int | None:
-    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory if torch.cuda.is_available() \
-        else None
-
-
-def fit_batch_to_gpu(argv, parsed, shape: estimate.ModelShape, seq_len: int, card: int | None):
-    """The default micro-batch where it fits a GPU of card bytes; else a smaller one with more accumulation.
-
-    The global batch stays the same. Only when neither --per_device_train_batch_size nor
-    --gradient_accumulation_steps was given and the DeepSpeed JSON leaves the batch "auto" (a batch you
-    chose is used as it is), and only on a GPU (card None: nothing to fit). Returns the arguments,
-    parsed again with the new flags.
-    """
-    model_args, _, _, training_args = parsed
-    ds = training_args.deepspeed or {}
-    batch_in_json = any(ds.get(key, "auto") != "auto" for key in (
-        "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"))
-    if card is None or cfg.batch_given(argv) or batch_in_json:
-        return parsed
-    micro = training_args.per_device_train_batch_size
-    fitted = micro_batch_that_fits(shape, model_args, training_args, seq_len, card)
-    if fitted == micro:
-        return parsed
-    accum = training_args.gradient_accumulation_steps * (micro // fitted)
-    need = predicted_memory(shape, model_args, training_args, seq_len, micro).gpu_total_bytes
-    distributed.print0(f"micro-batch {micro} needs about {need / GIB:.1f} GiB by `workshop estimate` ({seq_len} tokens "
-                       f"in the longest batch), the GPU has {card / GIB:.1f}: using --per_device_train_batch_size "
-                       f"{fitted} --gradient_accumulation_steps {accum}, the same global batch (give either flag to "
-                       "choose yourself)")
-    return cfg.parse([*argv, "--per_device_train_batch_size", str(fitted), "--per_device_eval_batch_size", str(fitted),
-                      "--gradient_accumulation_steps", str(accum)])
-
-
-def oom_message(shape: estimate.ModelShape, model_args, training_args, seq_len: int) -> str:
-    """One line: how far memory got, what this setup should need, and the next things to try."""
-    ds = training_args.deepspeed or {}
-    stage = ds_preflight.zero_stage(ds) if ds else None
-    micro, accum = training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps
-    predicted = predicted_memory(shape, model_args, training_args, seq_len, micro)
-    peak = torch.cuda.max_memory_reserved() / GIB if torch.cuda.is_available() else float("nan")
-    card = torch.cuda.get_device_properties(0).total_memory / GIB if torch.cuda.is_available() else float("nan")
-    smaller = (f"--per_device_train_batch_size {micro // 2} --gradient_accumulation_steps {accum * 2}"
-               if micro > 1 else "--gradient_checkpointing")
-    next_stage = {None: "ds_configs/zero2.json on several GPUs", 0: "ds_configs/zero2.json", 1: "ds_configs/zero2.json",
-                  2: "ds_configs/zero3.json", 3: "ds_configs/zero3_offload_all.json"}[stage]
-    return (f"out of GPU memory (reserved {peak:.1f} GiB of the card's {card:.1f} GiB; `workshop estimate` predicts "
-            f"{predicted.peak_allocated_bytes / GIB:.1f} GiB allocated for this setup): try {smaller} (same global "
-            f"batch), then --gradient_checkpointing, then {next_stage}, then CPU offload (ds_configs/zero3_offload.json)")
-
-
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
-def _train(run_dir, model_args, data_args, ws_args, training_args, tokenizer, model_config, shape, prepared,
-           launch) -> dict:
-    training_args.output_dir = str(run_dir / "checkpoints")
-    training_args.dataloader_pin_memory = torch.cuda.is_available()  # pinning needs a GPU; on CPU it only warns
-    if "tensorboard" in training_args.report_to:
-        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
-
-    # Same seed, same initial weights, whichever stage runs (the launchers consume RNG differently).
-    transformers.set_seed(training_args.seed)
-    models.prefer_shape_agnostic_attention()
-    ds_config = training_args.deepspeed
-    if ds_config:
-        ds_grad_clip.use(training_args.foreach_grad_clip)
-    model = models.build_model(model_args, tokenizer, model_config, training_args.device)
-    shape = dataclasses.asdict(shape)
-    shape.pop("name")
-    collator = data_loader.Collator.for_run(data_args, tokenizer.pad_token_id)
-    run_info = {
-        "labels": {
-            "run_id": run_dir.name, "stage": ws_args.stage, "model": model_args.model_name_or_path,
-            "dataset": data_args.train_file or data_args.dataset_name,
-            "deepspeed": Path(training_args.deepspeed_file).name if training_args.deepspeed_file else None,
-            "zero_stage": ds_preflight.zero_stage(ds_config) if ds_config else None,
-            **(ds_preflight.offload_devices(ds_config) if ds_config else
-               {"offload_optimizer": None, "offload_param": None}),
-        },
-        "deepspeed_config": ds_config,
-        "model": {**vars(model_args), "attn_implementation": models.attention_used(model_args, model)},  # resolved
-        "data": {**vars(data_args), "pad_to_multiple_of": collator.pad_to_multiple_of},  # as resolved for this device
-        "workshop": {**vars(ws_args), "launch": launch},
-        "training": training_args.to_dict(), "environment": environment(),
-        "model_info": {**shape, "seq_len": prepared.stats["length_mean"],
-                       "flops_per_token": models.flops_per_token(shape["n_params"], shape["n_layers"],
-                                                                 shape["hidden_size"], prepared.stats["length_mean"])},
-        "data_stats": prepared.stats,
-    }
-    if distributed.is_main():
-        files.write_json(run_dir / "config.json", run_info)
-        distributed.print0(f"run folder: {run_dir}\nconfiguration:\n{format_table(_flat_config(run_info))}")
-
-    trainer = WorkshopTrainer(model=model, args=training_args, data_collator=collator,
-                                   train_dataset=prepared.train, eval_dataset=prepared.eval,
-                                   processing_class=tokenizer)
-    measure = MeasureCallback(trainer, run_dir / "steps.jsonl", run_info["model_info"]["flops_per_token"],
-                              run_info["environment"]["device"] if torch.cuda.is_available() else None,
-                              training_args.precision, distributed.world_size(), distributed.is_main())
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    for noisy in (PrinterCallback, ProgressCallback):  # the measure callback prints one line per log
-        trainer.remove_callback(noisy)
-    trainer.add_callback(measure)
-    stop = StopOnSignal()
-    trainer.add_callback(stop)
-    if ws_args.profile_steps:
-        trainer.add_callback(ProfileCallback(run_dir, ws_args.profile_steps, distributed.is_main(),
-                                            ws_args.profile_first_step))
-
-    # A requeued job finds its own checkpoints in its run folder and goes on from the newest.
-    resume = training_args.resume_from_checkpoint
-    if resume is None and complete_checkpoints(training_args.output_dir):
-        resume = str(complete_checkpoints(training_args.output_dir)[-1])
-    if resume:
-        distributed.print0(f"resuming from {resume}")
-    try:
-        trainer.train(resume_from_checkpoint=resume)
-    finally:
-        stop.restore_handlers()
-    if stop.stopped_at is not None:
-        if distributed.is_main():
-            files.write_json(run_dir / "log_history.json", trainer.state.log_history)
-            files.write_json(run_dir / "status.json", {"status": "stopped", "error": None, "signal": stop.received,
-                                                       "step": stop.stopped_at})
-        distributed.print0(f"stopped on {stop.received} at step {stop.stopped_at}: checkpoint saved in "
-                           f"{training_args.output_dir}; the same command with --run_dir {run_dir} resumes")
-        return {}
-    if ws_args.save_model:
-        trainer.save_model(str(run_dir / "model"))  # consolidated 16-bit weights under ZeRO-3 (see ds_configs)
-
-    answers = {"exact_match": None, "f1": None}
-    if prepared.answer_eval:
-        zero3 = trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
-        predictions = evaluation.generate_answers(trainer.model, tokenizer, prepared.answer_eval,
-                                                  synced_gpus=zero3 and distributed.world_size() > 1)
-        answers = evaluation.squad_scores(predictions, [r["answers"]["text"] for r in prepared.answer_eval])
-
-    metrics = workshop_metrics(trainer, measure, prepared, run_info, answers)
-    if distributed.is_main():
-        files.write_json(run_dir / "log_history.json", trainer.state.log_history)
-        files.write_json(run_dir / "metrics.json", metrics)
-        files.write_json(run_dir / "status.json", {"status": "completed", "error": None})
-        distributed.print0(f"\nworkshop metrics ({run_dir}):\n{format_table(metrics)}")
-    return metrics
-
-
-def _flat_config(run_info: dict) -> dict:
-    """The settings a participant cares about at a glance; config.json holds everything."""
-    t = run_info["training"]
-    return {**run_info["labels"], "precision": t["precision"], "micro_batch": t["per_device_train_batch_size"],
-            "grad_accum": t["gradient_accumulation_steps"], "epochs": t["num_train_epochs"],
-            "learning_rate": t["learning_rate"], "max_seq_length": run_info["data"]["max_seq_length"],
-            "loss_on": run_info["data"]["loss_on"], "parameters": run_info["model_info"]["n_params"],
-            "train_samples": run_info["data_stats"]["train_samples"],
-            "mean_length": run_info["data_stats"]["length_mean"], "max_length": run_info["data_stats"]["length_max"],
-            "dropped_too_long": run_info["data_stats"]["dropped_too_long"],
-            "device": run_info["environment"]["device"], "world_size": run_info["environment"]["world_size"]}
-
-
 def main(argv: list[str] | None = None) -> int:
+    """``workshop train``: its exit status says what status.json says (the table in errors.py).
+
+    Returns it to a caller in the same process (the tests); the process entry point (cli.entry) then
+    ends the process with it. Any other error propagates: the entry point makes it exit status 1.
+    """
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.disable_progress_bar()  # progress bars garble SLURM .out files
     try:
-        run(sys.argv[1:] if argv is None else argv)
+        metrics = run(sys.argv[1:] if argv is None else argv)
         distributed.shutdown()
     except WorkshopError as e:
         print(f"error: {e}", file=sys.stderr)
         distributed.leave_on_error()
         return e.exit_code
-    return 0
+    return 0 if metrics is not None else STOPPED

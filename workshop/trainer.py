@@ -1,57 +1,74 @@
-"""What the run measures while it trains: memory, useful tokens/s, MFU, time per epoch.
+"""The one Trainer subclass and its callbacks: what a run measures, profiles, and how it stops and resumes.
 
-One row per logging step goes to ``steps.jsonl`` and to the log line, for example::
+``WorkshopTrainer`` counts the tokens it trains on and writes checkpoints atomically.
+``MeasureCallback`` writes one row per logging step to ``steps.jsonl`` and to the log line, for example::
 
     step 40/96 | epoch 1.25 | loss 2.3105 | 11.2k tok/s | MFU 31.4% | GPU 6.01 GiB (peak 7.20, reserved 8.00) | host 3.1 GiB
 
 Rows are written at logging steps, where the Trainer already waits for the GPU to report the loss,
 so measuring adds no extra synchronisation. Tokens are the non-padding tokens of every rank.
+
+Surviving time limits and preemption (``StopOnSignal``): SLURM sends SIGUSR1 before the time limit
+(``#SBATCH --signal=B:USR1@600``, forwarded to every rank by slurm/node.sh) and SIGTERM on preemption
+or ``scancel``. Either one makes the run save a checkpoint at the next optimizer-step boundary and
+stop; ``status.json`` then says ``stopped``, and the next start with the same run folder (the requeued
+job) resumes from the newest complete checkpoint by itself. ``--resume_from_checkpoint PATH`` resumes
+from a checkpoint by hand.
+
+A checkpoint is written under ``checkpoints/.incomplete/`` and renamed to ``checkpoints/checkpoint-N``
+once every rank has finished writing it, so a job killed while saving leaves the previous
+checkpoint as the newest one. The last ``--save_total_limit`` checkpoints are kept.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import re
 import resource
+import shutil
+import signal
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import torch
+import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 
+from workshop import metrics
 from workshop.distributed import print0
+from workshop.units import GIB
 
-GIB = 1024**3
+log = logging.getLogger(__name__)
 
-# Dense peak TFLOP/s by GPU name and precision, from the vendors' data sheets (no sparsity).
-# fp32 without TF32 runs on the CUDA cores. A GPU missing here gets no MFU rather than a guess.
-PEAK_TFLOPS = {
-    "H200": {"bf16": 989, "fp16": 989, "fp32": 67},
-    "H100 80GB HBM3": {"bf16": 989, "fp16": 989, "fp32": 67},  # SXM
-    "H100 PCIe": {"bf16": 756, "fp16": 756, "fp32": 51},
-    "H100 NVL": {"bf16": 835, "fp16": 835, "fp32": 60},
-    "A100": {"bf16": 312, "fp16": 312, "fp32": 19.5},
-    "L40S": {"bf16": 362, "fp16": 362, "fp32": 91.6},
-    "A10": {"bf16": 125, "fp16": 125, "fp32": 31.2},
-    "V100": {"fp16": 125, "fp32": 15.7},
-}
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+STAGING = ".incomplete"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
-def peak_flops(gpu_name: str | None, precision: str) -> float | None:
-    """Peak FLOP/s of one GPU at this precision, or None when the GPU is not in the table."""
-    if not gpu_name:
-        return None
-    for key, peaks in PEAK_TFLOPS.items():
-        if key in gpu_name and precision in peaks:
-            return peaks[precision] * 1e12
-    return None
+def complete_checkpoints(folder: str | Path) -> list[Path]:
+    """Finished checkpoints in ``folder``, oldest first (anything still in staging is not one)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))]
+    return [p for _, p in sorted(found)]
 
 
-class TokenCountingTrainer(Trainer):
-    """The stock Trainer, counting non-padding tokens on the device without waiting for it.
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
-    (``include_num_input_tokens_seen`` does the same count but calls ``.item()`` on every micro-batch,
-    which stalls the GPU pipeline.)
+
+class WorkshopTrainer(Trainer):
+    """The stock Trainer, counting non-padding tokens and writing checkpoints atomically.
+
+    Tokens are counted on the device without waiting for it (``include_num_input_tokens_seen`` does
+    the same count but calls ``.item()`` on every micro-batch, which stalls the GPU pipeline). A
+    checkpoint is written under a temporary name and renamed once every rank has written its part.
     """
 
     def __init__(self, *args, **kwargs):
@@ -62,10 +79,36 @@ class TokenCountingTrainer(Trainer):
         self.tokens_seen += inputs["attention_mask"].sum()
         return super().training_step(model, inputs, *args, **kwargs)
 
+    def _get_output_dir(self, trial):
+        return os.path.join(self.args.output_dir, STAGING) if getattr(self, "_staging", False) else \
+            super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial):
+        final_root = Path(self.args.output_dir)
+        name = f"checkpoint-{self.state.global_step}"
+        self._staging = True
+        try:
+            super()._save_checkpoint(model, trial)  # writes .incomplete/checkpoint-N on every rank
+        finally:
+            self._staging = False
+        _barrier()  # every rank's shards are on disk before the checkpoint counts as complete
+        if self.args.should_save:
+            target = final_root / name
+            if target.exists():  # saved again at the same step (a stop right after an epoch's save)
+                shutil.rmtree(target)
+            os.replace(final_root / STAGING / name, target)
+            self._rotate(final_root)
+        _barrier()
+
+    def _rotate(self, root: Path) -> None:
+        limit = self.args.save_total_limit
+        if limit:
+            for old in complete_checkpoints(root)[:-limit]:
+                shutil.rmtree(old, ignore_errors=True)
+
 
 def all_ranks_sum(value: torch.Tensor) -> int:
-    import torch.distributed as dist
-
+    """A count summed over every rank (the value itself in a single process)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         value = value.clone()
         dist.all_reduce(value)
@@ -75,12 +118,12 @@ def all_ranks_sum(value: torch.Tensor) -> int:
 class MeasureCallback(TrainerCallback):
     """Writes steps.jsonl, prints the log line, and keeps the per-run peaks and epoch times."""
 
-    def __init__(self, trainer: TokenCountingTrainer, steps_path, flops_per_token: float, gpu_name: str | None,
+    def __init__(self, trainer: WorkshopTrainer, steps_path, flops_per_token: float, gpu_name: str | None,
                  precision: str, world_size: int, is_main: bool):
         self.trainer = trainer
         self.steps_path = steps_path
         self.flops_per_token = flops_per_token
-        self.peak_flops = peak_flops(gpu_name, precision)
+        self.peak_flops = metrics.peak_flops(gpu_name, precision)
         self.world_size = world_size
         self.is_main = is_main
         self.cuda = torch.cuda.is_available()
@@ -152,8 +195,7 @@ class MeasureCallback(TrainerCallback):
         steps = state.global_step - self.last_step
         samples = steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * self.world_size
         tokens_per_s = (tokens - self.last_tokens) / dt
-        mfu = (tokens_per_s * self.flops_per_token / (self.peak_flops * self.world_size)
-               if self.peak_flops else None)
+        mfu = metrics.mfu(tokens_per_s, self.flops_per_token, self.peak_flops, self.world_size)
         row = {"step": state.global_step, "epoch": state.epoch, "loss": logs["loss"],
                "time_s": now - self.start, "step_time_s": dt / max(steps, 1), "tokens": tokens - self.last_tokens,
                "samples": samples, "tokens_per_s": tokens_per_s, "samples_per_s": samples / dt, "mfu": mfu,
@@ -236,3 +278,51 @@ class ProfileCallback(TrainerCallback):
         self.profiler.export_chrome_trace(str(self.run_dir / "profile_trace.json"))
         print0(f"profile: {head} -> {self.run_dir / 'profile.txt'}")
         self.profiler = None
+
+
+class StopOnSignal(TrainerCallback):
+    """On SIGUSR1/SIGTERM: checkpoint at the next step boundary and stop, on every rank together."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self.stopped_at: int | None = None
+        # The job scripts start training with SIGUSR1 ignored, so that a late signal (SLURM signals
+        # every process again when it ends a job) never kills a rank: that is what goes back after.
+        self.previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._handle)
+        # Ranks may see the signal a step apart; a tiny all-reduce on a CPU (gloo) group each step
+        # makes them agree without waiting on the GPU.
+        self.group = None
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            self.group = dist.new_group(backend="gloo")
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+        log.warning("received %s: saving a checkpoint at the next step, then stopping", self.received)
+
+    def _any_rank_received(self) -> bool:
+        if self.group is None:
+            return self.received is not None
+        flag = torch.tensor([int(self.received is not None)])
+        dist.all_reduce(flag, group=self.group)
+        if flag.item() and self.received is None:
+            self.received = "signal on another rank"
+        return bool(flag.item())
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._any_rank_received():
+            control.should_save = True
+            control.should_training_stop = True
+            self.stopped_at = state.global_step
+        return control
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.stopped_at is not None:  # the checkpoint is written; no end-of-epoch eval or save
+            control.should_evaluate = False
+            control.should_save = False
+        return control
+
+    def restore_handlers(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)

@@ -1,9 +1,10 @@
-"""Checks on a DeepSpeed JSON before any GPU time is spent.
+"""Reading a DeepSpeed JSON: load it, fill the workshop's own "auto" values, check its keys and the
+values the Trainer owns, and say what it does (ZeRO stage, offload devices).
 
 Each check raises ``WorkshopError`` with one line that names the file or flag and the fix.
-``workshop train`` runs them in two steps: the file's own checks (``resolve_config``, ``check_keys``,
-``check_trainer_conflicts``) when the training arguments are parsed, since the Trainer reads the JSON
-there, and ``check_resources`` once the model's size is known, before DeepSpeed builds anything.
+``workshop train`` runs them when the training arguments are parsed, since the Trainer reads the JSON
+there (``config.WorkshopTrainingArguments``); ``preflight.check_resources`` follows once the model's
+size is known.
 
 The NVMe offload config says ``"nvme_path": "auto"``: the folder is only known when the job is
 submitted (each cluster mounts its node-local NVMe elsewhere), so ``resolve_config`` fills it in
@@ -18,33 +19,9 @@ import difflib
 import functools
 import json
 import logging
-import os
-import re
-import shutil
-import tempfile
 from pathlib import Path
 
-import psutil
-import torch
-
 from workshop.errors import WorkshopError
-from workshop.estimate import grad_accum_dtype
-
-logger = logging.getLogger(__name__)
-
-GIB = 1024**3
-
-# Bytes per parameter that offloading keeps off the GPU; DeepSpeed's own estimators
-# (deepspeed.runtime.zero.stage3.estimate_zero3_model_states_mem_needs) count the same:
-# fp32 master weights 4 + Adam momentum 4 + Adam variance 4 + fp32 gradients 4 = 16 for the optimizer,
-# and the parameters themselves (stage 3) add 2 bytes each in fp16/bf16, 4 in fp32.
-OPTIMIZER_BYTES_PER_PARAM = 16
-
-# What DeepSpeed's op builder parses in TORCH_CUDA_ARCH_LIST (ops/op_builder/builder.py,
-# compute_capability_args: int() of each dot-separated part, "+PTX" stripped). "9.0a" is valid for
-# PyTorch but makes DeepSpeed crash with "invalid literal for int() with base 10: '0a'".
-_PARSABLE_ARCH = re.compile(r"\d+\.\d+(\+PTX)?")
-
 
 def load_config(path: str) -> dict:
     """The JSON at ``path`` as a dict, with errors that give the line to fix."""
@@ -95,6 +72,18 @@ def resolve_config(path: str, nvme_path: str | None, precision: str) -> dict:
 
     fill(config)
     return config
+
+
+def grad_accum_dtype(precision: str) -> str:
+    """What ``"grad_accum_dtype": "auto"`` (``ds_configs/zero1.json``) becomes for a run in ``precision``.
+
+    In bf16, fp32: ZeRO-1 then runs DeepSpeed's ``BF16_Optimizer``, which keeps the gradients in one
+    flat fp32 buffer, whole, and clips and steps them as one tensor, where the ZeRO optimizer (ZeRO-2's
+    too) works through them tensor by tensor; both partition the optimizer states over the GPUs. In fp16
+    and fp32, the precision itself: DeepSpeed has no such optimizer there, and an fp32 accumulation would
+    only add a copy of every gradient. ``workshop train`` fills it (``resolve_config``).
+    """
+    return "fp32" if precision == "bf16" else precision
 
 
 def size_param_buffers(training_args, largest_layer_params: int) -> None:
@@ -333,7 +322,7 @@ def check_trainer_conflicts(config: dict, training_args, source: str = "--deepsp
 
 
 # ---------------------------------------------------------------------------------------------------
-# Where the memory goes
+# What the JSON does
 
 
 def zero_stage(config: dict) -> int:
@@ -352,95 +341,8 @@ def offload_devices(config: dict) -> dict:
     return {"offload_optimizer": device("offload_optimizer"), "offload_param": device("offload_param")}
 
 
-def offloaded_bytes(config: dict, n_params: int, half_precision: bool, num_nodes: int = 1) -> dict:
-    """Bytes one node keeps off the GPU: {"cpu": n} and/or {<nvme_path>: n}, for ``n_params`` parameters.
-
-    ZeRO partitions the states evenly over all ranks, so a node holds 1/num_nodes of them.
-    """
-    zero = config.get("zero_optimization") or {}
-    sizes = {"offload_optimizer": OPTIMIZER_BYTES_PER_PARAM, "offload_param": 2 if half_precision else 4}
-    needed: dict = {}
-    for section, bytes_per_param in sizes.items():
-        offload = zero.get(section) or {}
-        device = offload.get("device", "none")
-        if device == "none":
-            continue
-        where = "cpu" if device == "cpu" else offload.get("nvme_path")
-        if where is None:
-            raise WorkshopError(f"zero_optimization.{section} offloads to NVMe but names no folder; "
-                                'add "nvme_path": "auto" to it and pass --nvme_path DIR')
-        needed[where] = needed.get(where, 0) + bytes_per_param * n_params // num_nodes
-    return needed
-
-
-def check_host_memory(needed_bytes: int, source: str) -> None:
-    """The node has ``needed_bytes`` of host memory available for the offloaded states."""
-    available = psutil.virtual_memory().available
-    if needed_bytes > available:
-        raise WorkshopError(f"{source} offloads about {needed_bytes / GIB:.1f} GiB to host memory but this node has "
-                            f"{available / GIB:.1f} GiB available; ask for more (#SBATCH --mem), spread the job "
-                            "over more nodes, or offload to NVMe (ds_configs/zero3_nvme.json)")
-
-
-def check_nvme_path(nvme_path: str, needed_bytes: int) -> None:
-    """``nvme_path`` is a writable folder with room for ``needed_bytes``."""
-    flag = f"--nvme_path {nvme_path}"
-    path = Path(nvme_path)
-    if not path.exists():
-        raise WorkshopError(f"{flag} does not exist; create it (mkdir -p {nvme_path}) on the node's local NVMe disk")
-    if not path.is_dir():
-        raise WorkshopError(f"{flag} is not a folder; pass a folder on the node's local NVMe disk")
-    try:  # a real write: permissions, read-only mounts and quotas all show up here
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as error:
-        raise WorkshopError(f"{flag} is not writable ({error.strerror}); pass a folder you own, "
-                            "e.g. /local/nvme/$USER") from None
-    free = shutil.disk_usage(path).free
-    if free < needed_bytes:
-        raise WorkshopError(f"{flag} has {free / GIB:.1f} GiB free but ZeRO-Infinity will write about "
-                            f"{needed_bytes / GIB:.1f} GiB there; free some space or pass a larger disk")
-
-
-def check_async_io(source: str) -> None:
-    """DeepSpeed's async_io op, which NVMe offload reads and writes through, can be built here."""
-    from deepspeed.ops.op_builder import AsyncIOBuilder
-
-    if not AsyncIOBuilder().is_compatible():
-        raise WorkshopError(f"{source} offloads to NVMe, which needs DeepSpeed's async_io op and so libaio: "
-                            "apt-get install libaio-dev (dnf install libaio-devel on RHEL/Rocky), "
-                            "or use a CPU offload config such as ds_configs/zero3_offload_all.json")
-
-
-def fix_cuda_arch_list() -> str | None:
-    """Give DeepSpeed's op builder a TORCH_CUDA_ARCH_LIST it can parse; returns the value set, if any.
-
-    Unset, the list is probed per op build (which fails in forked workers); with entries such as
-    "9.0a" (set by some H100 images) the build crashes. Both get the visible GPUs' capabilities.
-    """
-    if not torch.cuda.is_available():
-        return None
-    current = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
-    entries = [entry for entry in current.replace(" ", ";").split(";") if entry]  # DeepSpeed splits the same way
-    if entries and all(_PARSABLE_ARCH.fullmatch(entry) for entry in entries):
-        return None
-    capabilities = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
-    value = ";".join(f"{major}.{minor}" for major, minor in sorted(capabilities))
-    os.environ["TORCH_CUDA_ARCH_LIST"] = value
-    if current:
-        logger.warning("TORCH_CUDA_ARCH_LIST=%s cannot be parsed by DeepSpeed's op builder; using %s", current, value)
-    else:
-        logger.info("TORCH_CUDA_ARCH_LIST set to %s (the visible GPUs) for DeepSpeed's op builds", value)
-    return value
-
-
-def check_resources(config: dict, n_params: int, training_args, num_nodes: int, source: str) -> None:
-    """What the machine must offer for this config: host memory, NVMe room, async_io, an arch list."""
-    half_precision = bool(training_args.fp16 or training_args.bf16)
-    for where, needed_bytes in offloaded_bytes(config, n_params, half_precision, num_nodes).items():
-        if where == "cpu":
-            check_host_memory(needed_bytes, source)
-        else:
-            check_nvme_path(where, needed_bytes)
-            check_async_io(source)
-    fix_cuda_arch_list()
+def deepspeed_choices(config: dict | None) -> tuple[int | None, str | None, str | None]:
+    """(zero stage, optimizer offload device, parameter offload device); all None without a JSON (no DeepSpeed)."""
+    if not config:
+        return None, None, None
+    return zero_stage(config), *offload_devices(config).values()
