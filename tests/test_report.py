@@ -303,3 +303,68 @@ def test_perplexity_is_exp_of_the_final_eval_loss(tiny_run):
     metrics = read_json(tiny_run / "metrics.json")
     assert metrics["perplexity"] == pytest.approx(math.exp(final_eval), rel=1e-12)
     assert report.summarize(report.load_run(tiny_run))["perplexity"] == pytest.approx(math.exp(final_eval), rel=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# The report's own arithmetic and layout, on hand-made rows (what mutmut found untested).
+# ----------------------------------------------------------------------------------------------
+def _row(run, world, sps, **settings):
+    row = dict(run=run, model="gpt2", dataset="squad", precision="bf16", zero_stage=2, offload_optimizer=None,
+               offload_param=None, per_device_train_batch_size=4, gradient_accumulation_steps=1,
+               max_seq_length=512, world_size=world, train_samples_per_second=sps)
+    row.update(settings)
+    return row
+
+
+def test_scaling_efficiency_by_hand_within_groups_that_differ_only_in_gpu_count():
+    rows = [
+        _row("alone", 4, 40.0, model="gpt2-medium"),  # first: a group of one must not end the loop
+        _row("a2", 2, 20.0), _row("a2bis", 2, 24.0), _row("a4", 4, 40.0), _row("a8", 8, 66.0),
+        _row("b2", 2, 10.0, zero_stage=3), _row("b4", 4, 16.0, zero_stage=3),  # two GPU counts only
+        _row("c4", 4, 40.0, max_seq_length=1024),  # differs in a setting from every other: alone
+        _row("nospeed", 2, None),  # no samples/s: in no group
+    ]
+    report.add_scaling_efficiency(rows)
+    got = {r["run"]: r["scaling_efficiency"] for r in rows}
+    # Group a: the smallest count is 2, two runs of it: 10 and 12 samples/s per GPU, mean 11.
+    # Exact to float rounding (one division each): rel 1e-12.
+    assert {k: v for k, v in got.items() if v is not None} == pytest.approx(
+        {"a2": 10 / 11, "a2bis": 12 / 11, "a4": 10 / 11, "a8": 8.25 / 11, "b2": 1.0, "b4": 0.8}, rel=1e-12)
+    assert [k for k, v in got.items() if v is None] == ["alone", "c4", "nospeed"]  # not "" or 0: shown as "-"
+
+
+def test_csv_holds_every_key_of_every_row_in_first_seen_order_lists_as_json():
+    rows = [{"run": "a", "loss": [1.5, 2.0]}, {"run": "b", "only_b": {"k": "v"}}, {"run": "c", "only_c": ["x"]}]
+    assert report.to_csv(rows) == ('run,loss,only_b,only_c\n'
+                                   'a,"[1.5, 2.0]",,\n'
+                                   'b,,"{""k"": ""v""}",\n'
+                                   'c,,,"[""x""]"\n')  # "\n" line ends; JSON, not Python's repr
+
+
+def test_default_out_one_run_its_folder_one_searched_folder_else_logs_report(tmp_path, run_dir):
+    other = tmp_path / "logs" / "offload"
+    other.mkdir(parents=True)
+    assert report.default_out([str(run_dir)], [run_dir]) == run_dir
+    assert report.default_out([str(tmp_path / "logs")], [run_dir, run_dir]) == tmp_path / "logs" / "report"
+    assert report.default_out([str(tmp_path / "logs" / "deepspeed_single_gpu"), str(other)],
+                              [run_dir, run_dir]) == Path("logs") / "report"
+
+
+def test_report_md_layout_title_and_metrics_table(tmp_path, run_dir):
+    out = tmp_path / "a" / "b" / "out"  # parents made
+    run = report.load_run(run_dir)
+    report.write_report([run], out, plots=False)
+    text = (out / "report.md").read_text()
+    row = report.summarize(run)
+    assert text.startswith(f"# Workshop report: {row['run']}\n\n## deepspeed_single_gpu\n\n| run |")
+    # Outside the tables, exactly the headings, blank lines around them, and the note.
+    prose = [line for line in text.split("\n") if not line.startswith("|")]
+    assert prose[:11] == [f"# Workshop report: {row['run']}", "", "## deepspeed_single_gpu", "", "", "## Training",
+                          "", "", "## Memory (GiB per GPU; host: per node)", "", ""]
+    assert prose[11].startswith("Peak allocated/reserved:") and prose[12:] == ["", "## Metrics", "", "", ""]
+    metrics = text.split("## Metrics\n", 1)[1]
+    for key in ("run", "run_dir", "setting", "nvidia_smi_peak_by_host", "host_used_peak_by_host"):
+        assert key in row and f"| {key} |" not in metrics, key  # in the CSV, not in the one-run metrics table
+    assert "| final_train_loss |" in metrics
+    report.write_report([run, run], out, plots=False)
+    assert (out / "report.md").read_text().startswith("# Workshop report: 2 runs\n")
