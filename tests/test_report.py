@@ -368,3 +368,72 @@ def test_report_md_layout_title_and_metrics_table(tmp_path, run_dir):
     assert "| final_train_loss |" in metrics
     report.write_report([run, run], out, plots=False)
     assert (out / "report.md").read_text().startswith("# Workshop report: 2 runs\n")
+
+
+def test_finding_run_folders_skips_logs_models_checkpoints_and_hidden_folders_sorted(tmp_path):
+    logs = tmp_path / "logs"
+    for rel in ("offload/20", "baseline/3", "baseline/12"):
+        shutil.copytree(FIXTURE, logs / rel)
+    (logs / "report.sh-12.out").write_text("a job log beside the run folders\n")  # a file: never descended into
+    for skipped in ("baseline/.incomplete/7", "baseline/12x/checkpoints/checkpoint-8", "scale/model"):
+        (logs / skipped).mkdir(parents=True)
+        (logs / skipped / "log_history.json").write_text("[]")
+    model = logs / "scale" / "gpt2-tiny"  # a model's folder (workshop scale's configs): config.json alone
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    started = logs / "baseline" / "99"  # status.json and config.json without a log: a run that died early
+    started.mkdir()
+    shutil.copy(FIXTURE / "config.json", started)
+    (started / "status.json").write_text(json.dumps({"status": "failed", "error": "x"}))
+    assert report.find_run_dirs([logs, logs / "baseline"]) == [logs / "baseline" / r for r in ("12", "3", "99")] + [
+        logs / "offload" / "20"]  # each once, sorted as text
+    lone_status = tmp_path / "lone"
+    lone_status.mkdir()
+    (lone_status / "status.json").write_text("{}")
+    assert not report.is_run_dir(lone_status) and not report.is_run_dir(model)
+
+
+def test_steps_and_host_rows_after_a_cut_line_are_kept(tmp_path):
+    # A job killed mid-line and requeued appends after the cut line: the rows after it count.
+    steps = tmp_path / "steps.jsonl"
+    steps.write_text('{"step": 4}\n{"step": 8, "lo\n{"step": 8}\n{"step": 12}\n')
+    assert report.read_steps(steps) == [{"step": 4}, {"step": 8}, {"step": 12}]
+    host = tmp_path / "host_memory-n1.csv"
+    host.write_text("timestamp,used_mib,total_mib,available_mib\n"
+                    "2026/11/23 14:02:05.121,20950,515773,491703\n"
+                    "2026/11/23 14:02:06.117,[N/A],515773,491703\n"
+                    "2026/11/23 14:02:07.117,21000 MiB,515773,[N/A]\n"
+                    "timestamp,used_mib,total_mib\n"  # restarted by an older logger without available_mib
+                    "2026/11/23 14:03:00.000,22000,515773\n")
+    t = report.parse_time
+    assert report.read_host_csv(host) == [
+        {"time": t("2026/11/23 14:02:05.121"), "used_mib": 20950.0, "total_mib": 515773.0, "available_mib": 491703.0},
+        {"time": t("2026/11/23 14:02:07.117"), "used_mib": 21000.0, "total_mib": 515773.0, "available_mib": None},
+        {"time": t("2026/11/23 14:03:00"), "used_mib": 22000.0, "total_mib": 515773.0, "available_mib": None}]
+
+
+def test_bad_paths_and_cut_json_are_one_line_errors_that_name_the_file(tmp_path, capsys, run_dir):
+    assert report.main([str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'nowhere'}: no such folder: give run folders " \
+                                      "(logs/<stage>/<run id>) or logs/\n"
+    (tmp_path / "logs" / "offload").mkdir()
+    (tmp_path / "logs" / "baseline").mkdir()
+    assert report.main([str(tmp_path / "logs" / "offload"), str(tmp_path / "logs" / "baseline")]) == 2
+    assert capsys.readouterr().err == (f"error: no run folders (with metrics.json or log_history.json) under "
+                                       f"{tmp_path / 'logs' / 'offload'} {tmp_path / 'logs' / 'baseline'}: give logs/ "
+                                       "or a logs/<stage>/<run id> folder\n")
+    (run_dir / "metrics.json").write_text('{"final_train_loss": 1.')  # killed while writing (before atomic writes)
+    assert report.main([str(run_dir), "--no_plots"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {run_dir / 'metrics.json'}: not valid JSON (") and "killed while writing" in err
+
+
+def test_cli_out_no_plots_and_the_written_line(tmp_path, capsys, run_dir):
+    args = report.build_parser().parse_args([])
+    assert (args.paths, args.out, args.no_plots) == (["logs"], None, False)
+    assert report.build_parser().prog == "workshop report"
+    out = tmp_path / "elsewhere"
+    assert report.main([str(run_dir), "--out", str(out), "--no_plots"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["report.csv", "report.md"]  # no PNGs
+    assert not (run_dir / "report.md").exists()
+    assert capsys.readouterr().out.endswith(f"\nwritten: {out / 'report.md'}, {out / 'report.csv'}\n")
