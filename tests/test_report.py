@@ -437,3 +437,43 @@ def test_cli_out_no_plots_and_the_written_line(tmp_path, capsys, run_dir):
     assert sorted(p.name for p in out.iterdir()) == ["report.csv", "report.md"]  # no PNGs
     assert not (run_dir / "report.md").exists()
     assert capsys.readouterr().out.endswith(f"\nwritten: {out / 'report.md'}, {out / 'report.csv'}\n")
+
+
+def test_a_run_without_metrics_json_takes_its_settings_from_config_json(run_dir):
+    # A run that failed before its end has config.json and status.json only: the row's settings are read
+    # from config.json's sections, then (without labels) from the model, data and folder names.
+    (run_dir / "metrics.json").unlink()
+    (run_dir / "status.json").write_text(json.dumps({"status": "failed", "error": "x"}))
+    config = read_json(run_dir / "config.json")
+    config["environment"].update(world_size=4, num_nodes=2)
+    config["training"].update(per_device_train_batch_size=3, gradient_accumulation_steps=5, num_train_epochs=7.0)
+    config["data"]["max_seq_length"] = 640
+    (run_dir / "config.json").write_text(json.dumps(config))
+    expected = dict(run="deepspeed_single_gpu/4711", status="failed", stage="deepspeed_single_gpu", run_id="4711",
+                    model="gpt2-medium", dataset="builtin", device="NVIDIA H100 80GB HBM3", precision="bf16",
+                    deepspeed="zero2.json", zero_stage=2, offload_optimizer=None, offload_param=None, world_size=4,
+                    num_nodes=2, per_device_train_batch_size=3, gradient_accumulation_steps=5,
+                    global_batch_size=3 * 5 * 4, max_seq_length=640, epochs=7.0)
+    assert report.settings(report.load_run(run_dir)) == expected
+    config["model"]["model_name_or_path"], config["data"]["dataset_name"] = "m-from-model", "d-from-data"
+    del config["labels"], config["workshop"]
+    (run_dir / "config.json").write_text(json.dumps(config))
+    expected.update(model="m-from-model", dataset="d-from-data", deepspeed=None)  # stage and id: the folder names
+    assert report.settings(report.load_run(run_dir)) == expected
+    config["workshop"] = {"stage": "offload"}
+    (run_dir / "config.json").write_text(json.dumps(config))
+    assert report.settings(report.load_run(run_dir))["stage"] == "offload"
+
+
+def test_metrics_json_labels_win_over_config_json(run_dir):
+    config = read_json(run_dir / "config.json")
+    config["labels"]["deepspeed"] = "other.json"
+    config["deepspeed_config"]["zero_optimization"]["stage"] = 3
+    (run_dir / "config.json").write_text(json.dumps(config))
+    metrics = read_json(run_dir / "metrics.json")
+    row = report.settings(report.load_run(run_dir))
+    assert (row["deepspeed"], row["zero_stage"]) == (metrics["deepspeed"], metrics["zero_stage"]) == ("zero2.json", 2)
+    del metrics["deepspeed"], metrics["zero_stage"]  # an older metrics.json: config.json's labels and JSON
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    row = report.settings(report.load_run(run_dir))
+    assert (row["deepspeed"], row["zero_stage"]) == ("other.json", 3)
