@@ -469,10 +469,16 @@ def test_metrics_json_labels_win_over_config_json(run_dir):
     config = read_json(run_dir / "config.json")
     config["labels"]["deepspeed"] = "other.json"
     config["deepspeed_config"]["zero_optimization"]["stage"] = 3
+    config["training"].update(per_device_train_batch_size=3, gradient_accumulation_steps=5)
+    del config["environment"]["world_size"]
     (run_dir / "config.json").write_text(json.dumps(config))
     metrics = read_json(run_dir / "metrics.json")
     row = report.settings(report.load_run(run_dir))
     assert (row["deepspeed"], row["zero_stage"]) == (metrics["deepspeed"], metrics["zero_stage"]) == ("zero2.json", 2)
+    assert (row["per_device_train_batch_size"], row["gradient_accumulation_steps"]) == (4, 1)  # metrics.json's
+    del metrics["world_size"]
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    assert report.settings(report.load_run(run_dir))["world_size"] == 1  # recorded nowhere: one GPU
     del metrics["deepspeed"], metrics["zero_stage"]  # an older metrics.json: config.json's labels and JSON
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
     row = report.settings(report.load_run(run_dir))
