@@ -17,8 +17,8 @@ A tiny in-process training runs with the file system calls spied on: the builtin
 Bugs injected and watched red: ``metrics.json`` written with ``Path.write_text`` in ``train.py``
 (red: opened at its final path); ``WorkshopTrainer._save_checkpoint`` reduced to the stock Trainer's
 (red: ``checkpoint-N`` not renamed from ``.incomplete``). No tolerance: the record is exact.
-``profile.txt`` (``--profile_steps``) is written directly by ``ProfileCallback``; this run does not
-profile, so it is not covered here.
+``profile.txt`` and ``profile_trace.json`` (``--profile_steps``) are written whole and renamed too,
+but this run does not profile, so they are not checked here.
 """
 
 import builtins

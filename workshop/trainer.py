@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 
-from workshop import metrics
+from workshop import files, metrics
 from workshop.distributed import print0
 from workshop.units import GIB
 
@@ -274,8 +274,10 @@ class ProfileCallback(TrainerCallback):
         text = f"{head}\n\n{events.table(sort_by=sort_by, row_limit=30)}\n"
         if self.cuda:  # where a GPU that waits is waiting: the operations that kept the CPU busiest
             text += f"\nBy CPU time:\n{events.table(sort_by='self_cpu_time_total', row_limit=30)}\n"
-        (self.run_dir / "profile.txt").write_text(text)
-        self.profiler.export_chrome_trace(str(self.run_dir / "profile_trace.json"))
+        files.write_text(self.run_dir / "profile.txt", text)
+        trace = self.run_dir / "profile_trace.json"  # written whole, then renamed, as every run-folder file
+        self.profiler.export_chrome_trace(str(trace.with_name(trace.name + ".partial")))
+        os.replace(trace.with_name(trace.name + ".partial"), trace)
         print0(f"profile: {head} -> {self.run_dir / 'profile.txt'}")
         self.profiler = None
 
