@@ -71,21 +71,32 @@ def test_fast_kernels_compute_what_the_stock_modules_compute(tokenizer, name, ac
         torch.testing.assert_close(b.grad, a.grad, msg=name)
 
 
-@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-bloom"])
-@pytest.mark.parametrize("num_items", [False, True])
-def test_logits_at_targets_only_give_the_library_models_loss_and_gradients(tokenizer, name, num_items):
+def stock_and_fast(tokenizer, name):
+    """The library's model and the fast-kernel one, from the same initial weights."""
     stock_args = ModelArguments(model_name_or_path=name, fast_kernels=False)
     config = models.model_config(stock_args, tokenizer)
     torch.manual_seed(0)
     stock = models.build_model(stock_args, tokenizer, config)
     torch.manual_seed(0)
     fast = models.build_model(ModelArguments(model_name_or_path=name), tokenizer, config)
-    g = torch.Generator().manual_seed(0)
+    return config, stock, fast
+
+
+def prompt_answer_batch(tokenizer, vocab_size, lengths, seed):
+    """Random samples of these lengths, each a prompt without loss then its answer, padded to the longest."""
+    g = torch.Generator().manual_seed(seed)
     samples = []
-    for n in (13, 4, 9, 2, 11):  # a prompt without loss, then the answer; padded to the longest
-        ids = torch.randint(3, config.vocab_size, (n,), generator=g).tolist()
+    for n in lengths:
+        ids = torch.randint(3, vocab_size, (n,), generator=g).tolist()
         samples.append({"input_ids": ids, "labels": [IGNORE_INDEX] * (n // 2) + ids[n // 2:]})
-    batch = Collator(tokenizer.pad_token_id)(samples)
+    return Collator(tokenizer.pad_token_id)(samples)
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-bloom"])
+@pytest.mark.parametrize("num_items", [False, True])
+def test_logits_at_targets_only_give_the_library_models_loss_and_gradients(tokenizer, name, num_items):
+    config, stock, fast = stock_and_fast(tokenizer, name)
+    batch = prompt_answer_batch(tokenizer, config.vocab_size, (13, 4, 9, 2, 11), seed=0)
     extra = {"num_items_in_batch": (batch["labels"][:, 1:] != IGNORE_INDEX).sum()} if num_items else {}
     out_stock, out_fast = stock(**batch, **extra), fast(**batch, **extra)
     assert out_fast.logits is None  # not computed: the loss is all a training step needs
@@ -107,18 +118,8 @@ def test_logits_at_targets_only_divide_by_the_accumulated_target_count(tokenizer
     Reference: the sum of per-target cross-entropies of the stock model's logits, by hand, divided by the count.
     Ignoring the count multiplies the loss by 2.5; the tolerances are assert_close's fp32 defaults (1.3e-6
     relative), the sums of a few dozen fp32 terms in another order differ by ~1e-7."""
-    stock_args = ModelArguments(model_name_or_path=name, fast_kernels=False)
-    config = models.model_config(stock_args, tokenizer)
-    torch.manual_seed(0)
-    stock = models.build_model(stock_args, tokenizer, config)
-    torch.manual_seed(0)
-    fast = models.build_model(ModelArguments(model_name_or_path=name), tokenizer, config)
-    g = torch.Generator().manual_seed(1)
-    samples = []
-    for n in (10, 3, 7):
-        ids = torch.randint(3, config.vocab_size, (n,), generator=g).tolist()
-        samples.append({"input_ids": ids, "labels": [IGNORE_INDEX] * (n // 2) + ids[n // 2:]})
-    batch = Collator(tokenizer.pad_token_id)(samples)
+    config, stock, fast = stock_and_fast(tokenizer, name)
+    batch = prompt_answer_batch(tokenizer, config.vocab_size, (10, 3, 7), seed=1)
     targets = batch["labels"][:, 1:]
     own = int((targets != IGNORE_INDEX).sum())
     num_items = torch.tensor(own * 5 // 2)  # this micro-batch and others with more targets in the same step
