@@ -396,7 +396,7 @@ def targets(rows: list[dict]) -> list[dict]:
                   REFERENCE_SLACK, lambda v, b: v <= b, default)
             if checks[-1]["value"] < 1 / REFERENCE_SLACK:
                 # The loop runs the Trainer's batches with less around them: the bar to reach, not one to beat
-                # by this much. A loop this slow ran badly (BENCHMARKS.md, J: 3.5x slower than the Trainer).
+                # by this much. A loop slower than the Trainer ran badly (its card or its set-up), not the Trainer well.
                 checks[-1].update(met=None, note="the loop ran slower than the default: no reference")
     return checks
 

@@ -125,7 +125,7 @@ def environment_line() -> str:
     """The GPU, the versions and the date: the first line of every table.
 
     The GPU by name and the start of its UUID (as ``nvidia-smi -L`` prints it): two cards of one model can
-    differ in speed (README, "Measured"), and a table combined from pieces run on different cards says so.
+    differ in speed, and a table combined from pieces run on different cards says so.
     """
     import torch
     import transformers

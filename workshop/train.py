@@ -10,7 +10,7 @@ A run is plan -> build -> fit -> record: ``plan`` decides every setting and runs
 anything is written (a bad flag, file or machine stops there, in one line), ``build`` makes the model
 and the Trainer and writes config.json, ``fit`` trains (and stops cleanly on a signal), ``record``
 writes the results. The run folder (logs/<stage>/<run id>/) receives config.json, steps.jsonl,
-log_history.json, metrics.json, status.json and model/ (see the README for the full layout).
+log_history.json, metrics.json, status.json and model/ (docs/run-folder.md has the full layout).
 """
 
 from __future__ import annotations
