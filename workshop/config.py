@@ -183,10 +183,11 @@ class WorkshopTrainingArguments(TrainingArguments):
                           "after every micro-batch, so it is off: a NaN loss shows as NaN."})
     foreach_grad_clip: bool = field(
         default=True,
-        metadata={"help": "ZeRO-1 in bf16 (DeepSpeed's BF16_Optimizer): the gradient norm and clipping as two "
-                          "multi-tensor operations, as the Trainer without DeepSpeed computes them, instead of one "
-                          "norm and one multiplication per tensor launched from Python (292 each per step for "
-                          "gpt2-medium). The same arithmetic; false: DeepSpeed's own functions."})
+        metadata={"help": "DeepSpeed's per-tensor gradient work as multi-tensor operations, as the Trainer without "
+                          "DeepSpeed does it: at ZeRO-1 in bf16 (BF16_Optimizer) the gradient norm, the clipping and "
+                          "the adding of each bf16 gradient into its fp32 buffer; at ZeRO-2 the gradient norm, "
+                          "without a fp64 copy of each gradient. The same arithmetic in a few launches instead of one "
+                          "or two per tensor from Python; false: DeepSpeed's own functions."})
     ddp_find_unused_parameters: bool | None = field(
         default=False,
         metadata={"help": "DDP only: every parameter of a causal LM gets a gradient each step, so the search for "
