@@ -275,8 +275,8 @@ def test_without_cuda_the_arch_list_is_not_touched(monkeypatch):
 
 @pytest.fixture
 def parse():
-    """config.parse, with the Trainer's global DeepSpeed config dropped afterwards (it would make later
-    in-process model builds partition their weights as under ZeRO-3)."""
+    """config.parse, with the Trainer's global DeepSpeed config (made by settle_batch) dropped afterwards: it
+    would make later in-process model builds partition their weights as under ZeRO-3."""
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     from workshop import config
@@ -296,7 +296,8 @@ def test_the_parameter_buffers_are_sized_where_deepspeed_reads_them(parse, tmp_p
 
     *_, args = parse("--deepspeed", str(CONFIG_DIR / "zero3_nvme.json"), "--nvme_path", str(tmp_path))
     assert args.deepspeed["zero_optimization"]["offload_param"]["buffer_size"] == "auto"
-    ds_config.size_param_buffers(args, 642_252_800)
+    ds_config.size_param_buffers(args.deepspeed, 642_252_800)
+    args.settle_batch(args.per_device_train_batch_size, args.gradient_accumulation_steps)
     # the recorded JSON, and the config zero.Init and DeepSpeed's engine read
     for config in (args.deepspeed, deepspeed_config()):
         assert config["zero_optimization"]["offload_param"]["buffer_size"] == 642_252_800

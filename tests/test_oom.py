@@ -6,6 +6,7 @@ import torch
 
 from conftest import REPO, read_json
 from workshop import config, memory, train
+from workshop.shapes import shape_from_config
 from workshop.trainer import WorkshopTrainer
 
 
@@ -32,9 +33,8 @@ def test_the_default_micro_batch_is_halved_until_the_estimate_fits_the_gpu(token
     from workshop import model as models
 
     argv = ["--model_name_or_path", "gpt2-medium", "--from_config", "--deepspeed", str(REPO / "ds_configs/zero2.json")]
-    parsed = config.parse(argv)
-    model_args, _, _, args = parsed
-    shape = train.architecture_shape(models.model_config(model_args, tokenizer), args)
+    model_args, _, _, args = config.parse(argv)
+    shape = shape_from_config(models.model_config(model_args, tokenizer))
     need = {micro: memory.predicted_memory(shape, model_args, args, 432, micro).gpu_total_bytes
             for micro in (16, 8, 4, 2, 1)}
     assert need[16] > need[8] > need[4] > need[2] > need[1]
@@ -43,16 +43,30 @@ def test_the_default_micro_batch_is_halved_until_the_estimate_fits_the_gpu(token
     assert memory.micro_batch_that_fits(shape, model_args, args, 432, need[1] / 2) == 1  # nothing fits: 1
 
     card = int(need[8] / 0.9) + 1
-    _, _, _, fitted = train.fit_batch_to_gpu(argv, parsed, shape, 432, card)
-    assert (fitted.per_device_train_batch_size, fitted.gradient_accumulation_steps) == (8, 2)  # the same 16
-    assert fitted.per_device_eval_batch_size == 8
-    ds = fitted.hf_deepspeed_config.config  # DeepSpeed's "auto" values follow the new flags
-    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (8, 2)
-    assert ds["train_batch_size"] == 16
+    assert train.fit_batch_to_gpu(argv, model_args, args, shape, 432, card) == (8, 2)  # the same global batch 16
     # a batch given on the command line, or no GPU, is left as it is
     given = [*argv, "--per_device_train_batch_size", "16"]
-    assert train.fit_batch_to_gpu(given, config.parse(given), shape, 432, card)[3].per_device_train_batch_size == 16
-    assert train.fit_batch_to_gpu(argv, parsed, shape, 432, None) is parsed
+    given_args = config.parse(given)
+    assert train.fit_batch_to_gpu(given, given_args[0], given_args[3], shape, 432, card) == (16, 1)
+    assert train.fit_batch_to_gpu(argv, model_args, args, shape, 432, None) == (16, 1)
+
+
+def test_the_deepspeed_config_is_built_once_with_the_settled_batch(tmp_path):
+    from transformers.integrations.deepspeed import deepspeed_config, unset_hf_deepspeed_config
+
+    argv = ["--model_name_or_path", "gpt2-medium", "--from_config", "--deepspeed", str(REPO / "ds_configs/zero2.json")]
+    *_, args = config.parse(argv)
+    assert deepspeed_config() is None and args.deepspeed_plugin is None  # nothing built while the batch is open
+    try:
+        args.settle_batch(8, 2)
+        assert (args.per_device_train_batch_size, args.per_device_eval_batch_size, args.gradient_accumulation_steps) \
+            == (8, 8, 2)
+        ds = args.hf_deepspeed_config.config  # DeepSpeed's "auto" values follow the settled batch
+        assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) \
+            == (8, 2, 16)
+        assert deepspeed_config() is ds and args.deepspeed_plugin is not None  # what zero.Init and accelerate read
+    finally:
+        unset_hf_deepspeed_config()
 
 
 def test_a_batch_written_into_the_deepspeed_json_is_not_fitted(tmp_path, tokenizer):
@@ -62,9 +76,9 @@ def test_a_batch_written_into_the_deepspeed_json_is_not_fitted(tmp_path, tokeniz
     ds.update(train_batch_size=16, train_micro_batch_size_per_gpu=16, gradient_accumulation_steps=1)
     (tmp_path / "ds.json").write_text(json.dumps(ds))
     argv = ["--model_name_or_path", "gpt2-medium", "--from_config", "--deepspeed", str(tmp_path / "ds.json")]
-    parsed = config.parse(argv)
-    shape = train.architecture_shape(models.model_config(parsed[0], tokenizer), parsed[3])
-    assert train.fit_batch_to_gpu(argv, parsed, shape, 432, 1024**3) is parsed  # 1 GiB: nothing fits, none tried
+    model_args, _, _, args = config.parse(argv)
+    shape = shape_from_config(models.model_config(model_args, tokenizer))
+    assert train.fit_batch_to_gpu(argv, model_args, args, shape, 432, 1024**3) == (16, 1)  # 1 GiB: none tried
 
 
 def test_workshop_train_fits_the_default_batch_before_training(tmp_path, monkeypatch, capsys):
@@ -75,9 +89,9 @@ def test_workshop_train_fits_the_default_batch_before_training(tmp_path, monkeyp
             "--max_seq_length", "128", "--num_train_epochs", "1", "--save_strategy", "no", "--no_save_model"]
     real_fit = train.fit_batch_to_gpu
 
-    def fit_on_a_small_card(argv_, parsed, shape, seq_len, card):
-        card = int(memory.predicted_memory(shape, parsed[0], parsed[3], seq_len, 8).gpu_total_bytes / 0.9) + 1
-        return real_fit(argv_, parsed, shape, seq_len, card)
+    def fit_on_a_small_card(argv_, model_args, args, shape, seq_len, card):
+        card = int(memory.predicted_memory(shape, model_args, args, seq_len, 8).gpu_total_bytes / 0.9) + 1
+        return real_fit(argv_, model_args, args, shape, seq_len, card)
 
     monkeypatch.setattr(train, "fit_batch_to_gpu", fit_on_a_small_card)
     run_dir = tmp_path / "run"

@@ -238,15 +238,23 @@ class WorkshopTrainingArguments(TrainingArguments):
         elif self.nvme_path:
             raise WorkshopError("--nvme_path is only read by an NVMe offload config: add "
                                 "--deepspeed ds_configs/zero3_nvme.json, or drop --nvme_path")
+        # The Trainer's DeepSpeed set-up, the last step of its __post_init__, fills the JSON's "auto" batch
+        # sizes: it waits until `workshop train` has fitted the micro-batch to the GPU (settle_batch).
+        config, self.deepspeed = self.deepspeed, None
         super().__post_init__()
+        self.deepspeed = config
 
-    def use_batch(self, micro_batch: int, accumulation: int) -> None:
-        """Train and evaluate in micro-batches of ``micro_batch``, ``accumulation`` of them per optimizer step.
+    def settle_batch(self, micro_batch: int, accumulation: int) -> None:
+        """Train in micro-batches of ``micro_batch``, ``accumulation`` of them per optimizer step, and build the
+        Trainer's DeepSpeed set-up from the resolved JSON, once: its copy of the JSON with the "auto" batch
+        sizes filled, which ``zero.Init``, accelerate and DeepSpeed read, and accelerate's plugin.
 
-        The Trainer filled DeepSpeed's "auto" batch sizes from the flags in ``__post_init__``: its copy of
-        the JSON is made again from the resolved one, as ``__post_init__`` made it.
+        Called by `workshop train` once the batch is decided and the JSON complete, after the processes
+        have joined, so the Trainer reads the real world size. A micro-batch other than the one given is
+        used for evaluation too.
         """
-        self.per_device_train_batch_size = self.per_device_eval_batch_size = micro_batch
+        if micro_batch != self.per_device_train_batch_size:
+            self.per_device_train_batch_size = self.per_device_eval_batch_size = micro_batch
         self.gradient_accumulation_steps = accumulation
         if self.deepspeed:
             from accelerate.utils import DeepSpeedPlugin
@@ -258,10 +266,9 @@ class WorkshopTrainingArguments(TrainingArguments):
 
     @property
     def world_size(self) -> int:
-        # transformers fills DeepSpeed's "auto" train_batch_size in __post_init__, before the process
-        # group exists, and would read a world size of 1 there: every multi-process ZeRO run then dies
-        # with "train_batch_size is not equal to micro_batch_per_gpu * gradient_acc_step * world_size".
-        # Until the group exists, the launcher's WORLD_SIZE is the answer.
+        # The JSON's batch sizes are checked against the flags while they are parsed
+        # (ds_config.check_trainer_conflicts), before the process group exists: until it does, the
+        # launcher's WORLD_SIZE is the answer (the Trainer's own property fails there).
         if getattr(self, "distributed_state", None) is None:
             return int(os.environ.get("WORLD_SIZE", "1"))
         return super().world_size

@@ -86,20 +86,18 @@ def grad_accum_dtype(precision: str) -> str:
     return "fp32" if precision == "bf16" else precision
 
 
-def size_param_buffers(training_args, largest_layer_params: int) -> None:
+def size_param_buffers(config: dict, largest_layer_params: int) -> None:
     """Fill ``offload_param.buffer_size: "auto"`` with the largest layer's parameter count.
 
     With the parameters on NVMe, DeepSpeed reads each one from disk into a pinned buffer of this many
     elements, whole: a buffer must hold the largest tensor. That is the embedding, whose size grows with
     the model (bloom-3b's is 642M elements), so no fixed number serves the ladder without pinning
-    gigabytes for small models. Filled once the model's shape is known, before DeepSpeed reads it: in
-    the JSON as recorded (``training_args.deepspeed``) and in the Trainer's copy, the one object that
-    ``zero.Init``, accelerate and DeepSpeed read (``training_args.hf_deepspeed_config.config``).
+    gigabytes for small models. Filled once the model's shape is known, before the Trainer makes its
+    copy of the JSON (``config.WorkshopTrainingArguments.settle_batch``).
     """
-    for config in (training_args.deepspeed, training_args.hf_deepspeed_config.config):
-        offload = (config.get("zero_optimization") or {}).get("offload_param") or {}
-        if offload.get("buffer_size") == "auto":
-            offload["buffer_size"] = int(largest_layer_params)
+    offload = (config.get("zero_optimization") or {}).get("offload_param") or {}
+    if offload.get("buffer_size") == "auto":
+        offload["buffer_size"] = int(largest_layer_params)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -100,8 +100,7 @@ def plan(argv: list[str]) -> Plan:
     uses_deepspeed = any(a == "--deepspeed" or a.startswith("--deepspeed=") for a in cfg.expand_argv(argv))
     launch = distributed.init_env(deepspeed=uses_deepspeed)
     preflight.check_gpu_count()
-    parsed = cfg.parse(argv)
-    model_args, data_args, ws_args, training_args = parsed
+    model_args, data_args, ws_args, training_args = cfg.parse(argv)
     _ = training_args.device  # initialises torch.distributed when several processes run
     if uses_deepspeed:
         distributed.init_deepspeed_comm()
@@ -111,7 +110,7 @@ def plan(argv: list[str]) -> Plan:
     tokenizer = models.load_tokenizer(model_args)
     model_config = models.model_config(model_args, tokenizer)
     preflight.check_lengths(data_args, model_config)
-    shape = architecture_shape(model_config, training_args)
+    shape = shape_from_config(model_config)
     preflight.check_room(run_dir, shape.n_params, training_args, ws_args.save_model)
     if training_args.deepspeed:
         # Host memory, NVMe room, async_io, the CUDA arch list: before DeepSpeed builds anything.
@@ -120,9 +119,10 @@ def plan(argv: list[str]) -> Plan:
     with training_args.main_process_first(desc="loading and tokenising the data"):
         prepared = data_loader.prepare(data_args, tokenizer, seed=training_args.seed)
     seq_len = peak_seq_len(data_args, prepared)
-    model_args, data_args, ws_args, training_args = fit_batch_to_gpu(argv, parsed, shape, seq_len, gpu_bytes())
+    micro_batch, accumulation = fit_batch_to_gpu(argv, model_args, training_args, shape, seq_len, gpu_bytes())
     if training_args.deepspeed:
-        ds_config.size_param_buffers(training_args, shape.largest_layer_params)
+        ds_config.size_param_buffers(training_args.deepspeed, shape.largest_layer_params)
+    training_args.settle_batch(micro_batch, accumulation)
     return Plan(model_args, data_args, ws_args, training_args, launch, run_dir, tokenizer, model_config, shape,
                 prepared, seq_len)
 
@@ -141,25 +141,6 @@ def resolve_run_dir(ws_args) -> Path:
     return Path(distributed.broadcast(str(run_dir)))
 
 
-def architecture_shape(model_config, training_args) -> ModelShape:
-    """Parameter counts of the architecture, from a model built on the meta device with ZeRO-3's hook off.
-
-    Under a ZeRO-3 config ``from_config`` runs inside ``deepspeed.zero.Init``: the throw-away model would
-    be partitioned for real and, with NVMe offload, get its own swap buffers (gigabytes per rank) and
-    open swap files, needing async_io and the folder before the checks that say what is missing.
-    """
-    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
-
-    ds_config = getattr(training_args, "hf_deepspeed_config", None)
-    if ds_config is None:
-        return shape_from_config(model_config)
-    unset_hf_deepspeed_config()
-    try:
-        return shape_from_config(model_config)
-    finally:
-        set_hf_deepspeed_config(ds_config)
-
-
 def peak_seq_len(data_args, prepared) -> int:
     """Tokens per sample in the longest batch, as the run's collator will pad it."""
     return data_loader.Collator.for_run(data_args, pad_token_id=0).padded_length(prepared.stats["length_max"])
@@ -170,32 +151,30 @@ def gpu_bytes() -> int | None:
         else None
 
 
-def fit_batch_to_gpu(argv, parsed, shape: ModelShape, seq_len: int, card: int | None):
-    """The default micro-batch where it fits a GPU of card bytes; else a smaller one with more accumulation.
+def fit_batch_to_gpu(argv, model_args, training_args, shape: ModelShape, seq_len: int,
+                     card: int | None) -> tuple[int, int]:
+    """(micro-batch, accumulation): the default micro-batch where it fits a GPU of card bytes, else a smaller
+    one with more accumulation, the same global batch.
 
-    The global batch stays the same. Only when neither --per_device_train_batch_size nor
-    --gradient_accumulation_steps was given and the DeepSpeed JSON leaves the batch "auto" (a batch you
-    chose is used as it is), and only on a GPU (card None: nothing to fit). Returns the arguments, the
-    training arguments set to the fitted batch.
+    Only when neither --per_device_train_batch_size nor --gradient_accumulation_steps was given and the
+    DeepSpeed JSON leaves the batch "auto" (a batch you chose is used as it is), and only on a GPU (card
+    None: nothing to fit).
     """
-    model_args, _, _, training_args = parsed
+    micro, accum = training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps
     ds = training_args.deepspeed or {}
     batch_in_json = any(ds.get(key, "auto") != "auto" for key in (
         "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"))
     if card is None or cfg.batch_given(argv) or batch_in_json:
-        return parsed
-    micro = training_args.per_device_train_batch_size
+        return micro, accum
     fitted = memory.micro_batch_that_fits(shape, model_args, training_args, seq_len, card)
     if fitted == micro:
-        return parsed
-    accum = training_args.gradient_accumulation_steps * (micro // fitted)
+        return micro, accum
     need = memory.predicted_memory(shape, model_args, training_args, seq_len, micro).gpu_total_bytes
     distributed.print0(f"micro-batch {micro} needs about {need / GIB:.1f} GiB by `workshop estimate` ({seq_len} tokens "
                        f"in the longest batch), the GPU has {card / GIB:.1f}: using --per_device_train_batch_size "
-                       f"{fitted} --gradient_accumulation_steps {accum}, the same global batch (give either flag to "
-                       "choose yourself)")
-    training_args.use_batch(fitted, accum)
-    return parsed
+                       f"{fitted} --gradient_accumulation_steps {accum * (micro // fitted)}, the same global batch "
+                       "(give either flag to choose yourself)")
+    return fitted, accum * (micro // fitted)
 
 
 # ---------------------------------------------------------------------------------------------------------------
