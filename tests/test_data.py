@@ -71,6 +71,8 @@ def test_text_is_concatenated_into_full_blocks(tokenizer):
     assert len(blocks) == len(ids) // 64
     assert [t for b in blocks for t in b["input_ids"]] == ids[:len(blocks) * 64]
     assert all(b["labels"] == b["input_ids"] for b in blocks)
+    # every position but the last predicts the next token of its block: 63 logits per sample
+    assert data_loader._length_stats(blocks)["targets_max"] == 63
 
 
 def test_builtin_data_is_deterministic_and_answers_are_spans():
@@ -183,9 +185,13 @@ def test_prepare_is_a_function_of_the_seed_and_counts_what_it_drops(tokenizer, t
     held_out = data_loader._split(records, 1)[1]
     assert len(held_out) == 4 and len(data_loader._split(records[:5], 1)[1]) == 1  # at least one, else 10 %
     lengths = [len(s["input_ids"]) for s in first.train]
-    assert {k: first.stats[k] for k in ("length_mean", "length_max", "length_min", "train_samples", "eval_samples")} \
+    # the loss is on the answer: every label of the prompt, the first token included, is ignored
+    answers = [len(s["input_ids"]) - s["labels"].count(-100) for s in first.train]
+    assert {k: first.stats[k] for k in ("length_mean", "length_max", "length_min", "train_samples", "eval_samples",
+                                        "targets_max")} \
         == {"length_mean": sum(lengths) / len(lengths), "length_max": max(lengths), "length_min": min(lengths),
-            "train_samples": len(first.train), "eval_samples": len(first.eval)}
+            "train_samples": len(first.train), "eval_samples": len(first.eval), "targets_max": max(answers)}
+    assert 0 < max(answers) < min(lengths)
 
 
 def test_answer_evaluation_keeps_only_prompts_shorter_than_the_limit(tokenizer):

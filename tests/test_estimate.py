@@ -230,6 +230,21 @@ def test_cli_table_says_which_stages_fit(capsys):
     assert "Korthikanti" not in out and "measured for bloom/sdpa" in out
 
 
+def test_logits_only_at_the_targets_with_fast_kernels(capsys):
+    vocab = model_shape("gpt2-medium").vocab_size
+    for fast, targets, rows in ((True, None, 96), (True, 4, 4), (True, 500, 96), (False, 4, 96)):
+        settings = mem.Settings(96, 16, 3, fast_kernels=fast, targets_per_sample=targets)
+        assert mem.predict(model_shape("gpt2-medium"), settings).logits_bytes == 12 * 16 * rows * vocab
+    argv = ["--model", "gpt2-medium", "--seq_len", "96", "--zero_stage", "3", "--offload", "none"]
+    assert est.main([*argv, "--targets_per_sample", "4", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["estimates"]
+    assert row["logits_gib"] == 12 * 16 * 4 * vocab / GIB and row["logit_positions"] == 4
+    assert est.main([*argv, "--targets_per_sample", "4"]) == 0
+    assert "micro-batch 16 x 96 tokens, logits at 4 targets per sample," in capsys.readouterr().out
+    assert est.main(argv) == 0
+    assert "micro-batch 16 x 96 tokens, logits at every position," in capsys.readouterr().out
+
+
 def test_cli_reads_a_deepspeed_json_and_prints_json(capsys, tmp_path):
     config = tmp_path / "zero3.json"
     config.write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}))

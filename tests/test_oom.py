@@ -27,6 +27,7 @@ def test_out_of_memory_is_reported_in_one_line_and_recorded(tmp_path, monkeypatc
 
 
 GIB = 1024**3
+LONGEST = memory.LongestBatch(432)  # 432 tokens, every position a target
 
 
 def test_the_default_micro_batch_is_halved_until_the_estimate_fits_the_gpu(tokenizer):
@@ -35,20 +36,20 @@ def test_the_default_micro_batch_is_halved_until_the_estimate_fits_the_gpu(token
     argv = ["--model_name_or_path", "gpt2-medium", "--from_config", "--deepspeed", str(REPO / "ds_configs/zero2.json")]
     model_args, _, _, args = config.parse(argv)
     shape = shape_from_config(models.model_config(model_args, tokenizer))
-    need = {micro: memory.predicted_memory(shape, model_args, args, 432, micro).gpu_total_bytes
+    need = {micro: memory.predicted_memory(shape, model_args, args, LONGEST, micro).gpu_total_bytes
             for micro in (16, 8, 4, 2, 1)}
     assert need[16] > need[8] > need[4] > need[2] > need[1]
-    assert memory.micro_batch_that_fits(shape, model_args, args, 432, 2 * need[16]) == 16
-    assert memory.micro_batch_that_fits(shape, model_args, args, 432, (need[4] + need[8]) / 2 / 0.9) == 4
-    assert memory.micro_batch_that_fits(shape, model_args, args, 432, need[1] / 2) == 1  # nothing fits: 1
+    assert memory.micro_batch_that_fits(shape, model_args, args, LONGEST, 2 * need[16]) == 16
+    assert memory.micro_batch_that_fits(shape, model_args, args, LONGEST, (need[4] + need[8]) / 2 / 0.9) == 4
+    assert memory.micro_batch_that_fits(shape, model_args, args, LONGEST, need[1] / 2) == 1  # nothing fits: 1
 
     card = int(need[8] / 0.9) + 1
-    assert train.fit_batch_to_gpu(argv, model_args, args, shape, 432, card) == (8, 2)  # the same global batch 16
+    assert train.fit_batch_to_gpu(argv, model_args, args, shape, LONGEST, card) == (8, 2)  # the same global batch 16
     # a batch given on the command line, or no GPU, is left as it is
     given = [*argv, "--per_device_train_batch_size", "16"]
     given_args = config.parse(given)
-    assert train.fit_batch_to_gpu(given, given_args[0], given_args[3], shape, 432, card) == (16, 1)
-    assert train.fit_batch_to_gpu(argv, model_args, args, shape, 432, None) == (16, 1)
+    assert train.fit_batch_to_gpu(given, given_args[0], given_args[3], shape, LONGEST, card) == (16, 1)
+    assert train.fit_batch_to_gpu(argv, model_args, args, shape, LONGEST, None) == (16, 1)
 
 
 def test_the_deepspeed_config_is_built_once_with_the_settled_batch(tmp_path):
@@ -78,7 +79,7 @@ def test_a_batch_written_into_the_deepspeed_json_is_not_fitted(tmp_path, tokeniz
     argv = ["--model_name_or_path", "gpt2-medium", "--from_config", "--deepspeed", str(tmp_path / "ds.json")]
     model_args, _, _, args = config.parse(argv)
     shape = shape_from_config(models.model_config(model_args, tokenizer))
-    assert train.fit_batch_to_gpu(argv, model_args, args, shape, 432, 1024**3) == (16, 1)  # 1 GiB: none tried
+    assert train.fit_batch_to_gpu(argv, model_args, args, shape, LONGEST, 1024**3) == (16, 1)  # 1 GiB: none tried
 
 
 def test_workshop_train_fits_the_default_batch_before_training(tmp_path, monkeypatch, capsys):
@@ -89,9 +90,9 @@ def test_workshop_train_fits_the_default_batch_before_training(tmp_path, monkeyp
             "--max_seq_length", "128", "--num_train_epochs", "1", "--save_strategy", "no", "--no_save_model"]
     real_fit = train.fit_batch_to_gpu
 
-    def fit_on_a_small_card(argv_, model_args, args, shape, seq_len, card):
-        card = int(memory.predicted_memory(shape, model_args, args, seq_len, 8).gpu_total_bytes / 0.9) + 1
-        return real_fit(argv_, model_args, args, shape, seq_len, card)
+    def fit_on_a_small_card(argv_, model_args, args, shape, batch, card):
+        card = int(memory.predicted_memory(shape, model_args, args, batch, 8).gpu_total_bytes / 0.9) + 1
+        return real_fit(argv_, model_args, args, shape, batch, card)
 
     monkeypatch.setattr(train, "fit_batch_to_gpu", fit_on_a_small_card)
     run_dir = tmp_path / "run"

@@ -84,6 +84,24 @@ def test_prediction_beside_measurement(row):
     assert abs(row["allocated_over_predicted"] - 1) < 0.15 and abs(row["nvidia_smi_over_predicted"] - 1) < 0.15
 
 
+def test_the_prediction_assumes_the_runs_own_longest_batch(run_dir):
+    """With --fast_kernels the output layer makes logits at the targets only: the report predicts for the
+    most targets a sample of the run's data has (config.json's data_stats), not for every position."""
+    config = read_json(run_dir / "config.json")
+    config["model"]["fast_kernels"] = True
+    config["data_stats"]["targets_max"] = 7
+    (run_dir / "config.json").write_text(json.dumps(config))
+    info = config["model_info"]
+    shape = mem.ModelShape("gpt2-medium", "gpt2", info["n_params"], info["vocab_size"] * info["hidden_size"], info["n_layers"],
+                           info["hidden_size"], info["n_heads"], info["vocab_size"], "sdpa")
+    ds = mem.DeepSpeedSettings.from_config(config["deepspeed_config"], 1024)
+    targets, every = (mem.predict(shape, mem.Settings(512, 4, 2, precision="bf16", deepspeed=ds, targets_per_sample=t))
+                      for t in (7, None))
+    assert targets.logits_bytes == 12 * 4 * 7 * info["vocab_size"] < every.logits_bytes
+    row = report.summarize(report.load_run(run_dir))
+    assert row["predicted_peak_allocated_gib"] == targets.peak_allocated_bytes / GIB != every.peak_allocated_bytes / GIB
+
+
 def test_cli_writes_markdown_csv_and_pngs_into_the_run_folder(run_dir, capsys):
     assert report.main([str(run_dir)]) == 0
     printed = capsys.readouterr().out

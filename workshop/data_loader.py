@@ -192,8 +192,12 @@ def tokenize_text(lines: list[str], tokenizer, block_size: int) -> list[dict]:
 
 
 def _length_stats(samples: list[dict]) -> dict:
+    """Tokens per sample, and the most positions of one sample that predict a target (its labels but the first:
+    position t predicts token t + 1), which sets how many logits the output layer makes (memory.Settings)."""
     lengths = [len(s["input_ids"]) for s in samples]
-    return {"length_mean": statistics.fmean(lengths), "length_max": max(lengths), "length_min": min(lengths)}
+    targets = max(sum(label != IGNORE_INDEX for label in s["labels"][1:]) for s in samples)
+    return {"length_mean": statistics.fmean(lengths), "length_max": max(lengths), "length_min": min(lengths),
+            "targets_max": targets}
 
 
 def prepare(data_args, tokenizer, seed: int) -> Prepared:

@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "it (and double gradient accumulation) when only activations do not fit")
     p.add_argument("--seq_len", type=int, default=512,
                    help="tokens per sample in the longest batch (--max_seq_length, or less with dynamic padding)")
+    p.add_argument("--targets_per_sample", type=int, default=None,
+                   help="tokens per sample the loss has a target for (--loss_on answer: the answer's); the output "
+                        "layer makes logits only there (--fast_kernels). Default: every position, the most a batch "
+                        "can need. `workshop train` and `workshop report` take it from the run's data")
     p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16",
                    help="training precision; fp32 doubles activations and removes nothing from the optimizer")
     p.add_argument("--gradient_checkpointing", action="store_true",
@@ -100,13 +104,17 @@ def _offload_label(optimizer: str | None, param: str | None) -> str:
     return f"optimizer {optimizer or '-'}" + (f", params {param}" if param else "")
 
 
+def _positions(e: Estimate) -> str:
+    return "every position" if e.logit_positions == e.seq_len else f"{e.logit_positions} targets per sample"
+
+
 def format_estimates(shape: ModelShape, estimates: list[Estimate], gpu_gib: float) -> str:
     first = estimates[0]
     lines = [
         f"{shape.name}: {shape.n_params / 1e6:,.1f}M parameters, {shape.n_layers} layers, hidden {shape.hidden_size}, "
         f"{shape.n_heads} heads, vocabulary {shape.vocab_size:,}, attention {shape.attn_implementation}",
-        f"micro-batch {first.micro_batch} x {first.seq_len} tokens, {first.precision}, {first.world_size} GPU(s) on "
-        f"{first.num_nodes} node(s)",
+        f"micro-batch {first.micro_batch} x {first.seq_len} tokens, logits at {_positions(first)}, {first.precision}, "
+        f"{first.world_size} GPU(s) on {first.num_nodes} node(s)",
         "",
         f"| ZeRO stage | offload | model states | activations | logits | peak (PyTorch) | GPU total (nvidia-smi) "
         f"| host per node | fits {gpu_gib:g} GiB |",
@@ -129,7 +137,7 @@ def format_estimates(shape: ModelShape, estimates: list[Estimate], gpu_gib: floa
         "2 + 2 + 12, fp32 4 + 4 + 8, the Trainer 4 + 4 + 8), divided as the stage partitions them; ZeRO-1 in bf16 "
         "keeps its gradients in fp32 (2 + 4 + 12, ds_configs/zero1.json).",
         f"Activations: {first.formula}. "
-        "Logits: 12 bytes x batch x sequence x vocabulary (fp32 loss and its gradients).",
+        "Logits: 12 bytes x batch x positions x vocabulary (fp32 loss and its gradients).",
         "Peak (PyTorch) predicts torch.cuda.max_memory_allocated: the start of backward or the optimizer step, "
         "whichever is larger, DeepSpeed's buckets included. GPU total adds the allocator's cache and the CUDA "
         f"context ({CUDA_CONTEXT_BYTES / GIB:.2f} GiB, +{NCCL_BYTES / GIB:.1f} with NCCL): compare it with nvidia-smi.",
@@ -140,8 +148,8 @@ def format_estimates(shape: ModelShape, estimates: list[Estimate], gpu_gib: floa
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        for flag in ("num_gpus", "num_nodes", "micro_batch", "seq_len"):
-            if getattr(args, flag) < 1:
+        for flag in ("num_gpus", "num_nodes", "micro_batch", "seq_len", "targets_per_sample"):
+            if getattr(args, flag) is not None and getattr(args, flag) < 1:
                 raise WorkshopError(f"--{flag} {getattr(args, flag)}: must be 1 or more")
         ds_config = None
         if args.deepspeed:
@@ -162,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         predicted = dataclasses.replace(shape, attn_implementation=args.attn_implementation or shape.attn_implementation)
         estimates = [predict(predicted, Settings(args.seq_len, args.micro_batch, stage, opt, par, world, args.num_nodes,
                                                  args.precision, args.gradient_checkpointing, not args.stock_kernels,
-                                                 deepspeed))
+                                                 deepspeed, args.targets_per_sample))
                      for stage, opt, par in rows]
     except WorkshopError as e:
         print(f"error: {e}", file=sys.stderr)

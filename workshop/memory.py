@@ -19,9 +19,11 @@ What is predicted, per GPU (all figures in bytes inside, GiB on screen):
   GPT-2's stock GELU, eight elementwise operations, keeps their intermediates too
   (``STOCK_GELU_BYTES``); ``--fast_kernels`` (the default) runs it as one.
 * **Logits and loss**: the fp32 log-softmax of the logits and, at the start of backward, its
-  gradient and the logits' gradient: 12 bytes x micro-batch x sequence x vocabulary, every
-  position a target. ``--fast_kernels`` makes logits only at the targets, so a run with fewer (the
-  loss on the answer only, batches shorter than the longest) needs less than this.
+  gradient and the logits' gradient: 12 bytes x micro-batch x positions x vocabulary. The positions
+  are every token of the sequence, or with ``--fast_kernels`` (logits only where the loss has a
+  target) the targets per sample: ``Settings.targets_per_sample``, which `workshop train` and the
+  report take from the run's data (the most targets any sample has) and `workshop estimate` from
+  ``--targets_per_sample`` (default: every position a target, the most a batch can need).
 * **DeepSpeed buffers**: gradient reduction buckets (``reduce_bucket_size`` 16-bit elements, twice
   with ``overlap_comm``), ZeRO-3 gathered layers, and the optimizer step's temporary copies.
 
@@ -331,6 +333,7 @@ class Estimate:
     num_nodes: int
     micro_batch: int
     seq_len: int
+    logit_positions: int             # per sample: the targets (--fast_kernels) or every position
     precision: str
     params_bytes: int                # model states by the ZeRO paper's formulas, per GPU
     grads_bytes: int
@@ -385,6 +388,14 @@ class Settings:
     gradient_checkpointing: bool = False
     fast_kernels: bool = True           # as `workshop train --fast_kernels`
     deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
+    targets_per_sample: int | None = None  # positions with a target in a sample; None: all seq_len of them
+
+    @property
+    def logit_positions(self) -> int:
+        """Positions per sample whose logits are made: the targets with --fast_kernels, else every one."""
+        if self.fast_kernels and self.targets_per_sample is not None:
+            return min(self.targets_per_sample, self.seq_len)
+        return self.seq_len
 
     def __post_init__(self):
         for key in ("offload_optimizer", "offload_param"):
@@ -415,7 +426,7 @@ def predict(shape: ModelShape, s: Settings) -> Estimate:
     mode = s.mode
     acts = activation_bytes(shape.n_layers, shape.hidden_size, shape.n_heads, s.seq_len, s.micro_batch, mode,
                             shape.model_type, shape.attn_implementation, s.gradient_checkpointing, s.fast_kernels)
-    loss = logits_bytes(s.micro_batch, s.seq_len, shape.vocab_size)
+    loss = logits_bytes(s.micro_batch, s.logit_positions, shape.vocab_size)
     params, grads, optim = paper_model_states(shape.n_params, s)
     backward, step = gpu_peaks(shape, s, acts, loss)
     peak = max(backward, step)
@@ -426,7 +437,7 @@ def predict(shape: ModelShape, s: Settings) -> Estimate:
     return Estimate(
         zero_stage=s.zero_stage, offload_optimizer=s.offload_optimizer, offload_param=s.offload_param,
         world_size=s.world_size, num_nodes=s.num_nodes, micro_batch=s.micro_batch, seq_len=s.seq_len,
-        precision=s.precision, params_bytes=int(params), grads_bytes=int(grads), optimizer_bytes=int(optim),
+        logit_positions=s.logit_positions, precision=s.precision, params_bytes=int(params), grads_bytes=int(grads), optimizer_bytes=int(optim),
         activations_bytes=acts, logits_bytes=loss, backward_peak_bytes=backward, step_peak_bytes=step,
         peak_allocated_bytes=peak, reserved_bytes=reserved, cuda_context_bytes=context,
         gpu_total_bytes=reserved + context, host_bytes=int(host), nvme_bytes=int(nvme_bytes(shape.n_params, s)),
@@ -572,24 +583,31 @@ def estimate_for_shape(shape: ModelShape, seq_len: int, micro_batch: int, zero_s
 
 
 # workshop train: the micro-batch that fits, and the advice when memory runs out ---------------------------------
-def predicted_memory(shape: ModelShape, model_args, training_args, seq_len: int, micro_batch: int) -> Estimate:
+class LongestBatch(NamedTuple):
+    """The batch a run's prediction assumes, from its data: every sample as long as the longest, as the
+    collator pads it, with as many targets as the sample that has the most."""
+    seq_len: int
+    targets_per_sample: int | None = None  # None: every position a target
+
+
+def predicted_memory(shape: ModelShape, model_args, training_args, batch: LongestBatch, micro_batch: int) -> Estimate:
     """What `workshop estimate` predicts for a `workshop train` run's settings at this micro-batch."""
     ds = training_args.deepspeed or None
     stage, offload_optimizer, offload_param = deepspeed_choices(ds)
-    return predict(shape, Settings(seq_len, micro_batch, stage, offload_optimizer, offload_param,
+    return predict(shape, Settings(batch.seq_len, micro_batch, stage, offload_optimizer, offload_param,
                                    distributed.world_size(), distributed.num_nodes(), training_args.precision,
                                    training_args.gradient_checkpointing, model_args.fast_kernels,
-                                   DeepSpeedSettings.from_config(ds, shape.hidden_size)))
+                                   DeepSpeedSettings.from_config(ds, shape.hidden_size), batch.targets_per_sample))
 
 
 # The estimate's GPU total (allocator cache and CUDA context included) may use this share of the card.
 FIT_SHARE = 0.9
 
 
-def micro_batch_that_fits(shape: ModelShape, model_args, training_args, seq_len: int, gpu_bytes: float) -> int:
+def micro_batch_that_fits(shape: ModelShape, model_args, training_args, batch: LongestBatch, gpu_bytes: float) -> int:
     """The micro-batch, halved until `workshop estimate` puts the run within FIT_SHARE of the GPU (1 at least)."""
     micro = training_args.per_device_train_batch_size
-    while micro > 1 and predicted_memory(shape, model_args, training_args, seq_len,
+    while micro > 1 and predicted_memory(shape, model_args, training_args, batch,
                                          micro).gpu_total_bytes > FIT_SHARE * gpu_bytes:
         micro //= 2
     return micro
@@ -599,13 +617,13 @@ def micro_batch_that_fits(shape: ModelShape, model_args, training_args, seq_len:
 NEXT_STAGE = {None: "zero2", 0: "zero2", 1: "zero2", 2: "zero3", 3: "zero3_offload_all"}
 
 
-def oom_message(shape: ModelShape, model_args, training_args, seq_len: int) -> str:
+def oom_message(shape: ModelShape, model_args, training_args, batch: LongestBatch) -> str:
     """One line: how far memory got, what this setup should need, and the next things to try."""
     import torch
 
     stage = deepspeed_choices(training_args.deepspeed or None)[0]
     micro, accum = training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps
-    predicted = predicted_memory(shape, model_args, training_args, seq_len, micro)
+    predicted = predicted_memory(shape, model_args, training_args, batch, micro)
     peak = torch.cuda.max_memory_reserved() / GIB if torch.cuda.is_available() else float("nan")
     card = torch.cuda.get_device_properties(0).total_memory / GIB if torch.cuda.is_available() else float("nan")
     smaller = (f"--per_device_train_batch_size {micro // 2} --gradient_accumulation_steps {accum * 2}"

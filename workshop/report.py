@@ -313,7 +313,8 @@ def predict(run: Run, row: dict) -> memory.Estimate | None:
             row.get("world_size") or 1, row.get("num_nodes") or 1, precision,
             bool((run.config.get("training") or {}).get("gradient_checkpointing")),
             model_settings.get("fast_kernels", False),  # not recorded: the library's own modules
-            memory.DeepSpeedSettings.from_config(_ds_config(run), shape.hidden_size)))
+            memory.DeepSpeedSettings.from_config(_ds_config(run), shape.hidden_size),
+            (run.config.get("data_stats") or {}).get("targets_max")))  # not recorded: every position
     except WorkshopError:
         return None
 

@@ -56,7 +56,7 @@ class Plan:
     model_config: object
     shape: ModelShape
     prepared: data_loader.Prepared
-    seq_len: int  # tokens per sample in the longest batch, as the collator pads it
+    batch: memory.LongestBatch  # the batch memory is predicted for, from the data
 
 
 @dataclass
@@ -79,7 +79,7 @@ def run(argv: list[str]) -> dict | None:
         built = build(p)
         return record(p, built) if fit(p, built) else None
     except torch.cuda.OutOfMemoryError:
-        message = memory.oom_message(p.shape, p.model_args, p.training_args, p.seq_len)
+        message = memory.oom_message(p.shape, p.model_args, p.training_args, p.batch)
         if distributed.is_main():
             files.write_json(p.run_dir / "status.json", {"status": "oom", "error": message})
         raise OutOfMemory(message) from None
@@ -118,13 +118,13 @@ def plan(argv: list[str]) -> Plan:
                                   f"--deepspeed {training_args.deepspeed_file}")
     with training_args.main_process_first(desc="loading and tokenising the data"):
         prepared = data_loader.prepare(data_args, tokenizer, seed=training_args.seed)
-    seq_len = peak_seq_len(data_args, prepared)
-    micro_batch, accumulation = fit_batch_to_gpu(argv, model_args, training_args, shape, seq_len, gpu_bytes())
+    batch = longest_batch(data_args, prepared)
+    micro_batch, accumulation = fit_batch_to_gpu(argv, model_args, training_args, shape, batch, gpu_bytes())
     if training_args.deepspeed:
         ds_config.size_param_buffers(training_args.deepspeed, shape.largest_layer_params)
     training_args.settle_batch(micro_batch, accumulation)
     return Plan(model_args, data_args, ws_args, training_args, launch, run_dir, tokenizer, model_config, shape,
-                prepared, seq_len)
+                prepared, batch)
 
 
 def resolve_run_dir(ws_args) -> Path:
@@ -141,9 +141,11 @@ def resolve_run_dir(ws_args) -> Path:
     return Path(distributed.broadcast(str(run_dir)))
 
 
-def peak_seq_len(data_args, prepared) -> int:
-    """Tokens per sample in the longest batch, as the run's collator will pad it."""
-    return data_loader.Collator.for_run(data_args, pad_token_id=0).padded_length(prepared.stats["length_max"])
+def longest_batch(data_args, prepared) -> memory.LongestBatch:
+    """The batch the memory prediction assumes: the longest sample's tokens, as the run's collator will pad them,
+    and the most targets any sample has."""
+    seq_len = data_loader.Collator.for_run(data_args, pad_token_id=0).padded_length(prepared.stats["length_max"])
+    return memory.LongestBatch(seq_len, prepared.stats["targets_max"])
 
 
 def gpu_bytes() -> int | None:
@@ -151,7 +153,7 @@ def gpu_bytes() -> int | None:
         else None
 
 
-def fit_batch_to_gpu(argv, model_args, training_args, shape: ModelShape, seq_len: int,
+def fit_batch_to_gpu(argv, model_args, training_args, shape: ModelShape, batch: memory.LongestBatch,
                      card: int | None) -> tuple[int, int]:
     """(micro-batch, accumulation): the default micro-batch where it fits a GPU of card bytes, else a smaller
     one with more accumulation, the same global batch.
@@ -166,12 +168,13 @@ def fit_batch_to_gpu(argv, model_args, training_args, shape: ModelShape, seq_len
         "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"))
     if card is None or cfg.batch_given(argv) or batch_in_json:
         return micro, accum
-    fitted = memory.micro_batch_that_fits(shape, model_args, training_args, seq_len, card)
+    fitted = memory.micro_batch_that_fits(shape, model_args, training_args, batch, card)
     if fitted == micro:
         return micro, accum
-    need = memory.predicted_memory(shape, model_args, training_args, seq_len, micro).gpu_total_bytes
-    distributed.print0(f"micro-batch {micro} needs about {need / GIB:.1f} GiB by `workshop estimate` ({seq_len} tokens "
-                       f"in the longest batch), the GPU has {card / GIB:.1f}: using --per_device_train_batch_size "
+    need = memory.predicted_memory(shape, model_args, training_args, batch, micro).gpu_total_bytes
+    distributed.print0(f"micro-batch {micro} needs about {need / GIB:.1f} GiB by `workshop estimate` "
+                       f"({batch.seq_len} tokens in the longest batch), the GPU has {card / GIB:.1f}: using "
+                       "--per_device_train_batch_size "
                        f"{fitted} --gradient_accumulation_steps {accum * (micro // fitted)}, the same global batch "
                        "(give either flag to choose yourself)")
     return fitted, accum * (micro // fitted)
