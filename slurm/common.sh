@@ -34,6 +34,9 @@
 # status.json does not say completed, failed or oom), the job requeues itself: same job id, same
 # run folder, same arguments, and the training resumes from its newest checkpoint.
 #
+# Files: the environment log, pip-freeze.txt and the memory CSVs (slurm/node.sh) go into the run
+# folder once `workshop train` has passed its checks; a run it refuses leaves nothing under logs/.
+#
 # How the job ends follows the run's status.json (written by this launch; "none" if it wrote none:
 # refused on bad input, or killed before it began), whatever the launcher returned after that:
 #     END <date> stage=<stage> status=<status> exit=<N> ...
@@ -92,9 +95,9 @@ _free_port() {
 }
 
 _run_status() {   # the status in status.json if this launch wrote it, else "none"
-    local file=$RUN_DIR/status.json status=
-    if [ -f "$file" ] && [ "$file" -nt "$LAUNCH_STAMP" ]; then
-        status=$(sed -n 's/.*"status": *"\([a-z_]*\)".*/\1/p' "$file" 2>/dev/null | head -n 1)
+    local status=
+    if launch_wrote_status; then
+        status=$(sed -n 's/.*"status": *"\([a-z_]*\)".*/\1/p' "$RUN_DIR/status.json" 2>/dev/null | head -n 1)
     fi
     echo "${status:-none}"
 }
@@ -143,7 +146,7 @@ _job_exit() {
     local status=$RUN_STATUS
     [ "$JOB_REQUEUED" = 1 ] && status=$status,requeued
     echo "END $(date '+%F %T') stage=$STAGE status=$status exit=$rc elapsed=$(($(date +%s) - JOB_START))s" \
-        "run folder: ${RUN_DIR:-none}"
+        "run folder: $([ -n "${RUN_DIR:-}" ] && [ -d "$RUN_DIR" ] && echo "$RUN_DIR" || echo none)"
 }
 
 workshop_job() {
@@ -168,8 +171,15 @@ workshop_job() {
         RUN_DIR=logs/$STAGE/$RUN_ID
         run_dir_args=(--run_dir "$RUN_DIR")
     fi
-    mkdir -p "$RUN_DIR"
-    export RUN_DIR WORKSHOP_PYTHON LOG_INTERVAL
+    # status.json written by this launch, not by an earlier part of the run: anything in a folder that is
+    # new (`workshop train` makes it once its checks pass), else newer than this stamp
+    RUN_DIR_NEW=0 LAUNCH_STAMP=
+    if [ -d "$RUN_DIR" ]; then
+        LAUNCH_STAMP=$(mktemp "$RUN_DIR/.launch.XXXXXX" 2>/dev/null) || LAUNCH_STAMP=
+    else
+        RUN_DIR_NEW=1
+    fi
+    export RUN_DIR RUN_DIR_NEW LAUNCH_STAMP WORKSHOP_PYTHON LOG_INTERVAL
 
     NNODES=${SLURM_JOB_NUM_NODES:-1}
     # A process's place in a distributed run, inherited from the submitting shell (sbatch passes it
@@ -189,7 +199,7 @@ workshop_job() {
     [ -n "${DS_CONFIG:-}" ] && PROGRAM+=(--deepspeed "$DS_CONFIG")
     PROGRAM+=(${STAGE_ARGS[@]+"${STAGE_ARGS[@]}"} "$@")
 
-    log_pip_freeze "$RUN_DIR"
+    when_checks_passed log_pip_freeze "$RUN_DIR"
     local launcher
     if [ "$NNODES" -gt 1 ]; then
         launcher=srun
@@ -204,7 +214,7 @@ workshop_job() {
         echo "launcher: srun + torchrun, $NNODES nodes x $NPROC_PER_NODE processes" \
             "= world size $((NNODES * NPROC_PER_NODE)), rendezvous $MASTER_ADDR:$MASTER_PORT"
     else
-        log_environment "$RUN_DIR"
+        when_checks_passed log_environment "$RUN_DIR"
         start_memory_loggers "$RUN_DIR"
         if [ "$NPROC_PER_NODE" -gt 1 ]; then
             launcher=torchrun
@@ -220,14 +230,12 @@ workshop_job() {
     echo "command: $(printf '%q ' "${LAUNCH[@]}" "${PROGRAM[@]}")"
 
     local rc=0
-    # status.json newer than this stamp was written by this launch, not by an earlier part of the run
-    # (none where the folder is not writable: the training says so itself)
-    LAUNCH_STAMP=$(mktemp "$RUN_DIR/.launch.XXXXXX" 2>/dev/null) || LAUNCH_STAMP=
     run_training "$launcher" "${LAUNCH[@]}" "${PROGRAM[@]}" || rc=$?
     # the training has ended: nothing left to forward signals to (and see _job_exit on bash 5.2)
     trap '' USR1 TERM INT
     RUN_STATUS=$(_run_status)
-    rm -f "$LAUNCH_STAMP"
+    stop_memory_loggers   # before the stamp goes: the one-shot logs ask whether the checks passed
+    [ -n "$LAUNCH_STAMP" ] && rm -f "$LAUNCH_STAMP"
     _requeue_if_unfinished
     [ "$JOB_REQUEUED" = 1 ] && return 0
     _job_status "$rc"

@@ -14,12 +14,46 @@
 #                               timestamp,used_mib,total_mib,available_mib (used = total - available;
 #                               timestamp as nvidia-smi writes it, YYYY/MM/DD HH:MM:SS.mmm)
 # A requeued job writes into the same run folder: the CSVs are appended to, never truncated.
+# They start once `workshop train` has passed its checks (it writes status.json then): a refused
+# run (bad input, exit status 2) leaves nothing under logs/, as `workshop train` itself leaves nothing.
 
 WORKSHOP_PYTHON=${WORKSHOP_PYTHON:-python}
 LOG_INTERVAL=${LOG_INTERVAL:-5}
 NODE_NAME=${SLURMD_NODENAME:-$(hostname -s)}
 GPU_QUERY=timestamp,index,name,memory.used,memory.total,utilization.gpu,power.draw
-MEMORY_LOGGER_PIDS=()
+MEMORY_LOGGER_PIDS=()   # the samplers: stopped at the end
+ONE_SHOT_PIDS=()        # environment log, pip freeze: finished at the end if they have begun
+
+launch_wrote_status() {   # whether $RUN_DIR/status.json was written by this launch of `workshop train`:
+    # anything in a folder the launch found missing (RUN_DIR_NEW=1), else a file newer than LAUNCH_STAMP,
+    # made in the folder as the launch began (none where the folder is not writable)
+    local file=$RUN_DIR/status.json
+    [ -f "$file" ] || return 1
+    [ "${RUN_DIR_NEW:-0}" = 1 ] && return 0
+    [ -n "${LAUNCH_STAMP:-}" ] && [ "$file" -nt "$LAUNCH_STAMP" ]
+}
+
+_until_checks_passed() {   # _until_checks_passed PARENT: in a background loop, wait until the training has
+    # passed its checks (status.json), sleeping in the background so that TERM ends the wait at once;
+    # false if the job shell PARENT is gone first. Polls every 0.2 s: a fork of `sleep`, nothing more.
+    while ! launch_wrote_status; do
+        kill -0 "$1" 2>/dev/null || return 1
+        sleep 0.2 &
+        sleeper=$!
+        wait "$sleeper" || true
+    done
+}
+
+when_checks_passed() {   # when_checks_passed COMMAND...: COMMAND in the background once the training has
+    # passed its checks; never if it refused
+    local parent=$$ sleeper=
+    (
+        trap '' USR1 INT
+        trap '[ -n "$sleeper" ] && { kill "$sleeper"; wait "$sleeper"; } 2>/dev/null; exit 0' TERM
+        _until_checks_passed "$parent" && "$@"
+    ) &
+    ONE_SHOT_PIDS+=($!)
+}
 
 log_environment() {   # log_environment RUN_DIR
     {
@@ -70,12 +104,13 @@ _host_memory_sample() {
 _sample_every() {   # _sample_every FILE HEADER COMMAND...: a background loop, append COMMAND's output
     local out=$1 header=$2 parent=$$ sleeper=
     shift 2
-    [ -s "$out" ] || echo "$header" >"$out"
     (
         # USR1 is the trainer's (a multi-node job's step delivers it to every process); TERM ends
         # the loop at once, without leaving its sleep behind
         trap '' USR1 INT
         trap '[ -n "$sleeper" ] && { kill "$sleeper"; wait "$sleeper"; } 2>/dev/null; exit 0' TERM
+        _until_checks_passed "$parent" || exit 0
+        [ -s "$out" ] || echo "$header" >"$out"
         while kill -0 "$parent" 2>/dev/null; do   # ends by itself if the job shell is gone
             "$@" >>"$out" 2>/dev/null || true
             sleep "$LOG_INTERVAL" &
@@ -104,7 +139,8 @@ start_memory_loggers() {   # start_memory_loggers RUN_DIR
     fi
     echo "memory loggers on $NODE_NAME: every ${LOG_INTERVAL}s," \
         "$(command -v nvidia-smi >/dev/null && echo "GPU (nvidia-smi) and" || echo "no GPU (no nvidia-smi),")" \
-        "$([ -r /proc/meminfo ] && echo host || echo "no host (no /proc/meminfo)")"
+        "$([ -r /proc/meminfo ] && echo host || echo "no host (no /proc/meminfo)")," \
+        "once the training has passed its checks"
 }
 
 stop_memory_loggers() {   # from an EXIT trap: every node that started loggers stops them
@@ -124,6 +160,12 @@ stop_memory_loggers() {   # from an EXIT trap: every node that started loggers s
         wait "$pid" 2>/dev/null || true
     done
     MEMORY_LOGGER_PIDS=()
+    for pid in ${ONE_SHOT_PIDS[@]+"${ONE_SHOT_PIDS[@]}"}; do
+        # begun (the training passed its checks): a second or two to finish; still waiting: nothing to write
+        launch_wrote_status || kill "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+    ONE_SHOT_PIDS=()
 }
 
 # --- signals -----------------------------------------------------------------------------------

@@ -25,6 +25,6 @@ first=$((SLURM_NODEID * NPROC_PER_NODE))
 echo "node $NODE_NAME (host $(hostname)): node_rank $SLURM_NODEID of $SLURM_NNODES," \
     "ranks $first..$((first + NPROC_PER_NODE - 1)) of world size $((SLURM_NNODES * NPROC_PER_NODE))"
 
-log_environment "$RUN_DIR"
+when_checks_passed log_environment "$RUN_DIR"
 start_memory_loggers "$RUN_DIR"
 run_training node "$WORKSHOP_PYTHON" -m torch.distributed.run "${TORCHRUN_ARGS[@]}" "$@"

@@ -133,13 +133,74 @@ def write(path: Path, text: str) -> str:
     pytest.param(["--per_device_train_batch_size", "0"], r"--per_device_train_batch_size 0 must be at least 1",
                  id="batch_size_zero"),
     pytest.param(["--num_train_epochs", "0"], r"--num_train_epochs 0.0 trains nothing", id="no_epochs"),
-    pytest.param(["--profile_steps", "-1"], r"--profile_steps -1 must be 0 \(off\) or more", id="negative_profile"),
+    pytest.param(["--profile_steps", "-1"], r"--profile_steps -1 must be at least 0 \(0: off\)$", id="negative_profile"),
     pytest.param(["--profile_first_step"], r"--profile_first_step profiles nothing without --profile_steps N",
                  id="profile_first_step_alone"),
     pytest.param(["--pad_to_multiple_of", "0"], r"--pad_to_multiple_of 0 must be at least 1", id="pad_multiple_zero"),
+    # Ranges, each checked while the flags are read (config.RANGES). Before, the first five ended in a
+    # traceback after the run folder was written, the others trained on as if the flag had not been given.
+    pytest.param(["--learning_rate", "-1"], r"^error: --learning_rate -1.0 must be above 0 \(e.g. 5e-5\)$",
+                 id="negative_learning_rate"),
+    pytest.param(["--seed", "4294967296"], r"--seed 4294967296 must be at least 0 and at most 4294967295$",
+                 id="seed_numpy_refuses"),
+    pytest.param(["--adam_beta2", "1"], r"--adam_beta2 1.0 must be at least 0 and below 1$", id="beta_of_one"),
+    pytest.param(["--eval_accumulation_steps", "0"], r"--eval_accumulation_steps 0 must be at least 1$",
+                 id="eval_accumulation_zero"),
+    pytest.param(["--dataloader_num_workers", "-1"], r"--dataloader_num_workers -1 must be at least 0 \(0: load in",
+                 id="negative_workers"),
+    pytest.param(["--learning_rate", "0"], r"--learning_rate 0.0 must be above 0", id="learning_rate_zero"),
+    pytest.param(["--max_steps", "0"], r"--max_steps 0 must be at least 1 \(or -1: train for --num_train_epochs\)$",
+                 id="max_steps_zero"),
+    pytest.param(["--weight_decay", "-0.1"], r"--weight_decay -0.1 must be at least 0 \(0: none\)$",
+                 id="negative_weight_decay"),
+    pytest.param(["--max_grad_norm", "-1"], r"--max_grad_norm -1.0 must be at least 0 \(0: no clipping\)$",
+                 id="negative_grad_norm"),
+    pytest.param(["--label_smoothing_factor", "1.5"], r"--label_smoothing_factor 1.5 must be at least 0 and below 1",
+                 id="ratio_above_one"),
+    pytest.param(["--logging_steps", "-4"], r"--logging_steps -4.0 must be above 0 \(below 1: a fraction of the "
+                                            r"training steps\)$", id="negative_interval"),
+    pytest.param(["--save_strategy", "steps", "--save_steps", "2.5"],
+                 r"--save_steps 2.5 must be a whole number from 1 on \(below 1: a fraction", id="interval_not_whole"),
+    pytest.param(["--warmup_steps", "1.5"], r"--warmup_steps 1.5 must be a whole number from 1 on", id="warmup_not_whole"),
+    pytest.param(["--save_total_limit", "0"], r"--save_total_limit 0 must be at least 1$", id="keep_no_checkpoint"),
+    pytest.param(["--ddp_timeout", "0"], r"--ddp_timeout 0 must be at least 1 \(seconds\)$", id="timeout_zero"),
+    pytest.param(["--max_eval_samples", "-1"], r"--max_eval_samples -1 must be at least 1$", id="negative_samples"),
+    pytest.param(["--answer_eval_samples", "-1"], r"--answer_eval_samples -1 must be at least 0 \(0 skips",
+                 id="negative_answers"),
+    pytest.param(["--learning_rate", "nan"], r"^error: --learning_rate nan must be a finite number", id="nan"),
+    pytest.param(["--num_train_epochs", "inf"], r"--num_train_epochs inf must be a finite number", id="infinite"),
+    pytest.param(["--train_sampling_strategy", "shuffled"], r"--train_sampling_strategy shuffled is not known: use "
+                 r"random, sequential, group_by_length, batch_rebalance$", id="unknown_sampling"),
+    pytest.param(["--attn_implementation", "fast"], r"--attn_implementation fast is not known: use sdpa, eager, "
+                 r".*, or a hub kernel \(org/name\)$", id="unknown_attention"),
+    pytest.param(["--report_to", "tensorbored"], r"--report_to tensorbored is not known: use none, all, or one of "
+                 r".*tensorboard", id="unknown_report_to"),
 ])
 def test_bad_flags(capsys, logs, flags, match):
     stops(capsys, logs, flags, match)
+
+
+def test_report_to_an_integration_not_installed(capsys, logs, monkeypatch):
+    """wandb known to transformers but not installed here: before, the Trainer failed once config.json was written."""
+    from transformers.integrations import integration_utils
+
+    monkeypatch.setattr(integration_utils, "get_available_reporting_integrations", lambda: ["tensorboard"])
+    stops(capsys, logs, ["--report_to", "wandb"],
+          r"--report_to wandb needs the wandb package, which is not installed: pip install wandb, or drop --report_to$")
+
+
+def test_the_edges_of_each_range_are_allowed():
+    """The values at the edge of each range, and the "off" values, are settings, not mistakes."""
+    from workshop import config
+
+    for flags in (["--weight_decay", "0", "--max_grad_norm", "0", "--warmup_steps", "0.5", "--logging_steps", "0.5"],
+                  ["--max_steps", "-1", "--seed", "0", "--data_seed", "4294967295", "--label_smoothing_factor", "0"],
+                  ["--max_steps", "3", "--num_train_epochs", "0", "--adam_beta1", "0", "--dataloader_num_workers", "0"],
+                  ["--answer_eval_samples", "0", "--profile_steps", "0", "--save_total_limit", "1", "--eval_delay", "0"],
+                  ["--save_strategy", "steps", "--save_steps", "1", "--eval_strategy", "steps", "--eval_steps", "0.25"],
+                  ["--max_seq_length", "1", "--ddp_timeout", "1", "--warmup_steps", "1", "--learning_rate", "1e-12"],
+                  ["--train_sampling_strategy", "sequential", "--attn_implementation", "eager", "--report_to", "none"]):
+        config.parse(["--preset", "tiny", *flags])
 
 
 def test_help_works(capsys):

@@ -36,17 +36,26 @@ STAGE_SCRIPTS = sorted(p.relative_to(REPO).as_posix() for p in REPO.glob("*/*.sl
 # --- shell tests: a stub `workshop` package in a copy of the repository ----------------------------
 
 STUB = r'''
-"""Stub of `python -m workshop train`: records what it was given, then behaves as STUB_* say."""
+"""Stub of `python -m workshop train`: records what it was given, then behaves as STUB_* say. As the real
+one: exit status 2 is a refusal, one line and nothing written; else status.json says "running" once its
+checks have passed, and how the run ended at its end (STUB_STATUS, else completed or failed by the exit status)."""
 import json, os, signal, sys, time
 
 argv = sys.argv[1:]
 run_dir = argv[argv.index("--run_dir") + 1]
 rank = int(os.environ.get("RANK", "0"))
+code = int(os.environ.get("STUB_EXIT", "0"))
+if code == 2:
+    print("error: --stub refused: fix it", file=sys.stderr)
+    sys.exit(2)
 got = []
 usr1_at_start = signal.getsignal(signal.SIGUSR1)
 signal.signal(signal.SIGUSR1, lambda sig, frame: got.append("USR1"))
 signal.signal(signal.SIGTERM, lambda sig, frame: got.append("TERM"))
 os.makedirs(run_dir, exist_ok=True)
+if rank == 0:
+    with open(f"{run_dir}/status.json", "w") as f:
+        json.dump({"status": "running", "error": None}, f)
 record = {"argv": argv, "rank": rank, "world_size": int(os.environ.get("WORLD_SIZE", "1")),
           "usr1_ignored_at_start": usr1_at_start == signal.SIG_IGN,
           "master": [os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")]}
@@ -57,10 +66,10 @@ while time.time() < deadline and not got:
     time.sleep(0.05)
 with open(f"{run_dir}/stub-{rank}.json", "w") as f:
     json.dump(dict(record, signals=got), f)
-if os.environ.get("STUB_STATUS") and rank == 0:
+if rank == 0:
     with open(f"{run_dir}/status.json", "w") as f:
-        json.dump({"status": os.environ["STUB_STATUS"], "error": None}, f)
-sys.exit(int(os.environ.get("STUB_EXIT", "0")))
+        json.dump({"status": os.environ.get("STUB_STATUS") or ("completed" if code == 0 else "failed")}, f)
+sys.exit(code)
 '''
 
 
@@ -149,7 +158,7 @@ def test_every_stage_script_passes_its_lesson_and_the_arguments_on(stub_repo):
 
 
 def test_run_folder_environment_log_and_memory_csv(stub_repo):
-    rc, out = finish(start_script(stub_repo, "baseline/baseline.slurm", "--lr", "1e-3", STUB_SECONDS="0.7"))
+    rc, out = finish(start_script(stub_repo, "baseline/baseline.slurm", "--lr", "1e-3", STUB_SECONDS="1"))
     assert rc == 0, out
     run_dirs = list((stub_repo / "logs" / "baseline").iterdir())
     assert len(run_dirs) == 1 and re.fullmatch(r"\d{8}-\d{6}", run_dirs[0].name), run_dirs
@@ -167,7 +176,7 @@ def test_run_folder_environment_log_and_memory_csv(stub_repo):
     if Path("/proc/meminfo").exists():
         rows = (run_dir / f"host_memory-{node}.csv").read_text().splitlines()
         assert rows[0] == "timestamp,used_mib,total_mib,available_mib"
-        assert len(rows) >= 3, rows  # sampled every 0.2 s for 0.7 s
+        assert len(rows) >= 3, rows  # sampled every 0.2 s for 1 s, from the stub's status.json on
         ts, used, total, available = rows[1].split(",")
         assert re.fullmatch(r"\d{4}/\d\d/\d\d \d\d:\d\d:\d\d\.\d{3}", ts)
         assert int(used) + int(available) == pytest.approx(int(total), abs=2)
@@ -201,7 +210,9 @@ def test_failed_training_gives_its_exit_code_and_leaves_no_process_behind(stub_r
 
 def test_the_job_ends_as_the_runs_status_json_says(stub_repo):
     """END line and exit status follow status.json, whatever the launcher returned after it was written;
-    a status.json from an earlier part of the run (here: completed, then a refused restart) is not this one's."""
+    a status.json from an earlier part of the run (here: completed, then a refused restart) is not this one's.
+    A refused run leaves nothing under logs/: no run folder, no environment log or memory CSV, and an
+    existing folder as it was."""
     cases = {  # name: (status the stub writes, its exit status, the job's exit status, END's status)
         "completed": ("completed", 0, 0, "completed"),
         "completed_then_aborted": ("completed", 134, 0, "completed"),  # SIGABRT in the teardown
@@ -210,9 +221,11 @@ def test_the_job_ends_as_the_runs_status_json_says(stub_repo):
         "stopped": ("stopped", 75, 75, "stopped"),
         "stopped_exit_0": ("stopped", 0, 1, "stopped"),
         "refused_in_a_finished_folder": ("", 2, 2, "none"),
+        "refused": ("", 2, 2, "none"),
     }
     (stub_repo / "logs" / "refused_in_a_finished_folder").mkdir()
     (stub_repo / "logs" / "refused_in_a_finished_folder" / "status.json").write_text('{"status": "completed"}')
+    finished = sorted(p.name for p in (stub_repo / "logs" / "refused_in_a_finished_folder").iterdir())
     procs = {name: start_script(stub_repo, "baseline/baseline.slurm", "--run_dir", f"logs/{name}",
                                 STUB_STATUS=status, STUB_EXIT=str(code))
              for name, (status, code, _, _) in cases.items()}
@@ -223,6 +236,10 @@ def test_the_job_ends_as_the_runs_status_json_says(stub_repo):
         assert re.search(rf"^END .* stage=baseline status={end_status} exit={job_rc} ", out, re.M), (name, out)
         assert ("the job counts as completed" in out) == (name == "completed_then_aborted"), (name, out)
         assert not list((stub_repo / "logs" / name).glob(".launch.*")), "the launch stamp is left behind"
+    assert not (stub_repo / "logs" / "refused").exists(), list((stub_repo / "logs" / "refused").iterdir())
+    assert sorted(p.name for p in (stub_repo / "logs" / "refused_in_a_finished_folder").iterdir()) == finished
+    assert json.loads((stub_repo / "logs" / "refused_in_a_finished_folder" / "status.json").read_text()) == {
+        "status": "completed"}
 
 
 @pytest.mark.parametrize("nproc", [1, 2], ids=["python", "torchrun"])
@@ -413,7 +430,8 @@ def test_failing_job_is_seen_failed_with_its_exit_code(sbatch):
     job = sbatch("baseline/baseline.slurm", "--preset", "tiny", "--no_such_flag", "1")
     state, exit_code, log = wait_for_job(job)
     assert (state, exit_code) == ("FAILED", "2:0"), f"{state} {exit_code}\n{log[-3000:]}"
-    assert re.search(r"^END .* status=none exit=2 ", log, re.M), log  # refused: no run folder written
+    assert re.search(r"^END .* status=none exit=2 .* run folder: none$", log, re.M), log  # refused
+    assert not run_folder("baseline/baseline.slurm", job).exists(), "a refused run leaves no run folder"
 
 
 @pytest.mark.slurm

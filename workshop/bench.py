@@ -37,9 +37,11 @@ A bench split over jobs (``--stages`` a few at a time, to fit a time limit) come
 with ``--combine``: one table and one verdict, each model and stage from one of the invocations.
 
 Every run is an ordinary run folder under the output folder (``workshop report`` reads them),
-with an ``nvidia-smi`` CSV beside it. The table (Markdown and CSV) gives per stage: time per epoch,
-the time to the end of the first optimizer step (what each process pays once: loading the kernels
-it meets first, allocating the optimizer state), useful (non-padding) tokens/s, MFU, peak memory
+with an ``nvidia-smi`` CSV beside it. The table (Markdown and CSV) gives per stage: time per epoch
+(training steps alone, as metrics.json has it: the epoch's evaluation is left out, as it is from the
+reference loop's pass), the time to the end of the first optimizer step (what each process pays once: loading the kernels
+it meets first, allocating the optimizer state), useful (non-padding) tokens/s and MFU (on the time per
+epoch's clock), peak memory
 (PyTorch and nvidia-smi), final eval loss, and the original/default time ratio; then a verdict per
 target (``TIME_RATIO_TARGETS``, eval loss within 2%, peak memory no higher, the baseline within 1.2x
 of the reference loop), judged from this invocation alone.

@@ -14,8 +14,10 @@ Flags, a JSON/YAML file, or both (the file first, flags after it win)::
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +44,75 @@ PRESETS = {
         "--learning_rate", "3e-3", "--warmup_steps", "4", "--logging_steps", "4",
     ],
 }
+
+
+@dataclass(frozen=True)
+class Range:
+    """Where a numeric flag's value may lie; a value outside it stops the run while the flags are read."""
+
+    low: float
+    high: float | None = None
+    above: bool = False               # low itself is refused
+    below: bool = False               # high itself is refused
+    whole_from: float | None = None   # from here on a whole number (below it: a fraction of the training steps)
+    off: int | None = None            # the one value outside the range that is allowed: the setting off
+    note: str = ""                    # what the edge means, or an example
+
+    def check(self, flag: str, value: float) -> None:
+        if value == self.off:
+            return
+        bounds = [f"{'above' if self.above else 'at least'} {self.low}"]
+        if self.high is not None:
+            bounds.append(f"{'below' if self.below else 'at most'} {self.high}")
+        note = f" ({self.note})" if self.note else ""
+        if (value <= self.low if self.above else value < self.low) or (
+                self.high is not None and (value >= self.high if self.below else value > self.high)):
+            raise WorkshopError(f"--{flag} {value} must be {' and '.join(bounds)}{note}")
+        if self.whole_from is not None and value >= self.whole_from and value != int(value):
+            raise WorkshopError(f"--{flag} {value} must be a whole number from {self.whole_from} on{note}")
+
+
+RATIO_OR_STEPS = "below 1: a fraction of the training steps"
+# Every numeric flag a participant sets, ours and the Trainer's, with its range. Checked while the flags
+# are read, before any file or folder exists; the Trainer would otherwise take most of these silently
+# (a negative weight decay, clipping or logging interval) or fail with a traceback once the run folder is
+# written (a negative learning rate, a seed numpy refuses, --eval_accumulation_steps 0).
+RANGES = {
+    "max_seq_length": Range(1), "max_train_samples": Range(1), "max_eval_samples": Range(1),
+    "answer_eval_samples": Range(0, note="0 skips the answers"), "pad_to_multiple_of": Range(1),
+    "preprocessing_num_workers": Range(1), "profile_steps": Range(0, note="0: off"),
+    "per_device_train_batch_size": Range(1), "per_device_eval_batch_size": Range(1),
+    "gradient_accumulation_steps": Range(1), "eval_accumulation_steps": Range(1),
+    "max_steps": Range(1, off=-1, note="or -1: train for --num_train_epochs"),
+    "learning_rate": Range(0, above=True, note="e.g. 5e-5"),
+    "warmup_steps": Range(0, whole_from=1, note=RATIO_OR_STEPS),
+    "weight_decay": Range(0, note="0: none"), "max_grad_norm": Range(0, note="0: no clipping"),
+    "adam_beta1": Range(0, 1, below=True), "adam_beta2": Range(0, 1, below=True),
+    "adam_epsilon": Range(0, above=True, note="e.g. 1e-8"),
+    "label_smoothing_factor": Range(0, 1, below=True, note="0: none"),
+    "neftune_noise_alpha": Range(0, above=True),
+    "logging_steps": Range(0, above=True, whole_from=1, note=RATIO_OR_STEPS),
+    "eval_steps": Range(0, above=True, whole_from=1, note=RATIO_OR_STEPS),
+    "save_steps": Range(0, above=True, whole_from=1, note=RATIO_OR_STEPS),
+    "eval_delay": Range(0), "save_total_limit": Range(1),
+    "seed": Range(0, 2**32 - 1), "data_seed": Range(0, 2**32 - 1),  # what numpy's generator accepts
+    "dataloader_num_workers": Range(0, note="0: load in the training process"),
+    "dataloader_prefetch_factor": Range(1), "ddp_timeout": Range(1, note="seconds"), "ddp_bucket_cap_mb": Range(1),
+    "torch_empty_cache_steps": Range(1),
+}
+SAMPLING = ("random", "sequential", "group_by_length", "batch_rebalance")  # the Trainer's train_sampling_strategy
+
+
+def check_ranges(args) -> None:
+    """Every number among ``args``'s fields (one of the argument dataclasses) finite and within RANGES."""
+    for name in (f.name for f in dataclasses.fields(args)):
+        value = getattr(args, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue  # None (not given), text, switches
+        if not math.isfinite(value):
+            raise WorkshopError(f"--{name} {value} must be a finite number: see workshop train --help")
+        if name in RANGES:
+            RANGES[name].check(name, value)
 
 
 @dataclass
@@ -196,9 +267,7 @@ class WorkshopTrainingArguments(TrainingArguments):
         default=3600, metadata={"help": "Seconds a rank waits for the others (tokenising on rank 0 included)."})
 
     def __post_init__(self):
-        for flag in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-            if getattr(self, flag) < 1:
-                raise WorkshopError(f"--{flag} {getattr(self, flag)} must be at least 1")
+        check_ranges(self)
         if self.num_train_epochs <= 0 and self.max_steps <= 0:
             raise WorkshopError(f"--num_train_epochs {self.num_train_epochs} trains nothing: give a number above 0 "
                                 "(or --max_steps)")
@@ -207,6 +276,9 @@ class WorkshopTrainingArguments(TrainingArguments):
             raise WorkshopError(f"--resume_from_checkpoint {self.resume_from_checkpoint} is not a checkpoint folder "
                                 "(no trainer_state.json): give <run folder>/checkpoints/checkpoint-N, or --run_dir "
                                 "of the stopped run to resume from its newest checkpoint")
+        if self.train_sampling_strategy not in SAMPLING:
+            raise WorkshopError(f"--train_sampling_strategy {self.train_sampling_strategy} is not known: use "
+                                f"{', '.join(SAMPLING)}")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise WorkshopError(f"--precision {self.precision} is not known: use auto, bf16, fp16 or fp32")
         if self.bf16 or self.fp16:
@@ -243,6 +315,21 @@ class WorkshopTrainingArguments(TrainingArguments):
         config, self.deepspeed = self.deepspeed, None
         super().__post_init__()
         self.deepspeed = config
+        self._check_report_to()
+
+    def _check_report_to(self) -> None:
+        """Each --report_to integration known and installed (the Trainer would fail once the run folder exists)."""
+        from transformers.integrations.integration_utils import (INTEGRATION_TO_CALLBACK,
+                                                                 get_available_reporting_integrations)
+
+        for name in self.report_to:  # "all" and "none" are resolved to the installed ones by now
+            if name in get_available_reporting_integrations():
+                continue
+            if name in INTEGRATION_TO_CALLBACK:
+                raise WorkshopError(f"--report_to {name} needs the {name} package, which is not installed: "
+                                    f"pip install {name}, or drop --report_to")
+            raise WorkshopError(f"--report_to {name} is not known: use none, all, or one of "
+                                f"{', '.join(INTEGRATION_TO_CALLBACK)}")
 
     def settle_batch(self, micro_batch: int, accumulation: int) -> None:
         """Train in micro-batches of ``micro_batch``, ``accumulation`` of them per optimizer step, and build the
@@ -388,18 +475,26 @@ def validate(model_args: ModelArguments, data_args: DataArguments, ws_args: Work
         raise WorkshopError("--validation_file needs --train_file as well")
     if data_args.loss_on not in ("answer", "sequence"):
         raise WorkshopError(f"--loss_on {data_args.loss_on} is not known: use answer or sequence")
-    for flag in ("max_seq_length", "max_train_samples", "max_eval_samples"):
-        if getattr(data_args, flag) < 1:
-            raise WorkshopError(f"--{flag} must be at least 1")
-    if data_args.pad_to_multiple_of is not None and data_args.pad_to_multiple_of < 1:
-        raise WorkshopError(f"--pad_to_multiple_of {data_args.pad_to_multiple_of} must be at least 1")
-    if data_args.answer_eval_samples < 0:
-        raise WorkshopError("--answer_eval_samples must be 0 (skip) or more")
+    check_ranges(data_args)
+    check_ranges(ws_args)
+    _check_attention(model_args.attn_implementation)
     if ws_args.stage not in STAGES:
         raise WorkshopError(f"--stage {ws_args.stage} is not known: use one of {', '.join(STAGES)}")
-    if ws_args.profile_steps < 0:
-        raise WorkshopError(f"--profile_steps {ws_args.profile_steps} must be 0 (off) or more")
     if ws_args.profile_first_step and not ws_args.profile_steps:
         raise WorkshopError("--profile_first_step profiles nothing without --profile_steps N: add --profile_steps 1")
     if ws_args.run_dir is not None and Path(ws_args.run_dir).is_file():
         raise WorkshopError(f"--run_dir {ws_args.run_dir} is a file: give a folder")
+
+
+def _check_attention(name: str | None) -> None:
+    """--attn_implementation one that transformers knows (a hub kernel, org/name, included): it checks only
+    when the model is built, after the run folder is written."""
+    if name is None:
+        return
+    from transformers.integrations.hub_kernels import is_kernel
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    known = ["sdpa", "eager", *(k for k in ALL_ATTENTION_FUNCTIONS.valid_keys() if k != "sdpa")]
+    if name not in known and not is_kernel(name):
+        raise WorkshopError(f"--attn_implementation {name} is not known: use {', '.join(known)}, or a hub kernel "
+                            "(org/name)")

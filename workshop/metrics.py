@@ -73,7 +73,6 @@ def digest(history: list[dict]) -> dict:
         "eval_loss_per_epoch": [e["eval_loss"] for e in evals],
         "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
         "perplexity": perplexity(evals[-1]["eval_loss"]) if evals else None,
-        "train_samples_per_second": summary.get("train_samples_per_second"),
         "eval_samples_per_second": evals[-1].get("eval_samples_per_second") if evals else None,
         "steps_per_epoch": steps_per_epoch,
         "total_steps": last.get("step"),
@@ -82,11 +81,14 @@ def digest(history: list[dict]) -> dict:
     }
 
 
-def tokens_per_second(steps: list[dict]) -> float | None:
-    """All useful tokens over all training time: each steps.jsonl row covers the time since the last one."""
-    rows = [s for s in steps if s.get("tokens") and s.get("tokens_per_s")]
-    seconds = sum(s["tokens"] / s["tokens_per_s"] for s in rows)
-    return sum(s["tokens"] for s in rows) / seconds if seconds else None
+def samples_per_second(train_samples: int | None, time_per_epoch_s: float | None) -> float | None:
+    """Training samples per second of training steps: an epoch's samples (all ranks) over the time per epoch.
+
+    The same clock as the time per epoch, which leaves evaluation and checkpoints out; the Trainer's own
+    ``train_samples_per_second`` counts them, so it falls with every evaluation and checkpoint and would
+    compare two runs' evaluation and disk as much as their training.
+    """
+    return train_samples / time_per_epoch_s if train_samples and time_per_epoch_s else None
 
 
 # --------------------------------------------------------------------------------------------------

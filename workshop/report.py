@@ -9,10 +9,12 @@ a run that died before logging, e.g. out of memory, keeps its row). Every number
 folder itself:
 
 * from ``log_history.json`` (the Trainer's own records): final train loss (the last logged
-  ``loss``), the Trainer's mean train loss, eval loss per epoch, train and eval samples/s, steps
-  per epoch, total steps, train runtime;
-* from ``metrics.json``: time per epoch, tokens/s, MFU, PyTorch's peak allocated/reserved GPU
-  memory, peak host RSS (``steps.jsonl`` stands in where metrics.json is missing);
+  ``loss``), the Trainer's mean train loss, eval loss per epoch, eval samples/s, steps per epoch,
+  total steps, train runtime;
+* from ``metrics.json``: time per epoch, train samples/s (an epoch's samples over it), tokens/s and
+  MFU, all on one clock, the training steps alone (evaluation and checkpoints left out); a run
+  without metrics.json (stopped, failed) has none of them; PyTorch's peak allocated/reserved GPU
+  memory, peak host RSS (``steps.jsonl`` stands in for these where metrics.json is missing);
 * from ``gpu_memory-<host>.csv``: the largest ``memory.used`` of any GPU, per host (nvidia-smi);
 * from ``host_memory-<host>.csv``: the largest ``used_mib``, per host;
 * from ``config.json``: the settings, fed to ``workshop.memory`` for the predicted memory shown
@@ -22,7 +24,7 @@ For each rung among the runs, a table with the columns of that rung's fill-in ta
 in the same order, so a participant can check what they filled in; perplexity (exp of the final
 eval loss) joins it where a run trained on plain text.
 
-Runs that differ only in their GPU count get a scaling efficiency: samples/s per GPU relative to
+Runs that differ only in their GPU count get a scaling efficiency: train samples/s per GPU relative to
 the smallest GPU count among them.
 """
 
@@ -330,11 +332,12 @@ def summarize(run: Run) -> dict:
         row["epochs"] = hist["epochs_done"]
     del row["epochs_done"]
     steps = run.steps
-    runtime, epochs = hist["train_runtime_s"], row["epochs"]
-    # Without metrics.json: the Trainer's runtime per epoch (evaluation included) and steps.jsonl's tokens.
-    row["time_per_epoch_s"] = _first(m.get("time_per_epoch_s"),
-                                     runtime / epochs if runtime and epochs else None)
-    row["tokens_per_second"] = _first(m.get("tokens_per_second"), metrics.tokens_per_second(steps))
+    # Time and throughputs on the one clock of training steps alone, so that two runs differ by their
+    # training, not by their evaluation or their disk: metrics.json's, or none. (The Trainer's runtime and
+    # samples/s, and steps.jsonl's intervals, count evaluation and checkpoints.)
+    row["time_per_epoch_s"] = m.get("time_per_epoch_s")
+    row["train_samples_per_second"] = metrics.samples_per_second(m.get("train_samples"), row["time_per_epoch_s"])
+    row["tokens_per_second"] = m.get("tokens_per_second")
     row["mfu"] = m.get("mfu")
     row["peak_gpu_allocated_gib"] = _first(m.get("peak_gpu_allocated_gib"),
                                            _max(steps, "gpu_peak_allocated_gib"))
@@ -372,7 +375,8 @@ SCALING_KEYS = ("model", "dataset", "precision", "zero_stage", "offload_optimize
 
 def add_scaling_efficiency(rows: list[dict]) -> None:
     """efficiency = (samples/s at N GPUs / N) / (samples/s at N0 / N0), N0 the smallest GPU count of runs
-    that differ only in their GPU count. 1.0 is perfect scaling; the smallest run is 1.0 by definition."""
+    that differ only in their GPU count, samples/s of training steps alone (``summarize``). 1.0 is perfect
+    scaling; the smallest run is 1.0 by definition."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         row["scaling_efficiency"] = None

@@ -344,8 +344,9 @@ def record(p: Plan, built: Built) -> dict:
 def workshop_metrics(trainer, measure: MeasureCallback, prepared, run_info: dict, answers: dict) -> dict:
     """The workshop's table for this run, from the Trainer's log history and the run's own measurements.
 
-    Speeds cover this job's training time only (no evaluation, no checkpointing, no earlier part of
-    a resumed run): time per epoch is that time scaled to a full epoch of optimizer steps.
+    Time and speeds cover this job's training time only (no evaluation, no checkpointing, no earlier part
+    of a resumed run): time per epoch is that time scaled to a full epoch of optimizer steps, train
+    samples/s an epoch's samples over it.
     """
     args = trainer.args
     logged = metrics.digest(trainer.state.log_history)
@@ -355,6 +356,7 @@ def workshop_metrics(trainer, measure: MeasureCallback, prepared, run_info: dict
     tokens = all_ranks_sum(trainer.tokens_seen)
     tokens_per_s = tokens / training_time if training_time else None
     peak = metrics.peak_flops(run_info["environment"]["device"], args.precision)
+    time_per_epoch = training_time / steps_done * logged["steps_per_epoch"] if steps_done else None
     return {
         **run_info["labels"],
         "world_size": world,
@@ -373,8 +375,8 @@ def workshop_metrics(trainer, measure: MeasureCallback, prepared, run_info: dict
                                         "perplexity", "train_runtime_s")},
         "epoch_times_s": measure.epoch_times,
         "first_step_s": measure.first_step_s,
-        "time_per_epoch_s": training_time / steps_done * logged["steps_per_epoch"] if steps_done else None,
-        "train_samples_per_second": logged["train_samples_per_second"],
+        "time_per_epoch_s": time_per_epoch,
+        "train_samples_per_second": metrics.samples_per_second(prepared.stats["train_samples"], time_per_epoch),
         "eval_samples_per_second": logged["eval_samples_per_second"],
         "tokens_per_second": tokens_per_s,
         "mfu": metrics.mfu(tokens_per_s, run_info["model_info"]["flops_per_token"], peak, world),
