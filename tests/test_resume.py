@@ -247,7 +247,7 @@ def test_a_checkpoint_is_due_save_minutes_after_training_began_then_after_the_la
 def test_checkpoints_by_time_survive_a_kill_while_saving_and_the_next_launch_resumes(tmp_path, monkeypatch, capsys):
     """The default schedule with a small interval (--save_minutes 0.001: 60 ms, a few steps here): checkpoints by the
     clock, none by epoch; killed while writing the second one, the first is the newest complete one and the next
-    launch resumes from it. Tried: the interval ignored (no save by time) leaves no checkpoint to resume from."""
+    launch resumes from it. Tried: a checkpoint never due by the clock writes none (the kill never comes)."""
     run_dir = tmp_path / "run"
     run = RUN + ["--run_dir", str(run_dir), "--save_minutes", "0.001"]
     original = WorkshopTrainer._save_optimizer_and_scheduler
