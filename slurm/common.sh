@@ -151,6 +151,9 @@ _job_exit() {
 
 workshop_job() {
     : "${STAGE:?the job script sets STAGE before workshop_job}"
+    # the training's time breakdown (time_breakdown_s) counts from here; a requeued part counts anew.
+    # EPOCHREALTIME (bash 5) has microseconds, with the locale's decimal mark
+    WORKSHOP_JOB_START=${EPOCHREALTIME:-$(date +%s)} && export WORKSHOP_JOB_START=${WORKSHOP_JOB_START/,/.}
     JOB_START=$(date +%s)
     JOB_REQUEUED=0
     RUN_STATUS=none

@@ -14,8 +14,27 @@ def test_defaults_are_the_workshops():
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.num_train_epochs) == (16, 1, 3)
     assert args.logging_nan_inf_filter is False  # its check waits for the GPU after every micro-batch
     assert (args.learning_rate, args.weight_decay) == (5e-5, 0.01)
-    assert args.eval_strategy == "epoch" and args.save_strategy == "epoch"
+    assert args.eval_strategy == "epoch"
+    # a checkpoint every 30 minutes (the workshop's clock), none by the Trainer's own schedule
+    assert (args.save_strategy, args.save_minutes) == ("no", 30)
     assert args.precision == "fp32"  # no GPU here; bf16/fp16 are picked on GPUs
+
+
+@pytest.mark.parametrize("flags, strategy, minutes", [
+    (["--save_minutes", "5"], "no", 5),
+    (["--save_strategy", "epoch"], "epoch", 0),  # the Trainer's schedule as given, nothing by the clock
+    (["--save_strategy", "no", "--save_minutes", "5"], "no", 0),
+    (["--load_best_model_at_end"], "epoch", 0),  # a checkpoint at every evaluation, which the best model needs
+    (["--load_best_model_at_end", "--eval_strategy", "steps", "--eval_steps", "4", "--save_steps", "4"], "steps", 0),
+], ids=["minutes", "epoch", "no", "best", "best_steps"])
+def test_checkpoints_by_time_unless_a_strategy_is_given_or_the_best_model_kept(flags, strategy, minutes):
+    args = config.parse(flags)[3]
+    assert (args.save_strategy, args.save_minutes) == (strategy, minutes)
+
+
+def test_negative_save_minutes_is_refused():
+    with pytest.raises(WorkshopError, match=r"^--save_minutes -1.0 must be 0 \(no checkpoint by time\) or more$"):
+        config.parse(["--save_minutes", "-1"])
 
 
 def test_preset_then_flags_win():

@@ -509,3 +509,22 @@ def test_metrics_json_labels_win_over_config_json(run_dir):
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
     row = report.settings(report.load_run(run_dir))
     assert (row["deepspeed"], row["zero_stage"]) == ("other.json", 3)
+
+
+def test_where_the_time_went_one_row_per_run_one_column_per_phase(tmp_path, capsys):
+    """Runs with time_breakdown_s get a row of their own section, in seconds to 0.1; a run recorded without one
+    (here the fixture) gets none, and the rung tables stay as they are."""
+    logs = tmp_path / "logs" / "deepspeed_single_gpu"
+    shutil.copytree(FIXTURE, logs / "4711")
+    shutil.copytree(FIXTURE, logs / "4712")
+    metrics = read_json(logs / "4712" / "metrics.json")
+    metrics.update(wall_time_s=37.04, time_breakdown_s={"launch_and_imports": 9.96, "training_steps": 6.14,
+                                                        "evaluation": 21.04})
+    (logs / "4712" / "metrics.json").write_text(json.dumps(metrics))
+    assert report.main([str(tmp_path / "logs"), "--no_plots"]) == 0
+    printed = capsys.readouterr().out
+    section = printed.split("## Where the time went (s)\n\n")[1].split("\n\n")[0]
+    assert section.splitlines() == [
+        "| run | wall time | launch_and_imports | training_steps | evaluation |", "|---|---|---|---|---|",
+        "| deepspeed_single_gpu/4712 | 37 | 10 | 6.1 | 21 |"]
+    assert printed.index("## deepspeed_single_gpu") < printed.index("## Where the time went")

@@ -76,7 +76,7 @@ def test_every_file_the_docs_call_atomic_is_renamed_into_place_never_written_the
     monkeypatch.setattr(os, "mkdir", spy_mkdir)
     # 2 epochs x 8 steps: two checkpoints, status.json written twice (running, completed).
     assert train.main(["--preset", "tiny", "--run_dir", str(run_dir), "--stage", "baseline",
-                       "--max_train_samples", "64", "--answer_eval_samples", "4"]) == 0
+                       "--max_train_samples", "64", "--answer_eval_samples", "4", "--save_strategy", "epoch"]) == 0
     monkeypatch.undo()
 
     root = os.path.abspath(run_dir)

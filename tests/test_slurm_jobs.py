@@ -57,7 +57,7 @@ if rank == 0:
     with open(f"{run_dir}/status.json", "w") as f:
         json.dump({"status": "running", "error": None}, f)
 record = {"argv": argv, "rank": rank, "world_size": int(os.environ.get("WORLD_SIZE", "1")),
-          "usr1_ignored_at_start": usr1_at_start == signal.SIG_IGN,
+          "usr1_ignored_at_start": usr1_at_start == signal.SIG_IGN, "job_start": os.environ.get("WORKSHOP_JOB_START"),
           "master": [os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")]}
 with open(f"{run_dir}/stub-{rank}.json", "w") as f:
     json.dump(record, f)
@@ -158,11 +158,16 @@ def test_every_stage_script_passes_its_lesson_and_the_arguments_on(stub_repo):
 
 
 def test_run_folder_environment_log_and_memory_csv(stub_repo):
-    rc, out = finish(start_script(stub_repo, "baseline/baseline.slurm", "--lr", "1e-3", STUB_SECONDS="1"))
+    before = time.time()
+    rc, out = finish(start_script(stub_repo, "baseline/baseline.slurm", "--lr", "1e-3", STUB_SECONDS="1",
+                                  WORKSHOP_JOB_START="1"))  # one left in the environment is not this job's
     assert rc == 0, out
     run_dirs = list((stub_repo / "logs" / "baseline").iterdir())
     assert len(run_dirs) == 1 and re.fullmatch(r"\d{8}-\d{6}", run_dirs[0].name), run_dirs
     run_dir = run_dirs[0]
+    # the job's start, handed to the training for its time breakdown: after the script began, before it ended
+    # (whole seconds where bash has no EPOCHREALTIME)
+    assert before - 1 <= float(stub_records(run_dir)[0]["job_start"]) <= time.time()
     assert stub_records(run_dir)[0]["argv"] == [
         "train", "--stage", "baseline", "--run_dir", f"logs/baseline/{run_dir.name}", "--lr", "1e-3"]
     node = os.uname().nodename.split(".")[0]

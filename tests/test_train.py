@@ -1,5 +1,6 @@
 """The real entry point, end to end, on the built-in data (CPU, seconds)."""
 
+import re
 import subprocess
 import sys
 
@@ -141,3 +142,46 @@ def test_peak_host_memory_covers_what_no_step_saw(monkeypatch):
     measure.process, measure.cuda, measure.peak_host_rss = psutil.Process(), False, 0
     monkeypatch.setattr(resource, "getrusage", lambda who: types.SimpleNamespace(ru_maxrss=64 * 1024**2))
     assert measure.peaks()["peak_host_rss_gib"] == 64
+
+
+def test_evaluations_and_checkpoints_are_phases_of_their_own_not_training_steps(tmp_path, monkeypatch, capsys):
+    """Each evaluation and each checkpoint made 0.5 s slower: their phases take it, the training steps' does not.
+
+    The training steps' reference is the epochs' own time (epoch_times_s: MeasureCallback's timer from an epoch's
+    start to its end, before its evaluation and checkpoint). Tolerance 0.3 s: what lies between the epochs (the
+    Trainer's logging, the epoch-end callbacks) takes milliseconds, and counting either slowed phase twice adds 1 s.
+    Tried: WorkshopTrainer.evaluate not timed as a phase puts 1 s of evaluation into training_steps."""
+    import time
+
+    from workshop import train
+    from workshop.trainer import WorkshopTrainer
+
+    slow_s = 0.5
+    evaluation_loop, save_optimizer = WorkshopTrainer.evaluation_loop, WorkshopTrainer._save_optimizer_and_scheduler
+
+    def slow_evaluation(self, *args, **kwargs):
+        time.sleep(slow_s)
+        return evaluation_loop(self, *args, **kwargs)
+
+    def slow_checkpoint(self, output_dir):
+        time.sleep(slow_s)
+        return save_optimizer(self, output_dir)
+
+    monkeypatch.setattr(WorkshopTrainer, "evaluation_loop", slow_evaluation)
+    monkeypatch.setattr(WorkshopTrainer, "_save_optimizer_and_scheduler", slow_checkpoint)
+    run_dir = tmp_path / "run"
+    # 2 epochs x 8 steps, each ending with an evaluation and a checkpoint
+    assert train.main(["--preset", "tiny", "--run_dir", str(run_dir), "--max_train_samples", "64",
+                       "--save_strategy", "epoch", "--answer_eval_samples", "4"]) == 0
+    metrics = read_json(run_dir / "metrics.json")
+    phases = metrics["time_breakdown_s"]
+    assert 2 * slow_s <= phases["evaluation"] < 2 * slow_s + 1 and 2 * slow_s <= phases["checkpoints"], phases
+    assert phases["training_steps"] == pytest.approx(sum(metrics["epoch_times_s"]), abs=0.3), phases
+    for phase in ("preflight", "data", "model_build", "trainer_setup", "final_save", "answer_scoring"):
+        assert phases[phase] > 0, phase
+    out = capsys.readouterr().out
+    # the progress line: the job's elapsed time, the training steps' time left; none left after the last step
+    lines = re.findall(r"^step (\d+)/16 \|.* \| elapsed (\d+):(\d\d) \| left ~(\d+):(\d\d)$", out, re.M)
+    assert [int(line[0]) for line in lines] == [4, 8, 12, 16], out
+    assert lines[-1][3:] == ("0", "00")
+    assert "where the job's time went (time_breakdown_s):\n| phase | seconds | share |" in out

@@ -26,7 +26,7 @@ MASKED = "<timing or machine>"
 TIMINGS = {"train_runtime", "train_runtime_s", "epoch_times_s", "first_step_s", "time_per_epoch_s", "train_samples_per_second",
            "eval_samples_per_second", "tokens_per_second", "peak_host_rss_gib", "eval_runtime",
            "eval_steps_per_second", "train_steps_per_second", "run_dir", "output_dir", "started_at", "hostname",
-           "host_total_memory_gib"}
+           "host_total_memory_gib", "wall_time_s", "time_breakdown_s"}
 ENVIRONMENT_VERSIONS = {"python", "torch", "transformers", "accelerate", "deepspeed"}
 STEP_KEYS = ("step", "epoch", "loss", "tokens", "samples")
 # Losses on another CPU may differ in the last digits (other vector kernels sum in another order).

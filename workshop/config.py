@@ -245,8 +245,19 @@ class WorkshopTrainingArguments(TrainingArguments):
         metadata={"help": "Batch order: random, group_by_length (batches of similar length: less padding, but "
                           "one epoch of gpt2-medium from scratch ended 11-13%% higher in eval loss), sequential."})
     eval_strategy: str = field(default="epoch", metadata={"help": "When to evaluate: epoch, steps or no."})
-    save_strategy: str = field(default="epoch", metadata={"help": "When to checkpoint: epoch, steps or no."})
-    save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept (oldest deleted first)."})
+    save_strategy: str | None = field(
+        default=None,
+        metadata={"help": "The Trainer's own checkpoint schedule: epoch, steps (every --save_steps) or no. Default: "
+                          "a checkpoint every --save_minutes instead (with --load_best_model_at_end: at every "
+                          "evaluation, which that needs). Always one on SIGUSR1/SIGTERM before stopping."})
+    save_minutes: float = field(
+        default=30,
+        metadata={"help": "Without --save_strategy: a checkpoint every this many minutes of training, so a crash loses "
+                          "at most that much; 0: none but the one on a stop signal. A checkpoint holds the optimizer "
+                          "states (about 4 GB for gpt2-medium, 25 GB for gpt2-xl): a short run writes none."})
+    save_total_limit: int | None = field(
+        default=2, metadata={"help": "Checkpoints kept (oldest deleted first; the best one kept with "
+                                     "--load_best_model_at_end)."})
     logging_steps: float = field(default=10, metadata={"help": "Optimizer steps between log lines."})
     logging_nan_inf_filter: bool = field(
         default=False,
@@ -279,6 +290,13 @@ class WorkshopTrainingArguments(TrainingArguments):
         if self.train_sampling_strategy not in SAMPLING:
             raise WorkshopError(f"--train_sampling_strategy {self.train_sampling_strategy} is not known: use "
                                 f"{', '.join(SAMPLING)}")
+        if self.save_minutes < 0:
+            raise WorkshopError(f"--save_minutes {self.save_minutes} must be 0 (no checkpoint by time) or more")
+        if self.save_strategy is None and not self.load_best_model_at_end:
+            self.save_strategy = "no"  # the Trainer's schedule off: trainer.SaveOnTimeOrSignal saves by the clock
+        else:  # the Trainer's schedule, as given, or at every evaluation for the best model
+            self.save_strategy = self.save_strategy or self.eval_strategy
+            self.save_minutes = 0
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise WorkshopError(f"--precision {self.precision} is not known: use auto, bf16, fp16 or fp32")
         if self.bf16 or self.fp16:

@@ -95,6 +95,22 @@ def samples_per_second(train_samples: int | None, time_per_epoch_s: float | None
 # Tables
 
 
+def clock_time(seconds: float) -> str:
+    """Seconds as a clock reads them: 0:07, 12:34, 1:02:03."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def format_breakdown(breakdown: dict[str, float]) -> str:
+    """A job's seconds per phase (``time_breakdown_s``) as a table with each phase's share of the wall time."""
+    wall = sum(breakdown.values())
+    lines = ["| phase | seconds | share |", "|---|---|---|"]
+    lines += [f"| {phase} | {seconds:.1f} | {100 * seconds / wall if wall else 0:.0f}% |"
+              for phase, seconds in breakdown.items()]
+    return "\n".join(lines + [f"| wall time | {wall:.1f} | 100% |"])
+
+
 def show(value, key: str = "") -> str:
     """One value as a table cell; the key says its unit (mfu and efficiencies in %, *_gib to 2 places)."""
     if value is None:

@@ -61,7 +61,8 @@ def check_room(run_dir: Path, n_params: int, training_args, save_model: bool) ->
 
     A full disk otherwise shows up only when the first checkpoint is written, an epoch into the run.
     """
-    needed = min(memory.CHECKPOINT_BYTES_PER_PARAM.values()) * n_params if training_args.save_strategy != "no" else 0
+    saves = training_args.save_strategy != "no" or training_args.save_minutes
+    needed = min(memory.CHECKPOINT_BYTES_PER_PARAM.values()) * n_params if saves else 0
     if save_model:  # 16-bit under DeepSpeed (ZeRO-3 consolidates to 16-bit), else the fp32 weights
         needed += (2 if training_args.deepspeed and training_args.precision in ("bf16", "fp16") else 4) * n_params
     where = _nearest_existing(run_dir)

@@ -359,6 +359,7 @@ def summarize(run: Run) -> dict:
     row["nvidia_smi_over_predicted"] = (row["peak_nvidia_smi_gib"] / row["predicted_gpu_total_gib"]
                                         if row["peak_nvidia_smi_gib"] and prediction else None)
     row["exact_match"], row["f1"] = m.get("exact_match"), m.get("f1")
+    row["wall_time_s"], row["time_breakdown_s"] = m.get("wall_time_s"), m.get("time_breakdown_s")
     row["error"] = run.status.get("error")
     row["run_dir"] = str(run.path)
     return row
@@ -448,10 +449,27 @@ def rung_tables(rows: list[dict]) -> str:
 
 
 
+def time_breakdown_markdown(rows: list[dict]) -> str:
+    """Where each job's time went (time_breakdown_s): one row per run, one column per phase, in seconds."""
+    timed = [r for r in rows if r.get("time_breakdown_s")]
+    if not timed:
+        return ""
+    phases = list(dict.fromkeys(phase for r in timed for phase in r["time_breakdown_s"]))
+    table = [{"run": r["run"], "wall_time_s": round(r["wall_time_s"], 1),
+              **{phase: round(seconds, 1) for phase, seconds in r["time_breakdown_s"].items()}} for r in timed]
+    return "\n".join(["## Where the time went (s)", "",
+                      markdown_table(table, [("run", "run"), ("wall time", "wall_time_s"), *((p, p) for p in phases)]),
+                      "", "From the job script's start (or the process's) to the results, on rank 0; the phases add "
+                      "up to the wall time. training_steps leaves out the evaluations and checkpoints made during "
+                      "training."])
+
+
 def comparison_markdown(rows: list[dict]) -> str:
+    timing = time_breakdown_markdown(rows)
     return "\n".join([
         rung_tables(rows),
         "## Training", "", markdown_table(rows, COMPARISON), "",
+        *([timing, ""] if timing else []),
         "## Memory (GiB per GPU; host: per node)", "", markdown_table(rows, MEMORY), "",
         "Peak allocated/reserved: torch.cuda.max_memory_allocated/reserved on rank 0. nvidia-smi: the largest "
         "memory.used of any GPU in gpu_memory-<host>.csv, which adds the allocator's cache and the CUDA context. "
@@ -519,7 +537,7 @@ def write_report(runs: list[Run], out: Path, plots: bool = True) -> dict:
 
 
 def _workshop_table(row: dict) -> dict:
-    skip = {"run", "run_dir", "setting", "nvidia_smi_peak_by_host", "host_used_peak_by_host"}
+    skip = {"run", "run_dir", "setting", "nvidia_smi_peak_by_host", "host_used_peak_by_host", "time_breakdown_s"}
     return {k: v for k, v in row.items() if k not in skip}
 
 

@@ -35,8 +35,8 @@ from workshop import model as models
 from workshop.errors import STOPPED, OutOfMemory, WorkshopError
 from workshop.metrics import format_table
 from workshop.shapes import ModelShape, shape_from_config
-from workshop.trainer import (MeasureCallback, ProfileCallback, StopOnSignal, WorkshopTrainer, all_ranks_sum,
-                              complete_checkpoints)
+from workshop.trainer import (JobClock, MeasureCallback, ProfileCallback, SaveOnTimeOrSignal,
+                              WorkshopTrainer, all_ranks_sum, complete_checkpoints)
 from workshop.units import GIB
 
 log = logging.getLogger("workshop")
@@ -57,6 +57,7 @@ class Plan:
     shape: ModelShape
     prepared: data_loader.Prepared
     batch: memory.LongestBatch  # the batch memory is predicted for, from the data
+    clock: JobClock  # where the job's time goes, phase by phase
 
 
 @dataclass
@@ -65,13 +66,13 @@ class Built:
 
     trainer: WorkshopTrainer
     measure: MeasureCallback
-    stop: StopOnSignal
+    stop: SaveOnTimeOrSignal
     run_info: dict
 
 
-def run(argv: list[str]) -> dict | None:
+def run(argv: list[str], clock: JobClock) -> dict | None:
     """``workshop train`` with these flags: the run's metrics, or None when a signal stopped it (status.json)."""
-    p = plan(argv)
+    p = plan(argv, clock)
     if distributed.is_main():
         p.run_dir.mkdir(parents=True, exist_ok=True)
         files.write_json(p.run_dir / "status.json", {"status": "running", "error": None})
@@ -94,7 +95,7 @@ def run(argv: list[str]) -> dict | None:
 # plan: every setting decided once, every check before anything is written
 
 
-def plan(argv: list[str]) -> Plan:
+def plan(argv: list[str], clock: JobClock) -> Plan:
     """The flags parsed once, the processes joined, the run folder chosen, the model's shape and the data
     known, the micro-batch fitted to the GPU: each check that can fail on bad input has passed."""
     uses_deepspeed = any(a == "--deepspeed" or a.startswith("--deepspeed=") for a in cfg.expand_argv(argv))
@@ -116,15 +117,17 @@ def plan(argv: list[str]) -> Plan:
         # Host memory, NVMe room, async_io, the CUDA arch list: before DeepSpeed builds anything.
         preflight.check_resources(training_args.deepspeed, shape.n_params, training_args, distributed.num_nodes(),
                                   f"--deepspeed {training_args.deepspeed_file}")
+    clock.switch("data")
     with training_args.main_process_first(desc="loading and tokenising the data"):
         prepared = data_loader.prepare(data_args, tokenizer, seed=training_args.seed)
+    clock.switch("preflight")
     batch = longest_batch(data_args, prepared)
     micro_batch, accumulation = fit_batch_to_gpu(argv, model_args, training_args, shape, batch, gpu_bytes())
     if training_args.deepspeed:
         ds_config.size_param_buffers(training_args.deepspeed, shape.largest_layer_params)
     training_args.settle_batch(micro_batch, accumulation)
     return Plan(model_args, data_args, ws_args, training_args, launch, run_dir, tokenizer, model_config, shape,
-                prepared, batch)
+                prepared, batch, clock)
 
 
 def resolve_run_dir(ws_args) -> Path:
@@ -186,6 +189,7 @@ def fit_batch_to_gpu(argv, model_args, training_args, shape: ModelShape, batch: 
 
 def build(p: Plan) -> Built:
     """The model on its device, the Trainer with the workshop's callbacks, and config.json written."""
+    p.clock.switch("model_build")
     args = p.training_args
     args.output_dir = str(p.run_dir / "checkpoints")
     args.dataloader_pin_memory = torch.cuda.is_available()  # pinning needs a GPU; on CPU it only warns
@@ -204,7 +208,7 @@ def build(p: Plan) -> Built:
         distributed.print0(f"run folder: {p.run_dir}\nconfiguration:\n{format_table(_flat_config(run_info))}")
 
     trainer = WorkshopTrainer(model=model, args=args, data_collator=collator, train_dataset=p.prepared.train,
-                              eval_dataset=p.prepared.eval, processing_class=p.tokenizer)
+                              eval_dataset=p.prepared.eval, processing_class=p.tokenizer, clock=p.clock)
     measure = MeasureCallback(trainer, p.run_dir / "steps.jsonl", run_info["model_info"]["flops_per_token"],
                               run_info["environment"]["device"] if torch.cuda.is_available() else None,
                               args.precision, distributed.world_size(), distributed.is_main())
@@ -213,7 +217,7 @@ def build(p: Plan) -> Built:
     for noisy in (PrinterCallback, ProgressCallback):  # the measure callback prints one line per log
         trainer.remove_callback(noisy)
     trainer.add_callback(measure)
-    stop = StopOnSignal()
+    stop = SaveOnTimeOrSignal(60 * args.save_minutes, p.clock)
     trainer.add_callback(stop)
     if p.ws_args.profile_steps:
         trainer.add_callback(ProfileCallback(p.run_dir, p.ws_args.profile_steps, distributed.is_main(),
@@ -302,6 +306,7 @@ def fit(p: Plan, built: Built) -> bool:
         resume = str(complete_checkpoints(args.output_dir)[-1])
     if resume:
         distributed.print0(f"resuming from {resume}")
+    p.clock.switch("trainer_setup")  # until the first step: DeepSpeed's engine, the optimizer, the resumed state
     try:
         trainer.train(resume_from_checkpoint=resume)
     finally:
@@ -323,22 +328,30 @@ def fit(p: Plan, built: Built) -> bool:
 
 def record(p: Plan, built: Built) -> dict:
     """The trained model saved, the validation questions answered, and the run's metrics written."""
-    trainer = built.trainer
+    trainer, clock = built.trainer, p.clock
+    clock.switch("final_save")
     if p.ws_args.save_model:
         trainer.save_model(str(p.run_dir / "model"))  # consolidated 16-bit weights under ZeRO-3 (see ds_configs)
+    clock.switch("answer_scoring")
     answers = {"exact_match": None, "f1": None}
     if p.prepared.answer_eval:
         zero3 = trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
         predictions = evaluation.generate_answers(trainer.model, p.tokenizer, p.prepared.answer_eval,
                                                   synced_gpus=zero3 and distributed.world_size() > 1)
         answers = evaluation.squad_scores(predictions, [r["answers"]["text"] for r in p.prepared.answer_eval])
+    clock.switch("writing_results")
     results = workshop_metrics(trainer, built.measure, p.prepared, built.run_info, answers)
     if distributed.is_main():
         files.write_json(p.run_dir / "log_history.json", trainer.state.log_history)
-        files.write_json(p.run_dir / "metrics.json", results)
+    # Measured on rank 0 up to here; writing metrics.json and the table below is what is left out.
+    breakdown = clock.breakdown()
+    timing = {"wall_time_s": sum(breakdown.values()), "time_breakdown_s": breakdown}
+    if distributed.is_main():
+        files.write_json(p.run_dir / "metrics.json", {**results, **timing})
         files.write_json(p.run_dir / "status.json", {"status": "completed", "error": None})
-        distributed.print0(f"\nworkshop metrics ({p.run_dir}):\n{format_table(results)}")
-    return results
+        distributed.print0(f"\nworkshop metrics ({p.run_dir}):\n{format_table(results)}\n\n"
+                           f"where the job's time went (time_breakdown_s):\n{metrics.format_breakdown(breakdown)}")
+    return {**results, **timing}
 
 
 def workshop_metrics(trainer, measure: MeasureCallback, prepared, run_info: dict, answers: dict) -> dict:
@@ -402,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.disable_progress_bar()  # progress bars garble SLURM .out files
     try:
-        metrics = run(sys.argv[1:] if argv is None else argv)
+        clock = JobClock()  # "launch_and_imports" ends here
+        metrics = run(sys.argv[1:] if argv is None else argv, clock)
         distributed.shutdown()
     except WorkshopError as e:
         print(f"error: {e}", file=sys.stderr)

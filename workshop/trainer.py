@@ -3,12 +3,17 @@
 ``WorkshopTrainer`` counts the tokens it trains on and writes checkpoints atomically.
 ``MeasureCallback`` writes one row per logging step to ``steps.jsonl`` and to the log line, for example::
 
-    step 40/96 | epoch 1.25 | loss 2.3105 | 11.2k tok/s | MFU 31.4% | GPU 6.01 GiB (peak 7.20, reserved 8.00) | host 3.1 GiB
+    step 40/96 | epoch 1.25 | loss 2.3105 | 11.2k tok/s | MFU 31.4% | GPU 6.01 GiB (peak 7.20, reserved 8.00) | host 3.1 GiB | elapsed 0:37 | left ~0:31
 
-Rows are written at logging steps, where the Trainer already waits for the GPU to report the loss,
-so measuring adds no extra synchronisation. Tokens are the non-padding tokens of every rank.
+"elapsed" is the job's time since its start; "left" the training steps still to do, at this launch's
+mean step time so far (evaluations and checkpoints not included). ``JobClock`` owns both, and the
+job's time per phase (``time_breakdown_s`` in metrics.json). Rows are written at logging steps, where
+the Trainer already waits for the GPU to report the loss, so measuring adds no extra synchronisation.
+Tokens are the non-padding tokens of every rank.
 
-Surviving time limits and preemption (``StopOnSignal``): SLURM sends SIGUSR1 before the time limit
+Checkpoints (``SaveOnTimeOrSignal``): by default one every ``--save_minutes`` (30) of training, none
+at the end of an epoch (``--save_strategy epoch|steps`` brings back the Trainer's own schedule), and the
+trained model at the end. Surviving time limits and preemption: SLURM sends SIGUSR1 before the time limit
 (``#SBATCH --signal=B:USR1@600``, forwarded to every rank by slurm/node.sh) and SIGTERM on preemption
 or ``scancel``. Either one makes the run save a checkpoint at the next optimizer-step boundary and
 stop; ``status.json`` then says ``stopped``, and the next start with the same run folder (the requeued
@@ -17,11 +22,13 @@ from a checkpoint by hand.
 
 A checkpoint is written under ``checkpoints/.incomplete/`` and renamed to ``checkpoints/checkpoint-N``
 once every rank has finished writing it, so a job killed while saving leaves the previous
-checkpoint as the newest one. The last ``--save_total_limit`` checkpoints are kept.
+checkpoint as the newest one. The last ``--save_total_limit`` checkpoints are kept, and with
+``--load_best_model_at_end`` the best one too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -40,6 +47,7 @@ from transformers import Trainer, TrainerCallback
 
 from workshop import files, metrics
 from workshop.distributed import print0
+from workshop.errors import WorkshopError
 from workshop.units import GIB
 
 log = logging.getLogger(__name__)
@@ -58,6 +66,75 @@ def complete_checkpoints(folder: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+# The phases of a job, in the order they first happen: time_breakdown_s in metrics.json.
+PHASES = ("launch_and_imports", "preflight", "data", "model_build", "trainer_setup", "training_steps", "evaluation",
+          "checkpoints", "final_save", "answer_scoring", "writing_results")
+JOB_START = "WORKSHOP_JOB_START"  # seconds since the epoch at the job script's start (slurm/common.sh)
+
+
+class JobClock:
+    """Where a job's wall time goes: every moment from the job's start to its results belongs to one phase.
+
+    The job script exports its start time in $WORKSHOP_JOB_START; without it (a bare ``workshop train``)
+    the process's start counts. ``launch_and_imports`` runs from there to the clock's creation, the first
+    line of ``workshop train``; ``switch`` ends the current phase and starts another; ``within`` runs a
+    phase inside the current one and goes back to it (evaluation and checkpoints happen inside
+    ``trainer.train()``, so they are not counted in the training steps as well).
+    """
+
+    def __init__(self):
+        started = os.environ.get(JOB_START)
+        try:
+            start = float(started) if started else _process_start()
+        except ValueError:
+            raise WorkshopError(f"{JOB_START}={started} is not a time in seconds since the epoch: unset it (the "
+                                "job scripts set it themselves)") from None
+        self.seconds = dict.fromkeys(PHASES, 0.0)
+        self.seconds["launch_and_imports"] = max(0.0, time.time() - start)
+        self.current = "preflight"
+        self.mark = time.monotonic()
+
+    def switch(self, phase: str) -> None:
+        now = time.monotonic()
+        self.seconds[self.current] += now - self.mark
+        self.current, self.mark = phase, now
+
+    @contextlib.contextmanager
+    def within(self, phase: str):
+        outer = self.current
+        self.switch(phase)
+        try:
+            yield
+        finally:
+            self.switch(outer)
+
+    def so_far(self, phase: str) -> float:
+        """Seconds spent in ``phase`` until now, the running part included."""
+        return self.seconds[phase] + (time.monotonic() - self.mark if phase == self.current else 0.0)
+
+    def elapsed(self) -> float:
+        """Seconds since the job started."""
+        return sum(self.seconds.values()) + time.monotonic() - self.mark
+
+    def breakdown(self) -> dict[str, float]:
+        """Seconds per phase until now (the current phase closed here); they add up to the job's wall time."""
+        self.switch(self.current)
+        return dict(self.seconds)
+
+
+def _process_start() -> float:
+    """Seconds since the epoch at this process's start.
+
+    On Linux from the kernel's start time in clock ticks since boot (10 ms steps): psutil adds those to
+    the boot time rounded to the second, which can put the start up to a second early.
+    """
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME) + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, AttributeError):  # no /proc (macOS): psutil's reading is exact there
+        return psutil.Process().create_time()
+
+
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -69,21 +146,31 @@ class WorkshopTrainer(Trainer):
     Tokens are counted on the device without waiting for it (``include_num_input_tokens_seen`` does
     the same count but calls ``.item()`` on every micro-batch, which stalls the GPU pipeline). A
     checkpoint is written under a temporary name and renamed once every rank has written its part.
+    Evaluations and checkpoints are timed on the job's clock as phases of their own.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, clock: JobClock | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.clock = clock or JobClock()
         self.tokens_seen = torch.zeros((), dtype=torch.int64, device=self.args.device)
 
     def training_step(self, model, inputs, *args, **kwargs):
         self.tokens_seen += inputs["attention_mask"].sum()
         return super().training_step(model, inputs, *args, **kwargs)
 
+    def evaluate(self, *args, **kwargs):
+        with self.clock.within("evaluation"):
+            return super().evaluate(*args, **kwargs)
+
     def _get_output_dir(self, trial):
         return os.path.join(self.args.output_dir, STAGING) if getattr(self, "_staging", False) else \
             super()._get_output_dir(trial)
 
     def _save_checkpoint(self, model, trial):
+        with self.clock.within("checkpoints"):
+            self._save_checkpoint_atomically(model, trial)
+
+    def _save_checkpoint_atomically(self, model, trial):
         final_root = Path(self.args.output_dir)
         name = f"checkpoint-{self.state.global_step}"
         self._staging = True
@@ -91,20 +178,30 @@ class WorkshopTrainer(Trainer):
             super()._save_checkpoint(model, trial)  # writes .incomplete/checkpoint-N on every rank
         finally:
             self._staging = False
+        staged = final_root / STAGING / name
+        if self._best() == staged:  # the Trainer found the best checkpoint where it was being written
+            self.state.best_model_checkpoint = str(final_root / name)
+            if self.args.should_save:
+                self.state.save_to_json(str(staged / "trainer_state.json"))  # so that a resumed run knows it
         _barrier()  # every rank's shards are on disk before the checkpoint counts as complete
         if self.args.should_save:
             target = final_root / name
             if target.exists():  # saved again at the same step (a stop right after an epoch's save)
                 shutil.rmtree(target)
-            os.replace(final_root / STAGING / name, target)
+            os.replace(staged, target)
             self._rotate(final_root)
         _barrier()
+
+    def _best(self) -> Path | None:
+        """--load_best_model_at_end's checkpoint so far."""
+        return Path(self.state.best_model_checkpoint) if self.state.best_model_checkpoint else None
 
     def _rotate(self, root: Path) -> None:
         limit = self.args.save_total_limit
         if limit:
             for old in complete_checkpoints(root)[:-limit]:
-                shutil.rmtree(old, ignore_errors=True)
+                if old != self._best():
+                    shutil.rmtree(old, ignore_errors=True)
 
 
 def all_ranks_sum(value: torch.Tensor) -> int:
@@ -158,6 +255,7 @@ class MeasureCallback(TrainerCallback):
 
     # -- events
     def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer.clock.switch("training_steps")
         self.start = self.last_time = time.perf_counter()
         self.last_tokens = all_ranks_sum(self.trainer.tokens_seen)
         self.last_step = self.first_step = state.global_step
@@ -208,10 +306,16 @@ class MeasureCallback(TrainerCallback):
         gpu = (f" | GPU {row['gpu_allocated_gib']:.2f} GiB (peak {row['gpu_peak_allocated_gib']:.2f}, "
                f"reserved {row['gpu_peak_reserved_gib']:.2f})" if self.cuda else "")
         mfu_text = f" | MFU {100 * mfu:.1f}%" if mfu is not None else ""
+        clock = self.trainer.clock
+        # the steps still to do at this launch's mean step time so far (evaluation and checkpoints not in it)
+        step_s = clock.so_far("training_steps") / max(state.global_step - self.first_step, 1)
         print0(f"step {state.global_step}/{state.max_steps} | epoch {state.epoch:.2f} | loss {logs['loss']:.4f} | "
-               f"{tokens_per_s / 1000:.1f}k tok/s{mfu_text}{gpu} | host {row['host_rss_gib']:.1f} GiB")
+               f"{tokens_per_s / 1000:.1f}k tok/s{mfu_text}{gpu} | host {row['host_rss_gib']:.1f} GiB | "
+               f"elapsed {metrics.clock_time(clock.elapsed())} | "
+               f"left ~{metrics.clock_time(step_s * (state.max_steps - state.global_step))}")
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.trainer.clock.switch("trainer_setup")
         self.train_time = time.perf_counter() - self.start
         if self.is_main:
             self.steps_file.close()
@@ -282,10 +386,19 @@ class ProfileCallback(TrainerCallback):
         self.profiler = None
 
 
-class StopOnSignal(TrainerCallback):
-    """On SIGUSR1/SIGTERM: checkpoint at the next step boundary and stop, on every rank together."""
+class SaveOnTimeOrSignal(TrainerCallback):
+    """A checkpoint every ``--save_minutes``; on SIGUSR1/SIGTERM one at the next step boundary, then stop.
 
-    def __init__(self):
+    Every rank decides the same at each step, or a save one rank enters and another does not would hang
+    the run (DeepSpeed's save is collective): a tiny all-reduce on a CPU (gloo) group each step adds up
+    what each rank saw, a signal (ranks may see it a step apart) or its clock's checkpoint time, without
+    waiting on the GPU. The interval counts from the start of training, then from the end of the last
+    checkpoint (any checkpoint: the Trainer's, by time, on a signal).
+    """
+
+    def __init__(self, save_every_s: float, clock: JobClock):
+        self.save_every_s, self.clock = save_every_s, clock
+        self.last_save = 0.0  # on the job's clock
         self.received: str | None = None
         self.stopped_at: int | None = None
         # The job scripts start training with SIGUSR1 ignored, so that a late signal (SLURM signals
@@ -293,8 +406,6 @@ class StopOnSignal(TrainerCallback):
         self.previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
-        # Ranks may see the signal a step apart; a tiny all-reduce on a CPU (gloo) group each step
-        # makes them agree without waiting on the GPU.
         self.group = None
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             self.group = dist.new_group(backend="gloo")
@@ -303,18 +414,27 @@ class StopOnSignal(TrainerCallback):
         self.received = signal.Signals(signum).name
         log.warning("received %s: saving a checkpoint at the next step, then stopping", self.received)
 
-    def _any_rank_received(self) -> bool:
-        if self.group is None:
-            return self.received is not None
-        flag = torch.tensor([int(self.received is not None)])
-        dist.all_reduce(flag, group=self.group)
-        if flag.item() and self.received is None:
+    def _decide(self) -> tuple[bool, bool]:
+        """(a checkpoint is due by the clock, a stop signal came), as every rank agrees."""
+        due = bool(self.save_every_s) and self.clock.elapsed() - self.last_save >= self.save_every_s
+        flags = torch.tensor([int(due), int(self.received is not None)])
+        if self.group is not None:
+            dist.all_reduce(flags, group=self.group)
+        if flags[1] and self.received is None:
             self.received = "signal on another rank"
-        return bool(flag.item())
+        return bool(flags[0]), bool(flags[1])
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.last_save = self.clock.elapsed()
+
+    def on_save(self, args, state, control, **kwargs):
+        self.last_save = self.clock.elapsed()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self._any_rank_received():
+        due, stop = self._decide()
+        if due or stop:
             control.should_save = True
+        if stop:
             control.should_training_stop = True
             self.stopped_at = state.global_step
         return control
