@@ -106,11 +106,9 @@ def build_model(model_args, tokenizer, config: PretrainedConfig, device: torch.d
         from transformers.integrations import is_deepspeed_zero3_enabled
 
         zero3 = is_deepspeed_zero3_enabled()
-        where = contextlib.nullcontext() if device is None or zero3 else torch.device(device)
+        where = partitioned_as_drawn() if zero3 else contextlib.nullcontext() if device is None else torch.device(device)
         with where:
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **kwargs)
-        if zero3:
-            init_children_under_zero3(model)
     else:
         try:
             model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, config=config,
@@ -128,27 +126,43 @@ def build_model(model_args, tokenizer, config: PretrainedConfig, device: torch.d
     return model
 
 
-def init_children_under_zero3(model: torch.nn.Module) -> None:
-    """Initialise again, with their children's weights gathered, the modules whose ``_init_weights`` sets them.
+@contextlib.contextmanager
+def partitioned_as_drawn():
+    """Build a model under ZeRO-3 from the random numbers the build without it draws, in the same order.
 
-    ZeRO-3 partitions each weight as it is made (``zero.Init``), and transformers before 5.23 gathers
-    only a module's own parameters around its ``_init_weights``. A module that sets its children's
-    weights then writes into empty shards: GPT-2's attention and MLP, which scale their residual
-    projection (``c_proj``) to 0.02 / sqrt(2 x layers), keep the plain 0.02 instead, and a model built
-    from its configuration under ZeRO-3 trains to a far higher loss than at any other stage. Later
-    versions gather the children too; there this draws those weights a second time, from the same
-    distribution.
+    ``zero.Init`` partitions each module's weights as its constructor returns, so a weight that the
+    model's ``_init_weights`` sets later has to be gathered first. transformers' own ZeRO-3 build turns
+    the constructors' default initialisation off and initialises every module at the end: the same
+    distributions, but other random numbers, since the build without ZeRO-3 draws the two interleaved
+    (GPT-2 initialises its body, then constructs and initialises its output layer), and so ZeRO-3
+    trained from other weights than every other stage at the same seed. Here the constructors draw
+    as they always do, each module whole until its constructor returns, and ``_init_weights`` runs
+    where it always runs, with the module's weights and its children's gathered (GPT-2's attention
+    sets its child ``c_proj``): one module's weights whole at a time, the same numbers drawn on the
+    same device. Every rank draws them; rank 0's are kept. (In bf16 or fp16 DeepSpeed makes the
+    weights in that precision and they are drawn there, where the other stages draw in fp32 and round.)
     """
     import deepspeed
+    from transformers import PreTrainedModel
+    from transformers.integrations import deepspeed_config
+    from transformers.modeling_utils import set_zero3_state  # zero.Init is on: transformers must not add its own
 
-    for module in model.modules():
-        if next(module.parameters(recurse=False), None) is not None:
-            continue  # initialised with its own weights gathered already
-        children = [p for child in module.children() for p in child.parameters(recurse=False)]
-        if children:
-            with deepspeed.zero.GatheredParameters(children, modifier_rank=0), torch.no_grad():
-                if deepspeed.comm.get_rank() == 0:
-                    model._init_weights(module)
+    initialize = PreTrainedModel._initialize_weights
+
+    def gathered(self, module, *args, **kwargs):
+        if getattr(module, "_is_hf_initialized", False):  # done already, nothing to draw
+            return
+        weights = [*module.parameters(recurse=False), *(p for child in module.children()
+                                                          for p in child.parameters(recurse=False))]
+        with deepspeed.zero.GatheredParameters(weights, modifier_rank=0):
+            initialize(self, module, *args, **kwargs)
+
+    PreTrainedModel._initialize_weights = gathered
+    try:
+        with deepspeed.zero.Init(config_dict_or_path=deepspeed_config()), set_zero3_state():
+            yield
+    finally:
+        PreTrainedModel._initialize_weights = initialize
 
 
 class AlignedLinear(torch.nn.Linear):
