@@ -185,3 +185,14 @@ def test_evaluations_and_checkpoints_are_phases_of_their_own_not_training_steps(
     assert [int(line[0]) for line in lines] == [4, 8, 12, 16], out
     assert lines[-1][3:] == ("0", "00")
     assert "where the job's time went (time_breakdown_s):\n| phase | seconds | share |" in out
+
+
+def test_versions_are_recorded_without_importing_deepspeed(monkeypatch):
+    """config.json names DeepSpeed's version; a run without DeepSpeed must not pay DeepSpeed's start-up for it."""
+    import deepspeed
+
+    from workshop import train
+
+    installed = deepspeed.__version__
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # any `import deepspeed` from here on fails
+    assert train._versions()["deepspeed"] == installed

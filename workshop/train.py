@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import importlib.metadata
 import logging
 import os
 import platform
@@ -266,16 +267,16 @@ def _flat_config(run_info: dict) -> dict:
 
 
 def _versions() -> dict:
-    import accelerate
+    """The packages' versions, read from their installed metadata: importing DeepSpeed for its version alone
+    would cost every run without it DeepSpeed's start-up."""
+    def version(package: str) -> str | None:
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return None
 
-    try:
-        import deepspeed
-
-        ds_version = deepspeed.__version__
-    except ImportError:
-        ds_version = None
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "accelerate": accelerate.__version__, "deepspeed": ds_version}
+            "accelerate": version("accelerate"), "deepspeed": version("deepspeed")}
 
 
 def environment() -> dict:
