@@ -175,6 +175,43 @@ def write(path: Path, text: str) -> str:
                  r".*, or a hub kernel \(org/name\)$", id="unknown_attention"),
     pytest.param(["--report_to", "tensorbored"], r"--report_to tensorbored is not known: use none, all, or one of "
                  r".*tensorboard", id="unknown_report_to"),
+
+    # Each of these ended in a traceback once the run folder was written (or, the empty ones and the flags
+    # not read, ran on as if the flag had not been given, --logs_root "" into the current folder).
+    pytest.param(["--tokenizer_name_or_path", ""], r"^error: --tokenizer_name_or_path is empty: give a value, or leave "
+                 r"the flag out for its default$", id="empty_name"),
+    pytest.param(["--logs_root", ""], r"^error: --logs_root is empty", id="empty_path"),
+    pytest.param(["--resume_from_checkpoint", " "], r"^error: --resume_from_checkpoint is empty", id="empty_trainer_path"),
+    pytest.param(["--output_dir", "ckpt"], r"^error: --output_dir is not read by workshop train \(checkpoints go to "
+                 r"<run folder>/checkpoints.*\): drop it$", id="flag_not_read"),
+    pytest.param(["--preprocessing_num_workers=4"], r"^error: --preprocessing_num_workers is not read by workshop "
+                 r"train \(the data is tokenised in one batched call", id="retired_flag"),
+    pytest.param(["--optim", "adamw_torch_4bit"], r"^error: --optim adamw_torch_4bit cannot be used here \(You need to "
+                 r"have `torchao>=0.4.0`.*\): install what it needs, or leave --optim out", id="optimizer_not_installed"),
+    pytest.param(["--optim", "sgd", "--optim_args", "momentum"], r"^error: --optim_args momentum: give key=value "
+                 r"pairs separated by commas", id="optimizer_args_not_pairs"),
+    pytest.param(["--lr_scheduler_type", "warmup_stable_decay"], r"^error: --lr_scheduler_type warmup_stable_decay: "
+                 r"get_wsd_schedule\(\) missing .*'num_decay_steps': give the schedule's arguments as JSON in "
+                 r"--lr_scheduler_kwargs$", id="schedule_needs_arguments"),
+    pytest.param(["--lr_scheduler_type", "cosine", "--lr_scheduler_kwargs", '{"min_lr": 0}'],
+                 r"--lr_scheduler_type cosine --lr_scheduler_kwargs '\{\"min_lr\": 0\}': .*unexpected keyword "
+                 r"argument 'min_lr'", id="schedule_argument_unknown"),
+    pytest.param(["--lr_scheduler_kwargs", "min_lr=0"], r"^error: --lr_scheduler_kwargs min_lr=0 is not a JSON object",
+                 id="kwargs_not_json"),
+    pytest.param(["--gradient_checkpointing", "--gradient_checkpointing_kwargs", '{"reentrant": false}'],
+                 r"--gradient_checkpointing_kwargs: reentrant is not an argument of torch.utils.checkpoint: use "
+                 r"use_reentrant, ", id="checkpointing_argument_unknown"),
+    pytest.param(["--gradient_checkpointing_kwargs", '{"use_reentrant": false}'], r"--gradient_checkpointing_kwargs "
+                 r"does nothing without --gradient_checkpointing", id="checkpointing_kwargs_alone"),
+    pytest.param(["--torch_compile_mode", "fastest"], r"^error: --torch_compile_mode fastest is not known: use "
+                 r"default, .*max-autotune$", id="unknown_compile_mode"),
+    pytest.param(["--torch_compile_backend", "nope"], r"^error: --torch_compile_backend nope is not known: use no, "
+                 r"eager, .*inductor", id="unknown_compile_backend"),
+    pytest.param(["--attn_implementation", "flash_attention_2"], r"^error: --attn_implementation flash_attention_2 "
+                 r"cannot run here \(the package for FlashAttention2 doesn't seem to be installed\): install it on a "
+                 r"GPU node, or use sdpa$", id="attention_not_installed"),
+    pytest.param(["--load_best_model_at_end", "--save_strategy", "no"], r"but found - Evaluation strategy: .*EPOCH - "
+                 r"Save strategy: .*NO: see workshop train --help$", id="trainer_message_of_several_lines"),
 ])
 def test_bad_flags(capsys, logs, flags, match):
     stops(capsys, logs, flags, match)
@@ -187,6 +224,44 @@ def test_report_to_an_integration_not_installed(capsys, logs, monkeypatch):
     monkeypatch.setattr(integration_utils, "get_available_reporting_integrations", lambda: ["tensorboard"])
     stops(capsys, logs, ["--report_to", "wandb"],
           r"--report_to wandb needs the wandb package, which is not installed: pip install wandb, or drop --report_to$")
+
+
+def test_packages_the_choices_need(monkeypatch):
+    """Which --optim and --attn_implementation choices need a package that is not installed here, as the checks
+    see it: the optimizers of the Trainer's list with extras, the flash attentions. Pinned so that a choice
+    which starts to pass unchecked (a transformers upgrade that moves a check) shows here."""
+    from transformers.training_args import OptimizerNames
+    from transformers.utils import is_kernels_available
+
+    from workshop import config
+    from workshop.errors import WorkshopError
+
+    if is_kernels_available():
+        pytest.skip("the kernels package stands in for flash attention")
+    refused = set()
+    for name in [o.value for o in OptimizerNames] + ["flash_attention_2", "flash_attention_3", "org/kernel"]:
+        flag = "--attn_implementation" if "attention" in name or "/" in name else "--optim"
+        extra = ["--optim_target_modules", "all-linear"] if name.startswith(("galore", "apollo")) else []
+        try:
+            config.parse(["--preset", "tiny", flag, name, *extra])
+        except WorkshopError:
+            refused.add(name)
+    installed_here = {"adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad", "rmsprop"}
+    assert set(OptimizerNames) - refused == installed_here  # bitsandbytes, torchao, galore, ... are extras
+    assert {"flash_attention_2", "flash_attention_3", "org/kernel"} <= refused
+
+
+def test_an_optimizer_that_needs_the_model_is_not_refused_for_its_absence(monkeypatch):
+    """GaLore, APOLLO and LOMO, installed, reach for the model's modules once their package and flags are
+    checked: the stand-in model ends the check there, passing, instead of refusing a run that would work."""
+    from transformers import trainer_optimizer
+    from transformers.training_args import OptimizerNames
+
+    from workshop import config
+
+    monkeypatch.setitem(trainer_optimizer._OPTIMIZER_HANDLERS, OptimizerNames.LOMO,
+                        lambda ctx: (None, {"params": list(ctx.model.named_parameters())}))
+    assert config.parse(["--preset", "tiny", "--optim", "lomo"])[3].optim == "lomo"
 
 
 def test_the_edges_of_each_range_are_allowed():

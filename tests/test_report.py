@@ -161,7 +161,9 @@ def test_many_runs_compared_with_scaling_efficiency(tmp_path, capsys):
     assert [float(rows[f"multi_node/run{w}"]["scaling_efficiency"]) for w in (1, 2, 4)] == pytest.approx([1, 0.9, 0.8])
     assert rows["offload/oom"]["status"] == "oom" and rows["offload/oom"]["final_train_loss"] == ""
     assert rows["offload/oom"]["predicted_peak_allocated_gib"]  # the prediction still says what it needed
-    assert "90.0%" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "90.0%" in out
+    assert "Scaling efficiency compares" not in out  # every multi-GPU run has its one-GPU run: nothing to explain
 
 
 def test_format_table_for_train_py():
@@ -359,6 +361,38 @@ def test_scaling_efficiency_by_hand_within_groups_that_differ_only_in_gpu_count(
     assert [k for k, v in got.items() if v is None] == ["alone", "c4", "nospeed"]  # not "" or 0: shown as "-"
 
 
+def test_scaling_efficiency_only_against_runs_that_differ_in_gpu_count_alone_and_the_report_says_why_not():
+    """Sample count, epochs, the GPU: each changes samples/s per GPU without any scaling, so a run that differs in
+    one of them gets no efficiency, and the report names the closest one-GPU run and the settings they differ in;
+    a group whose smallest count is more than one GPU says so."""
+    same = dict(device="H100", epochs=3.0, train_samples=500)
+    rows = [
+        _row("one", 1, 10.0, **same),
+        _row("four", 4, 36.0, **same),
+        _row("four_short", 4, 40.0, **{**same, "epochs": 2.0, "train_samples": 64}),
+        _row("four_h200", 4, 60.0, **{**same, "device": "H200"}),
+        _row("two_z3", 2, 10.0, **{**same, "zero_stage": 3}), _row("eight_z3", 8, 32.0, **{**same, "zero_stage": 3}),
+        _row("failed", 8, None, **same),  # no speed: nothing to say
+    ]
+    report.add_scaling_efficiency(rows)
+    got = {r["run"]: r["scaling_efficiency"] for r in rows}
+    # four: 36/4 = 9 per GPU against 10; eight_z3: 32/8 = 4 against 10/2 = 5.
+    assert {k: v for k, v in got.items() if v is not None} == pytest.approx(
+        {"one": 1.0, "four": 0.9, "two_z3": 1.0, "eight_z3": 0.8}, rel=1e-12)
+    assert report.scaling_notes(rows) == [
+        "`four_short` (4 GPUs): no scaling efficiency: no one-GPU run differs from it in the GPU count alone; the "
+        "closest, `one`, differs in train_samples 500 vs 64, epochs 3.0 vs 2.0",
+        "`four_h200` (4 GPUs): no scaling efficiency: no one-GPU run differs from it in the GPU count alone; the "
+        "closest, `one`, differs in device H100 vs H200",
+        "`two_z3` (2 GPUs): against two_z3, its smallest GPU count: no comparable one-GPU run",
+        "`eight_z3` (8 GPUs): against two_z3, its smallest GPU count: no comparable one-GPU run",
+    ]
+    assert "- `four_h200` (4 GPUs): no scaling efficiency" in report.comparison_markdown(rows)
+    alone = [_row("two", 2, 10.0)]
+    report.add_scaling_efficiency(alone)
+    assert report.scaling_notes(alone) == ["`two` (2 GPUs): no scaling efficiency: no one-GPU run among these runs"]
+
+
 def test_csv_holds_every_key_of_every_row_in_first_seen_order_lists_as_json():
     rows = [{"run": "a", "loss": [1.5, 2.0]}, {"run": "b", "only_b": {"k": "v"}}, {"run": "c", "only_c": ["x"]}]
     assert report.to_csv(rows) == ('run,loss,only_b,only_c\n'
@@ -473,13 +507,18 @@ def test_a_run_without_metrics_json_takes_its_settings_from_config_json(run_dir)
     config = read_json(run_dir / "config.json")
     config["environment"].update(world_size=4, num_nodes=2)
     config["training"].update(per_device_train_batch_size=3, gradient_accumulation_steps=5, num_train_epochs=7.0)
-    config["data"]["max_seq_length"] = 640
+    config["data"].update(max_seq_length=640, pad_to_max_length=True, pad_to_multiple_of=64, loss_on="sequence")
+    config["data_stats"] = {"train_samples": 321}
+    config["model"].update(attn_implementation="eager", fast_kernels=False)
+    config["training"].update(gradient_checkpointing=True, torch_compile=True)
     (run_dir / "config.json").write_text(json.dumps(config))
     expected = dict(run="deepspeed_single_gpu/4711", status="failed", stage="deepspeed_single_gpu", run_id="4711",
                     model="gpt2-medium", dataset="builtin", device="NVIDIA H100 80GB HBM3", precision="bf16",
                     deepspeed="zero2.json", zero_stage=2, offload_optimizer=None, offload_param=None, world_size=4,
                     num_nodes=2, per_device_train_batch_size=3, gradient_accumulation_steps=5,
-                    global_batch_size=3 * 5 * 4, max_seq_length=640, epochs=7.0)
+                    global_batch_size=3 * 5 * 4, max_seq_length=640, epochs=7.0, train_samples=321,
+                    pad_to_max_length=True, pad_to_multiple_of=64, loss_on="sequence", attn_implementation="eager",
+                    fast_kernels=False, gradient_checkpointing=True, torch_compile=True)
     assert report.settings(report.load_run(run_dir)) == expected
     config["model"]["model_name_or_path"], config["data"]["dataset_name"] = "m-from-model", "d-from-data"
     del config["labels"], config["workshop"]

@@ -80,7 +80,7 @@ RATIO_OR_STEPS = "below 1: a fraction of the training steps"
 RANGES = {
     "max_seq_length": Range(1), "max_train_samples": Range(1), "max_eval_samples": Range(1),
     "answer_eval_samples": Range(0, note="0 skips the answers"), "pad_to_multiple_of": Range(1),
-    "preprocessing_num_workers": Range(1), "profile_steps": Range(0, note="0: off"),
+    "profile_steps": Range(0, note="0: off"),
     "per_device_train_batch_size": Range(1), "per_device_eval_batch_size": Range(1),
     "gradient_accumulation_steps": Range(1), "eval_accumulation_steps": Range(1),
     "max_steps": Range(1, off=-1, note="or -1: train for --num_train_epochs"),
@@ -101,12 +101,25 @@ RANGES = {
     "torch_empty_cache_steps": Range(1),
 }
 SAMPLING = ("random", "sequential", "group_by_length", "batch_rebalance")  # the Trainer's train_sampling_strategy
+# Flags the parser knows (the Trainer's, or a workshop flag that was retired) that `workshop train` does not
+# read: refused by name with the reason, rather than taken and silently ignored.
+NOT_READ = {
+    "--output_dir": "checkpoints go to <run folder>/checkpoints, so that one folder holds the run: choose it with "
+                    "--run_dir or --logs_root",
+    "--dataloader_pin_memory": "pinned host memory follows the device: on with a GPU, off on a CPU",
+    "--preprocessing_num_workers": "the data is tokenised in one batched call of the fast tokenizer, whose Rust "
+                                   "code spreads it over the cores itself",
+}
 
 
 def check_ranges(args) -> None:
-    """Every number among ``args``'s fields (one of the argument dataclasses) finite and within RANGES."""
+    """Every number among ``args``'s fields (one of the argument dataclasses) finite and within RANGES, and no
+    text empty: an empty name or path would mean "not given" to some checks (the default model's tokenizer,
+    the default run folder) and the current folder to others (--logs_root "" writes local/<run id> there)."""
     for name in (f.name for f in dataclasses.fields(args)):
         value = getattr(args, name)
+        if isinstance(value, str) and not value.strip():
+            raise WorkshopError(f"--{name} is empty: give a value, or leave the flag out for its default")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue  # None (not given), text, switches
         if not math.isfinite(value):
@@ -185,8 +198,6 @@ class DataArguments:
                           "shapes, at most 7 padding tokens a row), none on a CPU. A larger multiple makes fewer "
                           "distinct batch shapes, each of which costs CPU time the first time the kernels meet it, "
                           "for more padding."})
-    preprocessing_num_workers: int | None = field(
-        default=None, metadata={"help": "Processes for tokenisation (datasets.map)."})
 
 
 @dataclass
@@ -219,7 +230,7 @@ class WorkshopTrainingArguments(TrainingArguments):
     """``TrainingArguments`` with the workshop's defaults and one precision switch."""
 
     output_dir: str | None = field(
-        default=None, metadata={"help": "Checkpoint folder; default <run folder>/checkpoints."})
+        default=None, metadata={"help": "Not read: checkpoints go to <run folder>/checkpoints (--run_dir)."})
     nvme_path: str | None = field(
         default=None,
         metadata={"help": "Folder on a node-local NVMe disk for ds_configs/zero3_nvme.json (ZeRO-Infinity); "
@@ -331,9 +342,28 @@ class WorkshopTrainingArguments(TrainingArguments):
         # The Trainer's DeepSpeed set-up, the last step of its __post_init__, fills the JSON's "auto" batch
         # sizes: it waits until `workshop train` has fitted the micro-batch to the GPU (settle_batch).
         config, self.deepspeed = self.deepspeed, None
+        self._check_json_objects()
         super().__post_init__()
         self.deepspeed = config
         self._check_report_to()
+        self._check_optimizer()
+        self._check_scheduler()
+        self._check_checkpointing()
+        self._check_compile()
+
+    def _check_json_objects(self) -> None:
+        """The Trainer's dict flags given as text: a JSON object where one is meant (the Trainer's own parse
+        fails without naming the flag, or passes the text on to fail once the run folder exists)."""
+        for name in self._VALID_DICT_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, str) or name == "deepspeed":
+                continue
+            try:
+                parsed = json.loads(value) if value.startswith("{") or name.endswith("_kwargs") else {}
+            except json.JSONDecodeError as e:
+                parsed = e
+            if not isinstance(parsed, dict):
+                raise WorkshopError(f"--{name} {value} is not a JSON object: give one, e.g. '{{\"name\": 1}}'")
 
     def _check_report_to(self) -> None:
         """Each --report_to integration known and installed (the Trainer would fail once the run folder exists)."""
@@ -348,6 +378,73 @@ class WorkshopTrainingArguments(TrainingArguments):
                                     f"pip install {name}, or drop --report_to")
             raise WorkshopError(f"--report_to {name} is not known: use none, all, or one of "
                                 f"{', '.join(INTEGRATION_TO_CALLBACK)}")
+
+    def _check_optimizer(self) -> None:
+        """--optim (with --optim_args) one the Trainer can build here: it builds it only once the run folder exists,
+        and a package it needs (bitsandbytes, torchao, galore_torch, ...) may not be installed."""
+        from transformers import Trainer
+
+        if self.optim_args and any(item.count("=") != 1 for item in self.optim_args.replace(" ", "").split(",")):
+            raise WorkshopError(f"--optim_args {self.optim_args}: give key=value pairs separated by commas, "
+                                "e.g. momentum=0.9,nesterov=True")
+        try:
+            Trainer.get_optimizer_cls_and_kwargs(self, _ModelToCome())
+        except _ModelToCome.Needed:  # every check on the flags and packages passed; the rest needs the model
+            pass
+        except (ImportError, ValueError, TypeError, NotImplementedError) as e:
+            raise WorkshopError(f"--optim {self.optim.value} cannot be used here ({_first_line(e)}): install what it "
+                                "needs, or leave --optim out (PyTorch's AdamW)") from None
+
+    def _check_scheduler(self) -> None:
+        """--lr_scheduler_type with its --lr_scheduler_kwargs built once on a stand-in optimizer: the Trainer
+        builds it only after the run folder exists, and some schedules need arguments (warmup_stable_decay's
+        num_decay_steps, cosine_with_min_lr's min_lr or min_lr_rate)."""
+        import torch
+        from transformers import get_scheduler
+
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=self.learning_rate)
+        try:  # a long run, so that no steps-dependent argument is refused for the stand-in's sake
+            get_scheduler(self.lr_scheduler_type, optimizer, num_warmup_steps=0, num_training_steps=10**6,
+                          scheduler_specific_kwargs=self.lr_scheduler_kwargs)
+        except (TypeError, ValueError) as e:
+            given = f" --lr_scheduler_kwargs '{json.dumps(self.lr_scheduler_kwargs)}'" if self.lr_scheduler_kwargs \
+                else ""
+            raise WorkshopError(f"--lr_scheduler_type {self.lr_scheduler_type.value}{given}: {_first_line(e)}: give "
+                                "the schedule's arguments as JSON in --lr_scheduler_kwargs") from None
+
+    def _check_checkpointing(self) -> None:
+        """--gradient_checkpointing_kwargs: read only with --gradient_checkpointing, and only the keywords of
+        torch.utils.checkpoint.checkpoint (an unknown one fails at the first forward pass)."""
+        import inspect
+
+        import torch.utils.checkpoint
+
+        kwargs = self.gradient_checkpointing_kwargs
+        if kwargs and not self.gradient_checkpointing:
+            raise WorkshopError("--gradient_checkpointing_kwargs does nothing without --gradient_checkpointing: add it, "
+                                "or drop the kwargs")
+        accepted = [name for name, param in inspect.signature(torch.utils.checkpoint.checkpoint).parameters.items()
+                    if param.kind is param.KEYWORD_ONLY]
+        unknown = sorted(set(kwargs or {}) - set(accepted))
+        if unknown:
+            raise WorkshopError(f"--gradient_checkpointing_kwargs: {', '.join(unknown)} is not an argument of "
+                                f"torch.utils.checkpoint: use {', '.join(accepted)}")
+
+    def _check_compile(self) -> None:
+        """--torch_compile_mode and --torch_compile_backend ones torch and accelerate know (checked by them only
+        at the first step, after the run folder is written)."""
+        from accelerate.utils import DynamoBackend
+
+        if self.torch_compile_mode is not None:
+            from torch._inductor import list_mode_options  # a second's import: only for a run that asks for it
+
+            if self.torch_compile_mode not in list_mode_options():
+                raise WorkshopError(f"--torch_compile_mode {self.torch_compile_mode} is not known: use "
+                                    f"{', '.join(list_mode_options())}")
+        backends = [b.value.lower() for b in DynamoBackend]
+        if self.torch_compile_backend is not None and self.torch_compile_backend.lower() not in backends:
+            raise WorkshopError(f"--torch_compile_backend {self.torch_compile_backend} is not known: use "
+                                f"{', '.join(backends)}")
 
     def settle_batch(self, micro_batch: int, accumulation: int) -> None:
         """Train in micro-batches of ``micro_batch``, ``accumulation`` of them per optimizer step, and build the
@@ -377,6 +474,24 @@ class WorkshopTrainingArguments(TrainingArguments):
         if getattr(self, "distributed_state", None) is None:
             return int(os.environ.get("WORLD_SIZE", "1"))
         return super().world_size
+
+
+class _ModelToCome:
+    """Stands in for the model while the flags are read: an optimizer that needs the model (GaLore, APOLLO)
+    reaches for its modules only after checking its package and flags."""
+
+    class Needed(Exception):
+        pass
+
+    def _needed(self, *args, **kwargs):
+        raise _ModelToCome.Needed
+
+    named_modules = named_parameters = parameters = _needed
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__).rstrip(".")
 
 
 def _cuda_available() -> bool:
@@ -455,6 +570,9 @@ def parse(argv: list[str]) -> tuple[ModelArguments, DataArguments, WorkshopArgum
     argv = expand_argv(argv)
     known = {a for action in p._actions for a in action.option_strings}
     for arg in argv:
+        if arg.split("=", 1)[0] in NOT_READ:
+            name = arg.split("=", 1)[0]
+            raise WorkshopError(f"{name} is not read by workshop train ({NOT_READ[name]}): drop it")
         if arg.startswith("--") and arg.split("=", 1)[0] not in known:
             name = arg.split("=", 1)[0]
             close = difflib.get_close_matches(name, known, n=1)
@@ -463,7 +581,8 @@ def parse(argv: list[str]) -> tuple[ModelArguments, DataArguments, WorkshopArgum
     try:
         model_args, data_args, ws_args, training_args = p.parse_args_into_dataclasses(args=argv)
     except ValueError as e:  # values TrainingArguments refuses (e.g. an unknown strategy), or stray words
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # all of it on one line: some say what they found on the lines after the first
+        message = " ".join(line.strip() for line in str(e).strip().splitlines()) or type(e).__name__
         if message.startswith("Some specified arguments are not used"):
             stray = message.split(":", 1)[1].strip()
             raise WorkshopError(f"unexpected argument(s) {stray}: flags are --name value, and a settings file "
@@ -477,6 +596,8 @@ def parse(argv: list[str]) -> tuple[ModelArguments, DataArguments, WorkshopArgum
 
 def validate(model_args: ModelArguments, data_args: DataArguments, ws_args: WorkshopArguments) -> None:
     """Checks on the flags alone; the ones that need the model or data happen where those load."""
+    for args in (model_args, data_args, ws_args):
+        check_ranges(args)
     if data_args.train_file is None and data_args.dataset_name not in DATASETS:
         raise WorkshopError(f"--dataset_name {data_args.dataset_name} is not known: use one of {', '.join(DATASETS)}, "
                             "or --train_file for local data")
@@ -493,8 +614,6 @@ def validate(model_args: ModelArguments, data_args: DataArguments, ws_args: Work
         raise WorkshopError("--validation_file needs --train_file as well")
     if data_args.loss_on not in ("answer", "sequence"):
         raise WorkshopError(f"--loss_on {data_args.loss_on} is not known: use answer or sequence")
-    check_ranges(data_args)
-    check_ranges(ws_args)
     _check_attention(model_args.attn_implementation)
     if ws_args.stage not in STAGES:
         raise WorkshopError(f"--stage {ws_args.stage} is not known: use one of {', '.join(STAGES)}")
@@ -516,3 +635,28 @@ def _check_attention(name: str | None) -> None:
     if name not in known and not is_kernel(name):
         raise WorkshopError(f"--attn_implementation {name} is not known: use {', '.join(known)}, or a hub kernel "
                             "(org/name)")
+    _check_attention_installed(name)
+
+
+def _check_attention_installed(name: str) -> None:
+    """The package a kernel needs installed and its device present: transformers finds out only when it builds
+    the model, after the run folder is written. Its own reasons, as it would give them then."""
+    from transformers.integrations.hub_kernels import is_kernel
+    from transformers.modeling_flash_attention_utils import FLASH_ATTENTION_COMPATIBILITY_MATRIX
+    from transformers.modeling_utils import PreTrainedModel
+    from transformers.utils import is_kernels_available
+
+    if is_kernels_available():
+        return  # a hub kernel, and the library's fallback for a flash attention package not installed
+    if is_kernel(name):
+        raise WorkshopError(f"--attn_implementation {name} is a hub kernel, which needs the kernels package: "
+                            "pip install kernels, or use sdpa")
+    version = next((v for v in FLASH_ATTENTION_COMPATIBILITY_MATRIX if name.endswith(f"flash_attention_{v}")), None)
+    if version is None:
+        return
+    try:  # its checks of packages and devices, which read nothing of the model
+        PreTrainedModel._flash_attn_import_error(None, **FLASH_ATTENTION_COMPATIBILITY_MATRIX[version])
+    except ImportError as e:
+        reason = _first_line(e).split("the following error: ", 1)[-1]
+        raise WorkshopError(f"--attn_implementation {name} cannot run here ({reason}): install it on a GPU node, "
+                            "or use sdpa") from None

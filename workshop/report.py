@@ -25,7 +25,8 @@ in the same order, so a participant can check what they filled in; perplexity (e
 eval loss) joins it where a run trained on plain text.
 
 Runs that differ only in their GPU count get a scaling efficiency: train samples/s per GPU relative to
-the smallest GPU count among them.
+the smallest GPU count among them; under the tables, a multi-GPU run without a comparable one-GPU run
+says what it was measured against, or which settings keep it from any.
 """
 
 from __future__ import annotations
@@ -229,6 +230,7 @@ def settings(run: Run) -> dict:
     m, cfg = run.metrics, run.config
     training, env = cfg.get("training") or {}, cfg.get("environment") or {}
     data, labels = cfg.get("data") or {}, cfg.get("labels") or {}
+    model = cfg.get("model") or {}
     ds_stage, ds_opt, ds_param = deepspeed_choices(_ds_config(run))
     deepspeed = _first(m.get("deepspeed"), labels.get("deepspeed"))
     stage = m.get("zero_stage") if "zero_stage" in m else ds_stage
@@ -241,7 +243,7 @@ def settings(run: Run) -> dict:
         "stage": _first(m.get("stage"), labels.get("stage"), (cfg.get("workshop") or {}).get("stage"),
                         run.path.parent.name),
         "run_id": _first(m.get("run_id"), labels.get("run_id"), run.path.name),
-        "model": _first(m.get("model"), labels.get("model"), (cfg.get("model") or {}).get("model_name_or_path")),
+        "model": _first(m.get("model"), labels.get("model"), model.get("model_name_or_path")),
         "dataset": _first(m.get("dataset"), labels.get("dataset"), data.get("dataset_name")),
         "device": env.get("device"),
         "precision": _first(m.get("precision"), training.get("precision")),
@@ -257,6 +259,15 @@ def settings(run: Run) -> dict:
                                     micro * accum * world if micro and accum and world else None),
         "max_seq_length": _first(m.get("max_seq_length"), data.get("max_seq_length")),
         "epochs": _first(m.get("epochs"), training.get("num_train_epochs")),
+        # what else makes a training step's work per sample (SCALING_KEYS), as config.json records it
+        "train_samples": _first(m.get("train_samples"), (cfg.get("data_stats") or {}).get("train_samples")),
+        "pad_to_max_length": data.get("pad_to_max_length"),
+        "pad_to_multiple_of": data.get("pad_to_multiple_of"),
+        "loss_on": data.get("loss_on"),
+        "attn_implementation": model.get("attn_implementation"),
+        "fast_kernels": model.get("fast_kernels"),
+        "gradient_checkpointing": training.get("gradient_checkpointing"),
+        "torch_compile": training.get("torch_compile"),
     }
 
 
@@ -370,27 +381,59 @@ def _max(rows: list[dict], key: str):
     return max(values) if values else None
 
 
-SCALING_KEYS = ("model", "dataset", "precision", "zero_stage", "offload_optimizer", "offload_param",
-                "per_device_train_batch_size", "gradient_accumulation_steps", "max_seq_length")
+# Everything but the GPU count that changes a run's samples/s: the model and its kernels, the data (its samples,
+# lengths, padding, targets), the batch per GPU, the stage and its JSON, the precision, the GPU, the epochs (the
+# first step's one-off cost is part of the first epoch's time). Runs equal in all of them form a group.
+SCALING_KEYS = ("model", "dataset", "device", "precision", "deepspeed", "zero_stage", "offload_optimizer",
+                "offload_param", "per_device_train_batch_size", "gradient_accumulation_steps", "max_seq_length",
+                "train_samples", "epochs", "pad_to_max_length", "pad_to_multiple_of", "loss_on",
+                "attn_implementation", "fast_kernels", "gradient_checkpointing", "torch_compile")
 
 
 def add_scaling_efficiency(rows: list[dict]) -> None:
     """efficiency = (samples/s at N GPUs / N) / (samples/s at N0 / N0), N0 the smallest GPU count of runs
-    that differ only in their GPU count, samples/s of training steps alone (``summarize``). 1.0 is perfect
-    scaling; the smallest run is 1.0 by definition."""
+    that differ only in their GPU count (equal in every SCALING_KEYS), samples/s of training steps alone
+    (``summarize``). 1.0 is perfect scaling; the smallest run is 1.0 by definition. ``scaling_against``
+    names the runs at N0."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        row["scaling_efficiency"] = None
+        row["scaling_efficiency"] = row["scaling_against"] = None
         if row.get("train_samples_per_second") and row.get("world_size"):
             groups.setdefault(tuple(row.get(k) for k in SCALING_KEYS), []).append(row)
     for members in groups.values():
         if len({r["world_size"] for r in members}) < 2:
             continue
         smallest = min(r["world_size"] for r in members)
-        base = [r["train_samples_per_second"] / r["world_size"] for r in members if r["world_size"] == smallest]
-        per_gpu = sum(base) / len(base)
+        base = [r for r in members if r["world_size"] == smallest]
+        per_gpu = sum(r["train_samples_per_second"] / r["world_size"] for r in base) / len(base)
         for r in members:
             r["scaling_efficiency"] = r["train_samples_per_second"] / r["world_size"] / per_gpu
+            r["scaling_against"] = ", ".join(b["run"] for b in base)
+
+
+def scaling_notes(rows: list[dict]) -> list[str]:
+    """For each multi-GPU run with a speed: what its scaling efficiency is measured against where that is not
+    a one-GPU run, and why it has none: the closest one-GPU run and the settings they differ in."""
+    one_gpu = [r for r in rows if r.get("world_size") == 1 and r.get("train_samples_per_second")]
+    notes = []
+    for row in rows:
+        if (row.get("world_size") or 1) == 1 or not row.get("train_samples_per_second"):
+            continue
+        name = f"`{row['run']}` ({row['world_size']} GPUs)"
+        if row["scaling_efficiency"] is not None:
+            if not any(r["run"] in row["scaling_against"].split(", ") for r in one_gpu):
+                notes.append(f"{name}: against {row['scaling_against']}, its smallest GPU count: no comparable "
+                             "one-GPU run")
+            continue
+        if not one_gpu:
+            notes.append(f"{name}: no scaling efficiency: no one-GPU run among these runs")
+            continue
+        differing = {r["run"]: [k for k in SCALING_KEYS if row.get(k) != r.get(k)] for r in one_gpu}
+        closest = min(one_gpu, key=lambda r: len(differing[r["run"]]))
+        what = ", ".join(f"{k} {closest.get(k)} vs {row.get(k)}" for k in differing[closest["run"]])
+        notes.append(f"{name}: no scaling efficiency: no one-GPU run differs from it in the GPU count alone; the "
+                     f"closest, `{closest['run']}`, differs in {what}")
+    return notes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -466,8 +509,11 @@ def time_breakdown_markdown(rows: list[dict]) -> str:
 
 def comparison_markdown(rows: list[dict]) -> str:
     timing = time_breakdown_markdown(rows)
+    notes = scaling_notes(rows)
     return "\n".join([
         rung_tables(rows),
+        *(["Scaling efficiency compares runs that differ in their GPU count alone:", "",
+           *(f"- {n}" for n in notes), ""] if notes else []),
         "## Training", "", markdown_table(rows, COMPARISON), "",
         *([timing, ""] if timing else []),
         "## Memory (GiB per GPU; host: per node)", "", markdown_table(rows, MEMORY), "",
