@@ -19,7 +19,8 @@ def test_zero3_saves_a_consolidated_model_equal_to_the_engines_weights(tmp_path)
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "workshop", "train", "--preset", "tiny", "--run_dir", str(run_dir), "--num_train_epochs", "1",
-           "--answer_eval_samples", "0", "--deepspeed", str(REPO / "ds_configs" / "zero3.json")]
+           "--answer_eval_samples", "0", "--save_strategy", "epoch",  # a checkpoint to compare with
+           "--deepspeed", str(REPO / "ds_configs" / "zero3.json")]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
@@ -47,7 +48,8 @@ def keep(*args, **kwargs):
 
 models.build_model = keep
 assert train.main(["--preset", "tiny", "--run_dir", sys.argv[2], "--num_train_epochs", "1", "--max_train_samples", "64",
-                   "--eval_strategy", "no", "--answer_eval_samples", "0", "--deepspeed", sys.argv[1]]) == 0
+                   "--eval_strategy", "no", "--answer_eval_samples", "0", "--save_strategy", "epoch",
+                   "--deepspeed", sys.argv[1]]) == 0
 """
 
 
