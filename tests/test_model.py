@@ -105,8 +105,13 @@ def test_logits_at_targets_only_give_the_library_models_loss_and_gradients(token
     out_fast.loss.backward()
     for (n, a), (_, b) in zip(stock.named_parameters(), fast.named_parameters()):
         torch.testing.assert_close(b.grad, a.grad, msg=n)
-    # without labels (generation) every position's logits, as the library computes them
-    assert fast.generate(batch["input_ids"][:1, :3], max_new_tokens=2, do_sample=False).shape == (1, 5)
+    # without labels (generation) the library's logits, and only the last position's at each step: the output
+    # layer sees one position per prompt, never the prompt's length (3 here)
+    seen = []
+    hook = fast.get_output_embeddings().register_forward_hook(lambda module, args, out: seen.append(args[0].shape[1]))
+    assert fast.generate(batch["input_ids"][:2, :3], max_new_tokens=2, do_sample=False).shape == (2, 5)
+    hook.remove()
+    assert seen == [1, 1]
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-bloom"])

@@ -211,16 +211,19 @@ def compute_logits_at_targets_only(model: torch.nn.Module) -> None:
     fp32 for the loss), padding and, with ``--loss_on answer``, the prompt included, and the loss
     then ignores those rows. Here the loss is the library's own (``model.loss_function``) on the
     positions with a target only: the same sum over the same targets, divided by the same count.
-    Without labels (generation) the library's forward runs as it is. With labels the output carries
-    the loss only. Only this instance changes; its class, weights and saved files do not.
+    Without labels (generation) the library's forward runs as it is, ``logits_to_keep`` included: generation
+    asks for the last position's logits only when the forward names that argument, and without it the
+    first step made the logits of every prompt position (50 prompts of BLOOM: 4 GiB in fp32). With labels
+    the output carries the loss only. Only this instance changes; its class, weights and saved files do not.
     """
     from transformers.modeling_outputs import CausalLMOutput
 
     library_forward = model.forward
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, labels=None, logits_to_keep=0, **kwargs):
         if labels is None:
-            return library_forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            return library_forward(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep,
+                                   **kwargs)
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         hidden = self.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)[0]
         # as the library's loss shifts them: position t predicts token t + 1
