@@ -144,13 +144,18 @@ def test_peak_host_memory_covers_what_no_step_saw(monkeypatch):
     assert measure.peaks()["peak_host_rss_gib"] == 64
 
 
-def test_evaluations_and_checkpoints_are_phases_of_their_own_not_training_steps(tmp_path, monkeypatch, capsys):
-    """Each evaluation and each checkpoint made 0.5 s slower: their phases take it, the training steps' does not.
+@pytest.mark.parametrize("schedule", ["epoch", "steps"])
+def test_evaluations_and_checkpoints_are_phases_of_their_own_not_training_steps(tmp_path, monkeypatch, capsys,
+                                                                                schedule):
+    """Each evaluation and each checkpoint made 0.5 s slower: their phases take it, the training steps' and the
+    epochs' times (epoch_times_s, time per epoch and samples/s come from them) do not.
 
-    The training steps' reference is the epochs' own time (epoch_times_s: MeasureCallback's timer from an epoch's
-    start to its end, before its evaluation and checkpoint). Tolerance 0.3 s: what lies between the epochs (the
-    Trainer's logging, the epoch-end callbacks) takes milliseconds, and counting either slowed phase twice adds 1 s.
-    Tried: WorkshopTrainer.evaluate not timed as a phase puts 1 s of evaluation into training_steps."""
+    "epoch": each at an epoch's end; "steps": every 4 steps, so that half of them fall inside an epoch. The
+    references: the Trainer's own eval_runtime for the evaluation phase, the slowing for the checkpoints, and for
+    training_steps the sum of the epochs' times, which a slowed call inside an epoch would move by 1 s. Tolerance 0.3 s: what lies between the epochs (the
+    Trainer's logging, the epoch-end callbacks) takes milliseconds, and counting one slowed phase twice adds 1 s.
+    Tried: WorkshopTrainer.evaluate not timed as a phase puts 1 s of evaluation into training_steps; an epoch
+    timed from its start to its end (perf_counter) puts the "steps" schedule's 2 s inside the epochs into them."""
     import time
 
     from workshop import train
@@ -170,12 +175,19 @@ def test_evaluations_and_checkpoints_are_phases_of_their_own_not_training_steps(
     monkeypatch.setattr(WorkshopTrainer, "evaluation_loop", slow_evaluation)
     monkeypatch.setattr(WorkshopTrainer, "_save_optimizer_and_scheduler", slow_checkpoint)
     run_dir = tmp_path / "run"
-    # 2 epochs x 8 steps, each ending with an evaluation and a checkpoint
+    # 2 epochs x 8 steps: an evaluation and a checkpoint at each epoch's end, or at steps 4, 8, 12 and 16
+    every = ["--eval_steps", "4", "--save_steps", "4"] if schedule == "steps" else []
     assert train.main(["--preset", "tiny", "--run_dir", str(run_dir), "--max_train_samples", "64",
-                       "--save_strategy", "epoch", "--answer_eval_samples", "4"]) == 0
+                       "--eval_strategy", schedule, "--save_strategy", schedule, *every,
+                       "--answer_eval_samples", "4"]) == 0
+    calls = 4 if schedule == "steps" else 2
     metrics = read_json(run_dir / "metrics.json")
     phases = metrics["time_breakdown_s"]
-    assert 2 * slow_s <= phases["evaluation"] < 2 * slow_s + 1 and 2 * slow_s <= phases["checkpoints"], phases
+    # the Trainer's own clock around each evaluation (eval_runtime) against the phase's
+    evaluations = [e["eval_runtime"] for e in read_json(run_dir / "log_history.json") if "eval_runtime" in e]
+    assert len(evaluations) == calls and sum(evaluations) >= calls * slow_s
+    assert phases["evaluation"] == pytest.approx(sum(evaluations), abs=0.3), phases
+    assert calls * slow_s <= phases["checkpoints"], phases
     assert phases["training_steps"] == pytest.approx(sum(metrics["epoch_times_s"]), abs=0.3), phases
     for phase in ("preflight", "data", "model_build", "trainer_setup", "final_save", "answer_scoring"):
         assert phases[phase] > 0, phase

@@ -262,20 +262,21 @@ class MeasureCallback(TrainerCallback):
         if self.is_main:
             self.steps_file = open(self.steps_path, "a")
 
+    # An epoch's time is the job clock's training_steps within it: the evaluations and checkpoints made
+    # during the epoch (--eval_strategy steps, checkpoints by time) are phases of their own, not in it.
     def on_epoch_begin(self, args, state, control, **kwargs):
-        self.epoch_start = time.perf_counter()
+        self.epoch_start = self.trainer.clock.so_far("training_steps")
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.first_step_s is None:  # one wait for the GPU in the run, at its first step
             if self.cuda:
                 torch.cuda.synchronize()
-            self.first_step_s = time.perf_counter() - self.epoch_start
+            self.first_step_s = self.trainer.clock.so_far("training_steps") - self.epoch_start
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        # Fires before the epoch's evaluation and checkpoint, so this is training time alone.
         if self.cuda:
             torch.cuda.synchronize()
-        self.epoch_times.append(time.perf_counter() - self.epoch_start)
+        self.epoch_times.append(self.trainer.clock.so_far("training_steps") - self.epoch_start)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
@@ -316,7 +317,6 @@ class MeasureCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.trainer.clock.switch("trainer_setup")
-        self.train_time = time.perf_counter() - self.start
         if self.is_main:
             self.steps_file.close()
 
