@@ -1,7 +1,9 @@
 """workshop estimate: DeepSpeed's own model-state figures, the paper's formulas, H100 measurements, the CLI."""
 
+import dataclasses
 import itertools
 import json
+import math
 
 import pytest
 import torch
@@ -10,13 +12,23 @@ from transformers import AutoModelForCausalLM, GPT2Config
 from workshop import estimate as est
 from workshop import memory as mem
 from workshop.ds_config import deepspeed_choices
-from workshop.shapes import model_shape, shape_from_config
+from workshop.shapes import ModelShape, model_shape, shape_from_config
 from workshop.units import GIB
 
 stage_1_and_2 = pytest.importorskip("deepspeed.runtime.zero.stage_1_and_2")
 stage3 = pytest.importorskip("deepspeed.runtime.zero.stage3")
 
 HARDWARE = [(1, 1), (4, 1), (8, 2), (3, 5)]  # (GPUs per node, nodes)
+
+
+def predict(shape: ModelShape, seq_len: int, micro_batch: int, zero_stage=None, offload_optimizer=None,
+            offload_param=None, *, precision="bf16", ds_config=None, attn_implementation=None, fast_kernels=True):
+    """A prediction for one setup, DeepSpeed's bucket sizes from its JSON (or its defaults), as `workshop estimate`'s."""
+    if attn_implementation:
+        shape = dataclasses.replace(shape, attn_implementation=attn_implementation)
+    return mem.predict(shape, mem.Settings(seq_len, micro_batch, zero_stage, offload_optimizer, offload_param,
+                                           precision=precision, fast_kernels=fast_kernels,
+                                           deepspeed=mem.DeepSpeedSettings.from_config(ds_config, shape.hidden_size)))
 
 
 def assert_same_as_deepspeed(total: int, largest: int, hardware=HARDWARE, **factor) -> None:
@@ -78,26 +90,30 @@ def test_odd_counts_and_buffer_factors_equal_deepspeeds_estimate(total, largest,
 
 def test_model_states_follow_the_zero_paper():
     P, N = 1_000_000, 8
-    kwargs = dict(n_layers=2, hidden=64, heads=4, vocab=100, seq_len=16, micro_batch=1, world_size=N)
+    shape = ModelShape("", "gpt2", P, 100 * 64, 2, 64, 4, 100, "sdpa")
+
+    def states(zero_stage, **settings):
+        return mem.predict(shape, mem.Settings(16, 1, zero_stage, world_size=N, **settings))
+
     zero = mem.DeepSpeedSettings(grad_accum_dtype=None)  # gradients in the model's dtype: the ZeRO optimizer
-    states = {stage: mem.estimate(P, zero_stage=stage, deepspeed=zero, **kwargs) for stage in (0, 1, 2, 3)}
-    assert [(e.params_bytes, e.grads_bytes, e.optimizer_bytes) for e in states.values()] == [
+    by_stage = {stage: states(stage, deepspeed=zero) for stage in (0, 1, 2, 3)}
+    assert [(e.params_bytes, e.grads_bytes, e.optimizer_bytes) for e in by_stage.values()] == [
         (2 * P, 2 * P, 12 * P), (2 * P, 2 * P, 12 * P // N), (2 * P, 2 * P // N, 12 * P // N),
         (2 * P // N, 2 * P // N, 12 * P // N)]
     # ds_configs/zero1.json in bf16 (its "auto", the estimate's default): DeepSpeed's BF16_Optimizer, whose
     # gradients are fp32 and whole; in fp16 the ZeRO optimizer again
-    bf16 = mem.estimate(P, zero_stage=1, **kwargs)
+    bf16 = states(1)
     assert (bf16.params_bytes, bf16.grads_bytes, bf16.optimizer_bytes) == (2 * P, 4 * P, 12 * P // N)
     assert bf16.backward_peak_bytes == bf16.model_states_bytes + bf16.activations_bytes + bf16.logits_bytes
-    assert mem.estimate(P, zero_stage=1, precision="fp16", **kwargs).grads_bytes == 2 * P
-    assert mem.estimate(P, zero_stage=1, offload_optimizer="cpu", **kwargs).grads_bytes == 2 * P
-    fp32 = mem.estimate(P, zero_stage=3, precision="fp32", **kwargs)
+    assert states(1, precision="fp16").grads_bytes == 2 * P
+    assert states(1, offload_optimizer="cpu").grads_bytes == 2 * P
+    fp32 = states(3, precision="fp32")
     assert (fp32.params_bytes, fp32.grads_bytes, fp32.optimizer_bytes) == (4 * P // N, 4 * P // N, 8 * P // N)
-    trainer = mem.estimate(P, zero_stage=None, **kwargs)
+    trainer = states(None)
     assert trainer.model_states_bytes == 16 * P
-    offloaded = mem.estimate(P, zero_stage=3, offload_optimizer="cpu", offload_param="cpu", **kwargs)
+    offloaded = states(3, offload_optimizer="cpu", offload_param="cpu")
     assert offloaded.optimizer_bytes == 0 and offloaded.params_bytes == 0
-    assert offloaded.host_bytes - states[3].host_bytes > 16 * P  # the states moved to the host
+    assert offloaded.host_bytes - by_stage[3].host_bytes > 16 * P  # the states moved to the host
 
 
 def test_activations_use_the_measured_coefficients_and_the_paper_as_fallback():
@@ -138,7 +154,7 @@ def test_predictions_are_within_the_issues_15_percent_of_h100_measurements():
     for (name, micro, stage, opt, param), measured in H100_MEASURED.items():
         shape = shapes.setdefault(name, model_shape(name))
         attention = "eager" if "bloom" in name else "sdpa"  # BLOOM's, before the workshop gave it sdpa
-        predicted = mem.estimate_for_shape(shape, 512, micro, stage, opt, param, ds_config=ds, fast_kernels=False,
+        predicted = predict(shape, 512, micro, stage, opt, param, ds_config=ds, fast_kernels=False,
                                            attn_implementation=attention).peak_allocated_bytes
         assert abs(predicted / GIB / measured - 1) < 0.15, (name, micro, stage, opt, param, predicted / GIB, measured)
 
@@ -187,7 +203,7 @@ def test_predictions_are_within_the_issues_15_percent_of_h200_measurements():
         shape = model_shape(model, vocab_size=vocab)
         ds = stage_json(file) if file else None
         stage, opt, param = deepspeed_choices(ds) if ds else (None, None, None)
-        predicted = mem.estimate_for_shape(shape, 432, micro, stage, opt, param, ds_config=ds,
+        predicted = predict(shape, 432, micro, stage, opt, param, ds_config=ds,
                                            fast_kernels=fast).peak_allocated_bytes
         assert abs(predicted / GIB / measured - 1) < 0.15, (model, micro, file, fast, predicted / GIB, measured)
 
@@ -198,10 +214,10 @@ def test_zero1_gradients_from_the_json():
     assert mem.DeepSpeedSettings.from_config(as_shipped, 1024).grad_accum_dtype == "auto"
     assert mem.DeepSpeedSettings.from_config(bf16_grads, 1024).grad_accum_dtype == "bf16"
     assert mem.DeepSpeedSettings.from_config({"zero_optimization": {"stage": 1}}, 1024).grad_accum_dtype is None
-    peaks = {name: mem.estimate_for_shape(shape, 432, 4, 1, ds_config=config).backward_peak_bytes
+    peaks = {name: predict(shape, 432, 4, 1, ds_config=config).backward_peak_bytes
              for name, config in (("fp32", as_shipped), ("bf16", bf16_grads))}
     assert peaks["fp32"] - peaks["bf16"] == 4 * shape.n_params  # the fp32 buffer, there from the start
-    fp16 = [mem.estimate_for_shape(shape, 432, 4, 1, precision="fp16", ds_config=config).backward_peak_bytes
+    fp16 = [predict(shape, 432, 4, 1, precision="fp16", ds_config=config).backward_peak_bytes
             for config in (as_shipped, bf16_grads)]
     assert fp16[0] == fp16[1]  # "auto" is fp16 there: the ZeRO optimizer either way
 
@@ -215,8 +231,8 @@ def test_deepspeed_buckets_from_the_json():
                                                         "offload_param": {"device": "none"}}}) == (3, "cpu", None)
     # DeepSpeed's default 5e8-element buckets, doubled by overlap_comm, cost 2 GB on top (the original workshop's JSON)
     shape = model_shape("gpt2-medium")
-    auto = mem.estimate_for_shape(shape, 512, 4, 2, ds_config={"zero_optimization": {"reduce_bucket_size": "auto"}})
-    big = mem.estimate_for_shape(shape, 512, 4, 2, ds_config={"zero_optimization": {"overlap_comm": True}})
+    auto = predict(shape, 512, 4, 2, ds_config={"zero_optimization": {"reduce_bucket_size": "auto"}})
+    big = predict(shape, 512, 4, 2, ds_config={"zero_optimization": {"overlap_comm": True}})
     assert big.peak_allocated_bytes > auto.peak_allocated_bytes + 0.5 * GIB
 
 
@@ -271,3 +287,60 @@ def test_local_config_json(tmp_path):
         with torch.device("meta"):
             expected = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
         assert (shape.n_layers, shape.n_params, shape.vocab_size) == (3, expected, 500)
+
+
+def test_the_json_figures_are_the_predictions_bytes_in_gib():
+    """Estimate.gib(), what `workshop estimate --json` prints: every *_bytes figure as *_gib, none left in bytes."""
+    shape = model_shape("gpt2-medium")
+    for stage in (None, 2):  # the Trainer has no DeepSpeed figure: None stays None
+        e = mem.predict(shape, mem.Settings(432, 4, stage))
+        out = e.gib()
+        assert not [key for key in out if key.endswith("_bytes")]
+        assert out["peak_allocated_gib"] * GIB == e.peak_allocated_bytes and out["zero_stage"] == stage
+        assert out["model_states_gib"] * GIB == e.params_bytes + e.grads_bytes + e.optimizer_bytes
+        assert (out["deepspeed_gpu_gib"] is None) == (stage is None)
+
+
+def test_offloaded_bytes_per_node_are_whole_bytes_and_a_missing_nvme_folder_names_the_fix():
+    both = {"zero_optimization": {"offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}}
+    assert mem.offloaded_bytes(both, 1, half_precision=True, num_nodes=4) == {"cpu": 16 // 4 + 2 // 4}  # not 4.5
+    with pytest.raises(mem.WorkshopError) as refused:
+        mem.offloaded_bytes({"zero_optimization": {"offload_optimizer": {"device": "nvme"}}}, 10, True)
+    assert str(refused.value) == ('zero_optimization.offload_optimizer offloads to NVMe but names no folder; '
+                                  'add "nvme_path": "auto" to it and pass --nvme_path DIR')
+
+
+def test_cpu_offload_host_buffers_counted_by_hand():
+    """cpu_offload_host_bytes for one process of two, 6 MiB parameters (3 MiB each), by the docstring's list: Adam's
+    moments 8 bytes per parameter unpinned; each pinned buffer rounded up to a power of two."""
+    MiB, P, largest = 2**20, 6 * 2**20, 2**20 + 1
+
+    def host(stage, offload_param=False, **pins):
+        return mem.cpu_offload_host_bytes(P, stage, 2, largest, mem.DeepSpeedSettings(**pins), offload_param)
+
+    # ZeRO-1/2: moments 24 + fp32 master 12 -> 16 + 16-bit copy 6 -> 8 + fp32 gradients 12 -> 16 + staging 2 MiB + 2 -> 4
+    assert host(1) == host(2) == (24 + 16 + 8 + 16 + 4) * MiB
+    assert host(1, pin_optimizer=False) == (24 + 12 + 6 + 12) * MiB + 2 * largest
+    # ZeRO-3: moments 24 + fp32 master 12 unpinned + fp32 gradients in one sub-group 12 -> 16 + 16-bit gradients 6 -> 8
+    assert host(3) == (24 + 12 + 16 + 8) * MiB
+    # sub-groups of 2 MiB elements: gradients 8 + 4 MiB, each a power of two already
+    two = dict(sub_group_size=2 * MiB)
+    assert host(3, **two) == (24 + 12 + 8 + 4 + 8) * MiB
+    # parameter offload: the 16-bit parameters flat (6 -> 8 pinned) and tensor by tensor (6 x 1/ln 2 on average)
+    assert host(3, True, **two) == int((24 + 12 + 8 + 4 + 8 + 8) * MiB + 6 * MiB / math.log(2))
+    assert host(3, True, pin_param=False, **two) == (24 + 12 + 8 + 4 + 8 + 6 + 6) * MiB
+
+
+def test_a_pinned_allocation_of_a_power_of_two_is_not_rounded_up():
+    assert [mem.host_allocation_bytes(n, pinned=True) for n in (2**30 - 1, 2**30, 2**30 + 1)] == [2**30, 2**30, 2**31]
+    assert [mem.host_allocation_bytes(n, pinned=True) for n in (0, 1, 2, 3)] == [0, 1, 2, 4]
+
+
+def test_an_estimate_that_fills_the_card_exactly_fits_and_names_its_peak_phase():
+    shape = model_shape("gpt2-medium")
+    e = mem.predict(shape, mem.Settings(432, 16, 2))
+    assert e.fits(e.gpu_total_bytes) and not e.fits(e.gpu_total_bytes - 1)
+    # micro-batch 16: 6.6 GB of activations and 4.2 GB of logits outweigh the step's 8 bytes per parameter (2.8 GB)
+    assert e.gib()["peak_phase"] == "backward"
+    # the Trainer at micro-batch 1 x 8 tokens: the step's 16 bytes per parameter outweigh backward's 14 + a few MB
+    assert mem.predict(shape, mem.Settings(8, 1, None)).gib()["peak_phase"] == "optimizer step"
