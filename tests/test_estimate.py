@@ -70,6 +70,22 @@ def test_real_shapes_model_states_equal_deepspeeds_estimate(name, n_params):
     assert_same_as_deepspeed(shape.n_params, shape.largest_layer_params)
 
 
+def test_stages_0_and_1_by_deepspeeds_conventions_and_the_defaults_one_gpu_without_offload():
+    """DeepSpeed has no estimate for stages 0 and 1: the docstring's figures by hand. Stage 1 keeps 2 + 2 bytes whole
+    and partitions 16; stage 0 keeps 20 on every GPU; without offload the host holds the fp32 model per GPU x 1.5."""
+    P = 1000
+    assert mem.model_states_bytes(P, 1) == (4 * P + 16 * P, 4 * P * 3 // 2)  # the defaults: one GPU, one node
+    assert mem.model_states_bytes(P, 1, 4, 2) == (4 * P + 16 * P // 8, 4 * P * 4 * 3 // 2)
+    assert mem.model_states_bytes(P, 1, 8, 1, offload_optimizer=True) == (4 * P, P * 4 * 8 * 3 // 2)  # 4 x 8 > 16
+    assert mem.model_states_bytes(P, 1, 2, 1, offload_optimizer=True) == (4 * P, P * 16 * 3 // 2)
+    assert mem.model_states_bytes(P, 0, 4, 2) == (20 * P, 4 * P * 4 * 3 // 2)
+    assert mem.model_states_bytes(P, 2) == (2 * P + 18 * P, 4 * P * 3 // 2)
+    assert mem.model_states_bytes(P, 3) == (18 * P, 0)  # zero.Init and no largest layer given: nothing on the host
+    assert mem.model_states_bytes(P, 3, offload_optimizer=True) == (2 * P, 16 * P * 3 // 2)
+    with pytest.raises(ValueError, match="zero_stage must be 0, 1, 2 or 3, not 4"):
+        mem.model_states_bytes(P, 4)
+
+
 # Odd counts, where DeepSpeed's int() of a quotient and of a float product truncates (the model shapes
 # above are all multiples of 2^10): 1, a prime, one more than GPT-2's, an odd 7B and an odd 176B; odd
 # largest layers too.
@@ -128,6 +144,42 @@ def test_activations_use_the_measured_coefficients_and_the_paper_as_fallback():
     assert mem.activation_bytes(1, h, a, s, b, "16bit", "llama", "eager") == 34 * s * b * h + 5 * a * s * s * b
     assert mem.activation_bytes(24, h, a, s, b, "16bit", "gpt2", "sdpa", gradient_checkpointing=True) < \
         mem.activation_bytes(24, h, a, s, b, "16bit", "gpt2", "sdpa") / 10
+
+
+def test_the_formula_line_names_the_coefficients_and_where_they_come_from():
+    """What `workshop estimate` prints under its table: ACTIVATION_COEFFICIENTS' figures, GPT-2's stock GELU added
+    without --fast_kernels, the paper's for an unmeasured architecture."""
+    assert mem.activation_formula("gpt2", "sdpa", "16bit") == \
+        "per layer s*b*h*39 + b*a*s^2*0 bytes (16bit, measured for gpt2/sdpa)"  # --fast_kernels by default
+    assert mem.activation_formula("gpt2", "eager", "16bit", fast_kernels=False) == \
+        "per layer s*b*h*62 + b*a*s^2*4.5 bytes (16bit, measured for gpt2/eager)"  # 39 + the stock GELU's 23
+    assert mem.activation_formula("bloom", "flash_attention_2", "amp") == \
+        "per layer s*b*h*36 + b*a*s^2*0 bytes (amp, measured for bloom/sdpa)"  # any fused kernel: no s x s matrix
+    assert mem.activation_formula("llama", "eager", "fp32") == \
+        "per layer s*b*h*68 + b*a*s^2*10 bytes (fp32, Korthikanti et al. 2022)"
+    with pytest.raises(mem.WorkshopError, match="^--precision fp8: use bf16, fp16 or fp32$"):
+        mem.precision_mode(2, "fp8")
+
+
+def test_a_predictions_activations_follow_the_shapes_attention_and_checkpointing_by_hand():
+    s, b, h, a, L = 512, 4, 1024, 16, 24  # gpt2-medium
+    eager = dataclasses.replace(model_shape("gpt2-medium"), attn_implementation="eager")
+    per_layer = 39 * s * b * h + 4.5 * b * a * s * s  # 16-bit (DeepSpeed), with the s x s attention matrix
+    assert mem.predict(eager, mem.Settings(s, b, 2)).activations_bytes == L * per_layer
+    # --gradient_checkpointing: every layer's 16-bit input, and one layer's activations while it is recomputed
+    assert mem.predict(eager, mem.Settings(s, b, 2, gradient_checkpointing=True)).activations_bytes == \
+        L * 2 * s * b * h + per_layer
+
+
+def test_the_nvidia_smi_prediction_adds_the_allocators_cache_and_the_cuda_context():
+    """Reserved = allocated x 1.05 (Trainer) or 1.2 (DeepSpeed); context 1.75 GiB, + 0.4 GiB of NCCL buffers whenever
+    torch.distributed is up: always under DeepSpeed, with the Trainer on several GPUs."""
+    shape = model_shape("gpt2-medium")
+    for stage, gpus, factor, nccl in ((None, 1, 1.05, False), (None, 2, 1.05, True), (2, 1, 1.2, True)):
+        e = mem.predict(shape, mem.Settings(432, 4, stage, world_size=gpus))
+        assert e.reserved_bytes == int(e.peak_allocated_bytes * factor), stage
+        assert e.cuda_context_bytes == int(1.75 * GIB) + (int(0.4 * GIB) if nccl else 0), (stage, gpus)
+        assert e.gpu_total_bytes == e.reserved_bytes + e.cuda_context_bytes
 
 
 # Peak torch.cuda.max_memory_allocated (GiB) measured on one H100 80GB, torch 2.11, transformers 5.17,
