@@ -142,6 +142,7 @@ def test_the_out_of_memory_line_gives_the_cards_figures_the_estimate_and_the_nex
                               "--seq_len", "432", "--targets_per_sample", "100", "--precision", args.precision,
                               *checkpointing, "--json", *deepspeed]) == 0
         (row,) = json.loads(capsys.readouterr().out)["estimates"]
+        assert memory.predicted_memory(shape, model_args, args, batch, micro).gib() == row  # every figure, host too
         predicted[file] = row["peak_allocated_gib"]
     assert len(set(predicted.values())) == len(NEXT_STEPS)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
