@@ -132,6 +132,46 @@ def test_model_states_follow_the_zero_paper():
     assert offloaded.host_bytes - by_stage[3].host_bytes > 16 * P  # the states moved to the host
 
 
+def test_the_two_peaks_of_each_stage_by_hand():
+    """gpu_peaks' (start of backward, optimizer step) for a shape small enough to count by hand: P = 10^6 parameters,
+    2 layers of hidden 64, 4 heads, vocabulary 100, 16 tokens x 1: activations 2 x 39 x 1024 bytes (16-bit, DeepSpeed),
+    2 x 42 x 1024 (autocast), 2 x 74 x 1024 (fp32); logits 12 x 16 x 100 = 19,200; four GPUs unless said."""
+    P, loss = 10**6, 19_200
+    acts = {"16bit": 79_872, "amp": 86_016, "fp32": 151_552}
+    shape = ModelShape("", "gpt2", P, 6_400, 2, 64, 4, 100, "sdpa")
+    zero = dict(reduce_bucket_size=1_000, overlap_comm=False, prefetch_bucket_size=500, grad_accum_dtype=None)
+
+    def peaks(stage, precision="bf16", world_size=4, offload_optimizer=None, offload_param=None, **ds):
+        e = mem.predict(shape, mem.Settings(16, 1, stage, offload_optimizer, offload_param, world_size,
+                                            precision=precision, deepspeed=mem.DeepSpeedSettings(**{**zero, **ds})))
+        return e.backward_peak_bytes, e.step_peak_bytes
+
+    # Trainer: fp32 weights 4 + Adam 8 (+ autocast's 16-bit copies 2) at backward; weights, gradients, Adam at the step
+    assert peaks(None) == (14 * P + acts["amp"] + loss, 16 * P)
+    assert peaks(None, "fp32") == (12 * P + acts["fp32"] + loss, 16 * P)
+    # ZeRO-0: 2 + 12 whole; the step adds 16-bit gradients 2 and the flat copies 2 + 4
+    assert peaks(0) == (14 * P + acts["16bit"] + loss, 22 * P)
+    # ZeRO-1 (fp16: the ZeRO optimizer): 2 + 12/4; the step: gradients whole 2, copies 6/4
+    assert peaks(1, "fp16") == (5 * P + acts["16bit"] + loss, 8.5 * P)
+    # ZeRO-1 in bf16, gradients accumulated in fp32 (BF16_Optimizer): 2 + 4 + 12/4; the step adds 2 + 6, whole
+    assert peaks(1, grad_accum_dtype="fp32") == (9 * P + acts["16bit"] + loss, 17 * P)
+    # ZeRO-2: 2 + 12/4; the step: gradients 2/4, copies 6/4
+    assert peaks(2) == (5 * P + acts["16bit"] + loss, 7 * P)
+    # ZeRO-2 in fp32: 4 + 8/4, no master copy; the step: gradients 4/4 and their copy 4/4
+    assert peaks(2, "fp32") == (6 * P + acts["fp32"] + loss, 8 * P)
+    # ZeRO-2, optimizer offloaded, two 50,000-element 16-bit buckets (overlap_comm) outweighing the logits' buffers
+    assert peaks(2, offload_optimizer="cpu", reduce_bucket_size=50_000, overlap_comm=True) == \
+        (2 * P + acts["16bit"] + 200_000, 2 * P + 200_000)
+    # ZeRO-3: parameters 2/4, gradients 2/4, optimizer 12/4, a bucket 2,000, gathered largest layer 4 x 6,400 +
+    # prefetch 2 x 500; the step adds 6 bytes per parameter of the partition (one sub-group)
+    resident = 4 * P + 2_000 + 26_600
+    assert peaks(3) == (resident + acts["16bit"] + loss, resident + 1.5 * P)
+    assert peaks(3, sub_group_size=1_000)[1] == resident + 6 * 1_000
+    # ZeRO-3 on one GPU, everything offloaded: the parameters up to stage3_max_live_parameters, the bucket
+    assert peaks(3, world_size=1, offload_optimizer="cpu", offload_param="cpu", max_live_parameters=100_000) == \
+        (202_000 + acts["16bit"] + loss, 202_000)
+
+
 def test_activations_use_the_measured_coefficients_and_the_paper_as_fallback():
     s, b, h, a = 512, 4, 1024, 16
     assert mem.activation_bytes(24, h, a, s, b, "16bit", "gpt2", "sdpa") == 24 * 39 * s * b * h
