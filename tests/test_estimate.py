@@ -162,11 +162,18 @@ def test_the_two_peaks_of_each_stage_by_hand():
     # ZeRO-2, optimizer offloaded, two 50,000-element 16-bit buckets (overlap_comm) outweighing the logits' buffers
     assert peaks(2, offload_optimizer="cpu", reduce_bucket_size=50_000, overlap_comm=True) == \
         (2 * P + acts["16bit"] + 200_000, 2 * P + 200_000)
+    # a bucket larger than the logits' buffers counts at backward; without contiguous_gradients there is none
+    assert peaks(2, reduce_bucket_size=50_000) == (5 * P + acts["16bit"] + 100_000, 7 * P)
+    assert peaks(2, reduce_bucket_size=50_000, contiguous_gradients=False) == (5 * P + acts["16bit"] + loss, 7 * P)
     # ZeRO-3: parameters 2/4, gradients 2/4, optimizer 12/4, a bucket 2,000, gathered largest layer 4 x 6,400 +
     # prefetch 2 x 500; the step adds 6 bytes per parameter of the partition (one sub-group)
     resident = 4 * P + 2_000 + 26_600
     assert peaks(3) == (resident + acts["16bit"] + loss, resident + 1.5 * P)
     assert peaks(3, sub_group_size=1_000)[1] == resident + 6 * 1_000
+    # on two GPUs: parameters, gradients 2/2, optimizer 12/2, the gathered layer too; the step 6/2
+    assert peaks(3, world_size=2)[1] == 8 * P + 28_600 + 3 * P
+    # everything offloaded on four GPUs: the parameters' partition 2/4, under stage3_max_live_parameters
+    assert peaks(3, offload_optimizer="cpu", offload_param="cpu", max_live_parameters=P)[1] == P // 2 + 28_600
     # ZeRO-3 on one GPU, everything offloaded: the parameters up to stage3_max_live_parameters, the bucket
     assert peaks(3, world_size=1, offload_optimizer="cpu", offload_param="cpu", max_live_parameters=100_000) == \
         (202_000 + acts["16bit"] + loss, 202_000)
