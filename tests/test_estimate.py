@@ -167,6 +167,7 @@ def test_the_two_peaks_of_each_stage_by_hand():
     assert peaks(2, reduce_bucket_size=50_000, contiguous_gradients=False) == (5 * P + acts["16bit"] + loss, 7 * P)
     assert peaks(1, "fp16", reduce_bucket_size=50_000) == (5 * P + acts["16bit"] + 100_000, 8.5 * P)
     assert peaks(0, reduce_bucket_size=50_000) == peaks(0)  # ZeRO-0 reduces no buckets of its own
+    assert peaks(2, offload_optimizer="cpu", contiguous_gradients=False) == (2 * P + acts["16bit"] + loss, 2 * P)
     # ZeRO-3: parameters 2/4, gradients 2/4, optimizer 12/4, a bucket 2,000, gathered largest layer 4 x 6,400 +
     # prefetch 2 x 500; the step adds 6 bytes per parameter of the partition (one sub-group)
     resident = 4 * P + 2_000 + 26_600
