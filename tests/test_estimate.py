@@ -1,7 +1,9 @@
 """workshop estimate: DeepSpeed's own model-state figures, the paper's formulas, H100 measurements, the CLI."""
 
+import dataclasses
 import itertools
 import json
+import math
 
 import pytest
 import torch
@@ -10,13 +12,23 @@ from transformers import AutoModelForCausalLM, GPT2Config
 from workshop import estimate as est
 from workshop import memory as mem
 from workshop.ds_config import deepspeed_choices
-from workshop.shapes import model_shape, shape_from_config
+from workshop.shapes import ModelShape, model_shape, shape_from_config
 from workshop.units import GIB
 
 stage_1_and_2 = pytest.importorskip("deepspeed.runtime.zero.stage_1_and_2")
 stage3 = pytest.importorskip("deepspeed.runtime.zero.stage3")
 
 HARDWARE = [(1, 1), (4, 1), (8, 2), (3, 5)]  # (GPUs per node, nodes)
+
+
+def predict(shape: ModelShape, seq_len: int, micro_batch: int, zero_stage=None, offload_optimizer=None,
+            offload_param=None, *, precision="bf16", ds_config=None, attn_implementation=None, fast_kernels=True):
+    """A prediction for one setup, DeepSpeed's bucket sizes from its JSON (or its defaults), as `workshop estimate`'s."""
+    if attn_implementation:
+        shape = dataclasses.replace(shape, attn_implementation=attn_implementation)
+    return mem.predict(shape, mem.Settings(seq_len, micro_batch, zero_stage, offload_optimizer, offload_param,
+                                           precision=precision, fast_kernels=fast_kernels,
+                                           deepspeed=mem.DeepSpeedSettings.from_config(ds_config, shape.hidden_size)))
 
 
 def assert_same_as_deepspeed(total: int, largest: int, hardware=HARDWARE, **factor) -> None:
@@ -58,6 +70,22 @@ def test_real_shapes_model_states_equal_deepspeeds_estimate(name, n_params):
     assert_same_as_deepspeed(shape.n_params, shape.largest_layer_params)
 
 
+def test_stages_0_and_1_by_deepspeeds_conventions_and_the_defaults_one_gpu_without_offload():
+    """DeepSpeed has no estimate for stages 0 and 1: the docstring's figures by hand. Stage 1 keeps 2 + 2 bytes whole
+    and partitions 16; stage 0 keeps 20 on every GPU; without offload the host holds the fp32 model per GPU x 1.5."""
+    P = 1000
+    assert mem.model_states_bytes(P, 1) == (4 * P + 16 * P, 4 * P * 3 // 2)  # the defaults: one GPU, one node
+    assert mem.model_states_bytes(P, 1, 4, 2) == (4 * P + 16 * P // 8, 4 * P * 4 * 3 // 2)
+    assert mem.model_states_bytes(P, 1, 8, 1, offload_optimizer=True) == (4 * P, P * 4 * 8 * 3 // 2)  # 4 x 8 > 16
+    assert mem.model_states_bytes(P, 1, 2, 1, offload_optimizer=True) == (4 * P, P * 16 * 3 // 2)
+    assert mem.model_states_bytes(P, 0, 4, 2) == (20 * P, 4 * P * 4 * 3 // 2)
+    assert mem.model_states_bytes(P, 2) == (2 * P + 18 * P, 4 * P * 3 // 2)
+    assert mem.model_states_bytes(P, 3) == (18 * P, 0)  # zero.Init and no largest layer given: nothing on the host
+    assert mem.model_states_bytes(P, 3, offload_optimizer=True) == (2 * P, 16 * P * 3 // 2)
+    with pytest.raises(ValueError, match="zero_stage must be 0, 1, 2 or 3, not 4"):
+        mem.model_states_bytes(P, 4)
+
+
 # Odd counts, where DeepSpeed's int() of a quotient and of a float product truncates (the model shapes
 # above are all multiples of 2^10): 1, a prime, one more than GPT-2's, an odd 7B and an odd 176B; odd
 # largest layers too.
@@ -78,26 +106,80 @@ def test_odd_counts_and_buffer_factors_equal_deepspeeds_estimate(total, largest,
 
 def test_model_states_follow_the_zero_paper():
     P, N = 1_000_000, 8
-    kwargs = dict(n_layers=2, hidden=64, heads=4, vocab=100, seq_len=16, micro_batch=1, world_size=N)
+    shape = ModelShape("", "gpt2", P, 100 * 64, 2, 64, 4, 100, "sdpa")
+
+    def states(zero_stage, **settings):
+        return mem.predict(shape, mem.Settings(16, 1, zero_stage, world_size=N, **settings))
+
     zero = mem.DeepSpeedSettings(grad_accum_dtype=None)  # gradients in the model's dtype: the ZeRO optimizer
-    states = {stage: mem.estimate(P, zero_stage=stage, deepspeed=zero, **kwargs) for stage in (0, 1, 2, 3)}
-    assert [(e.params_bytes, e.grads_bytes, e.optimizer_bytes) for e in states.values()] == [
+    by_stage = {stage: states(stage, deepspeed=zero) for stage in (0, 1, 2, 3)}
+    assert [(e.params_bytes, e.grads_bytes, e.optimizer_bytes) for e in by_stage.values()] == [
         (2 * P, 2 * P, 12 * P), (2 * P, 2 * P, 12 * P // N), (2 * P, 2 * P // N, 12 * P // N),
         (2 * P // N, 2 * P // N, 12 * P // N)]
     # ds_configs/zero1.json in bf16 (its "auto", the estimate's default): DeepSpeed's BF16_Optimizer, whose
     # gradients are fp32 and whole; in fp16 the ZeRO optimizer again
-    bf16 = mem.estimate(P, zero_stage=1, **kwargs)
+    bf16 = states(1)
     assert (bf16.params_bytes, bf16.grads_bytes, bf16.optimizer_bytes) == (2 * P, 4 * P, 12 * P // N)
     assert bf16.backward_peak_bytes == bf16.model_states_bytes + bf16.activations_bytes + bf16.logits_bytes
-    assert mem.estimate(P, zero_stage=1, precision="fp16", **kwargs).grads_bytes == 2 * P
-    assert mem.estimate(P, zero_stage=1, offload_optimizer="cpu", **kwargs).grads_bytes == 2 * P
-    fp32 = mem.estimate(P, zero_stage=3, precision="fp32", **kwargs)
+    assert states(1, precision="fp16").grads_bytes == 2 * P
+    assert states(1, offload_optimizer="cpu").grads_bytes == 2 * P
+    fp32 = states(3, precision="fp32")
     assert (fp32.params_bytes, fp32.grads_bytes, fp32.optimizer_bytes) == (4 * P // N, 4 * P // N, 8 * P // N)
-    trainer = mem.estimate(P, zero_stage=None, **kwargs)
+    trainer = states(None)
     assert trainer.model_states_bytes == 16 * P
-    offloaded = mem.estimate(P, zero_stage=3, offload_optimizer="cpu", offload_param="cpu", **kwargs)
+    offloaded = states(3, offload_optimizer="cpu", offload_param="cpu")
     assert offloaded.optimizer_bytes == 0 and offloaded.params_bytes == 0
-    assert offloaded.host_bytes - states[3].host_bytes > 16 * P  # the states moved to the host
+    assert offloaded.host_bytes - by_stage[3].host_bytes > 16 * P  # the states moved to the host
+
+
+def test_the_two_peaks_of_each_stage_by_hand():
+    """gpu_peaks' (start of backward, optimizer step) for a shape small enough to count by hand: P = 10^6 parameters,
+    2 layers of hidden 64, 4 heads, vocabulary 100, 16 tokens x 1: activations 2 x 39 x 1024 bytes (16-bit, DeepSpeed),
+    2 x 42 x 1024 (autocast), 2 x 74 x 1024 (fp32); logits 12 x 16 x 100 = 19,200; four GPUs unless said."""
+    P, loss = 10**6, 19_200
+    acts = {"16bit": 79_872, "amp": 86_016, "fp32": 151_552}
+    shape = ModelShape("", "gpt2", P, 6_400, 2, 64, 4, 100, "sdpa")
+    zero = dict(reduce_bucket_size=1_000, overlap_comm=False, prefetch_bucket_size=500, grad_accum_dtype=None)
+
+    def peaks(stage, precision="bf16", world_size=4, offload_optimizer=None, offload_param=None, **ds):
+        e = mem.predict(shape, mem.Settings(16, 1, stage, offload_optimizer, offload_param, world_size,
+                                            precision=precision, deepspeed=mem.DeepSpeedSettings(**{**zero, **ds})))
+        return e.backward_peak_bytes, e.step_peak_bytes
+
+    # Trainer: fp32 weights 4 + Adam 8 (+ autocast's 16-bit copies 2) at backward; weights, gradients, Adam at the step
+    assert peaks(None) == (14 * P + acts["amp"] + loss, 16 * P)
+    assert peaks(None, "fp32") == (12 * P + acts["fp32"] + loss, 16 * P)
+    # ZeRO-0: 2 + 12 whole; the step adds 16-bit gradients 2 and the flat copies 2 + 4
+    assert peaks(0) == (14 * P + acts["16bit"] + loss, 22 * P)
+    # ZeRO-1 (fp16: the ZeRO optimizer): 2 + 12/4; the step: gradients whole 2, copies 6/4
+    assert peaks(1, "fp16") == (5 * P + acts["16bit"] + loss, 8.5 * P)
+    # ZeRO-1 in bf16, gradients accumulated in fp32 (BF16_Optimizer): 2 + 4 + 12/4; the step adds 2 + 6, whole
+    assert peaks(1, grad_accum_dtype="fp32") == (9 * P + acts["16bit"] + loss, 17 * P)
+    # ZeRO-2: 2 + 12/4; the step: gradients 2/4, copies 6/4
+    assert peaks(2) == (5 * P + acts["16bit"] + loss, 7 * P)
+    # ZeRO-2 in fp32: 4 + 8/4, no master copy; the step: gradients 4/4 and their copy 4/4
+    assert peaks(2, "fp32") == (6 * P + acts["fp32"] + loss, 8 * P)
+    # ZeRO-2, optimizer offloaded, two 50,000-element 16-bit buckets (overlap_comm) outweighing the logits' buffers
+    assert peaks(2, offload_optimizer="cpu", reduce_bucket_size=50_000, overlap_comm=True) == \
+        (2 * P + acts["16bit"] + 200_000, 2 * P + 200_000)
+    # a bucket larger than the logits' buffers counts at backward; without contiguous_gradients there is none
+    assert peaks(2, reduce_bucket_size=50_000) == (5 * P + acts["16bit"] + 100_000, 7 * P)
+    assert peaks(2, reduce_bucket_size=50_000, contiguous_gradients=False) == (5 * P + acts["16bit"] + loss, 7 * P)
+    assert peaks(1, "fp16", reduce_bucket_size=50_000) == (5 * P + acts["16bit"] + 100_000, 8.5 * P)
+    assert peaks(0, reduce_bucket_size=50_000) == peaks(0)  # ZeRO-0 reduces no buckets of its own
+    assert peaks(2, offload_optimizer="cpu", contiguous_gradients=False) == (2 * P + acts["16bit"] + loss, 2 * P)
+    # ZeRO-3: parameters 2/4, gradients 2/4, optimizer 12/4, a bucket 2,000, gathered largest layer 4 x 6,400 +
+    # prefetch 2 x 500; the step adds 6 bytes per parameter of the partition (one sub-group)
+    resident = 4 * P + 2_000 + 26_600
+    assert peaks(3) == (resident + acts["16bit"] + loss, resident + 1.5 * P)
+    assert peaks(3, sub_group_size=1_000)[1] == resident + 6 * 1_000
+    # on two GPUs: parameters, gradients 2/2, optimizer 12/2, the gathered layer too; the step 6/2
+    assert peaks(3, world_size=2)[1] == 8 * P + 28_600 + 3 * P
+    # everything offloaded on four GPUs: the parameters' partition 2/4, under stage3_max_live_parameters
+    assert peaks(3, offload_optimizer="cpu", offload_param="cpu", max_live_parameters=P)[1] == P // 2 + 28_600
+    # ZeRO-3 on one GPU, everything offloaded: the parameters up to stage3_max_live_parameters, the bucket
+    assert peaks(3, world_size=1, offload_optimizer="cpu", offload_param="cpu", max_live_parameters=100_000) == \
+        (202_000 + acts["16bit"] + loss, 202_000)
 
 
 def test_activations_use_the_measured_coefficients_and_the_paper_as_fallback():
@@ -112,6 +194,42 @@ def test_activations_use_the_measured_coefficients_and_the_paper_as_fallback():
     assert mem.activation_bytes(1, h, a, s, b, "16bit", "llama", "eager") == 34 * s * b * h + 5 * a * s * s * b
     assert mem.activation_bytes(24, h, a, s, b, "16bit", "gpt2", "sdpa", gradient_checkpointing=True) < \
         mem.activation_bytes(24, h, a, s, b, "16bit", "gpt2", "sdpa") / 10
+
+
+def test_the_formula_line_names_the_coefficients_and_where_they_come_from():
+    """What `workshop estimate` prints under its table: ACTIVATION_COEFFICIENTS' figures, GPT-2's stock GELU added
+    without --fast_kernels, the paper's for an unmeasured architecture."""
+    assert mem.activation_formula("gpt2", "sdpa", "16bit") == \
+        "per layer s*b*h*39 + b*a*s^2*0 bytes (16bit, measured for gpt2/sdpa)"  # --fast_kernels by default
+    assert mem.activation_formula("gpt2", "eager", "16bit", fast_kernels=False) == \
+        "per layer s*b*h*62 + b*a*s^2*4.5 bytes (16bit, measured for gpt2/eager)"  # 39 + the stock GELU's 23
+    assert mem.activation_formula("bloom", "flash_attention_2", "amp") == \
+        "per layer s*b*h*36 + b*a*s^2*0 bytes (amp, measured for bloom/sdpa)"  # any fused kernel: no s x s matrix
+    assert mem.activation_formula("llama", "eager", "fp32") == \
+        "per layer s*b*h*68 + b*a*s^2*10 bytes (fp32, Korthikanti et al. 2022)"
+    with pytest.raises(mem.WorkshopError, match="^--precision fp8: use bf16, fp16 or fp32$"):
+        mem.precision_mode(2, "fp8")
+
+
+def test_a_predictions_activations_follow_the_shapes_attention_and_checkpointing_by_hand():
+    s, b, h, a, L = 512, 4, 1024, 16, 24  # gpt2-medium
+    eager = dataclasses.replace(model_shape("gpt2-medium"), attn_implementation="eager")
+    per_layer = 39 * s * b * h + 4.5 * b * a * s * s  # 16-bit (DeepSpeed), with the s x s attention matrix
+    assert mem.predict(eager, mem.Settings(s, b, 2)).activations_bytes == L * per_layer
+    # --gradient_checkpointing: every layer's 16-bit input, and one layer's activations while it is recomputed
+    assert mem.predict(eager, mem.Settings(s, b, 2, gradient_checkpointing=True)).activations_bytes == \
+        L * 2 * s * b * h + per_layer
+
+
+def test_the_nvidia_smi_prediction_adds_the_allocators_cache_and_the_cuda_context():
+    """Reserved = allocated x 1.05 (Trainer) or 1.2 (DeepSpeed); context 1.75 GiB, + 0.4 GiB of NCCL buffers whenever
+    torch.distributed is up: always under DeepSpeed, with the Trainer on several GPUs."""
+    shape = model_shape("gpt2-medium")
+    for stage, gpus, factor, nccl in ((None, 1, 1.05, False), (None, 2, 1.05, True), (2, 1, 1.2, True)):
+        e = mem.predict(shape, mem.Settings(432, 4, stage, world_size=gpus))
+        assert e.reserved_bytes == int(e.peak_allocated_bytes * factor), stage
+        assert e.cuda_context_bytes == int(1.75 * GIB) + (int(0.4 * GIB) if nccl else 0), (stage, gpus)
+        assert e.gpu_total_bytes == e.reserved_bytes + e.cuda_context_bytes
 
 
 # Peak torch.cuda.max_memory_allocated (GiB) measured on one H100 80GB, torch 2.11, transformers 5.17,
@@ -138,7 +256,7 @@ def test_predictions_are_within_the_issues_15_percent_of_h100_measurements():
     for (name, micro, stage, opt, param), measured in H100_MEASURED.items():
         shape = shapes.setdefault(name, model_shape(name))
         attention = "eager" if "bloom" in name else "sdpa"  # BLOOM's, before the workshop gave it sdpa
-        predicted = mem.estimate_for_shape(shape, 512, micro, stage, opt, param, ds_config=ds, fast_kernels=False,
+        predicted = predict(shape, 512, micro, stage, opt, param, ds_config=ds, fast_kernels=False,
                                            attn_implementation=attention).peak_allocated_bytes
         assert abs(predicted / GIB / measured - 1) < 0.15, (name, micro, stage, opt, param, predicted / GIB, measured)
 
@@ -187,7 +305,7 @@ def test_predictions_are_within_the_issues_15_percent_of_h200_measurements():
         shape = model_shape(model, vocab_size=vocab)
         ds = stage_json(file) if file else None
         stage, opt, param = deepspeed_choices(ds) if ds else (None, None, None)
-        predicted = mem.estimate_for_shape(shape, 432, micro, stage, opt, param, ds_config=ds,
+        predicted = predict(shape, 432, micro, stage, opt, param, ds_config=ds,
                                            fast_kernels=fast).peak_allocated_bytes
         assert abs(predicted / GIB / measured - 1) < 0.15, (model, micro, file, fast, predicted / GIB, measured)
 
@@ -198,10 +316,10 @@ def test_zero1_gradients_from_the_json():
     assert mem.DeepSpeedSettings.from_config(as_shipped, 1024).grad_accum_dtype == "auto"
     assert mem.DeepSpeedSettings.from_config(bf16_grads, 1024).grad_accum_dtype == "bf16"
     assert mem.DeepSpeedSettings.from_config({"zero_optimization": {"stage": 1}}, 1024).grad_accum_dtype is None
-    peaks = {name: mem.estimate_for_shape(shape, 432, 4, 1, ds_config=config).backward_peak_bytes
+    peaks = {name: predict(shape, 432, 4, 1, ds_config=config).backward_peak_bytes
              for name, config in (("fp32", as_shipped), ("bf16", bf16_grads))}
     assert peaks["fp32"] - peaks["bf16"] == 4 * shape.n_params  # the fp32 buffer, there from the start
-    fp16 = [mem.estimate_for_shape(shape, 432, 4, 1, precision="fp16", ds_config=config).backward_peak_bytes
+    fp16 = [predict(shape, 432, 4, 1, precision="fp16", ds_config=config).backward_peak_bytes
             for config in (as_shipped, bf16_grads)]
     assert fp16[0] == fp16[1]  # "auto" is fp16 there: the ZeRO optimizer either way
 
@@ -215,8 +333,8 @@ def test_deepspeed_buckets_from_the_json():
                                                         "offload_param": {"device": "none"}}}) == (3, "cpu", None)
     # DeepSpeed's default 5e8-element buckets, doubled by overlap_comm, cost 2 GB on top (the original workshop's JSON)
     shape = model_shape("gpt2-medium")
-    auto = mem.estimate_for_shape(shape, 512, 4, 2, ds_config={"zero_optimization": {"reduce_bucket_size": "auto"}})
-    big = mem.estimate_for_shape(shape, 512, 4, 2, ds_config={"zero_optimization": {"overlap_comm": True}})
+    auto = predict(shape, 512, 4, 2, ds_config={"zero_optimization": {"reduce_bucket_size": "auto"}})
+    big = predict(shape, 512, 4, 2, ds_config={"zero_optimization": {"overlap_comm": True}})
     assert big.peak_allocated_bytes > auto.peak_allocated_bytes + 0.5 * GIB
 
 
@@ -271,3 +389,60 @@ def test_local_config_json(tmp_path):
         with torch.device("meta"):
             expected = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
         assert (shape.n_layers, shape.n_params, shape.vocab_size) == (3, expected, 500)
+
+
+def test_the_json_figures_are_the_predictions_bytes_in_gib():
+    """Estimate.gib(), what `workshop estimate --json` prints: every *_bytes figure as *_gib, none left in bytes."""
+    shape = model_shape("gpt2-medium")
+    for stage in (None, 2):  # the Trainer has no DeepSpeed figure: None stays None
+        e = mem.predict(shape, mem.Settings(432, 4, stage))
+        out = e.gib()
+        assert not [key for key in out if key.endswith("_bytes")]
+        assert out["peak_allocated_gib"] * GIB == e.peak_allocated_bytes and out["zero_stage"] == stage
+        assert out["model_states_gib"] * GIB == e.params_bytes + e.grads_bytes + e.optimizer_bytes
+        assert (out["deepspeed_gpu_gib"] is None) == (stage is None)
+
+
+def test_offloaded_bytes_per_node_are_whole_bytes_and_a_missing_nvme_folder_names_the_fix():
+    both = {"zero_optimization": {"offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}}
+    assert mem.offloaded_bytes(both, 1, half_precision=True, num_nodes=4) == {"cpu": 16 // 4 + 2 // 4}  # not 4.5
+    with pytest.raises(mem.WorkshopError) as refused:
+        mem.offloaded_bytes({"zero_optimization": {"offload_optimizer": {"device": "nvme"}}}, 10, True)
+    assert str(refused.value) == ('zero_optimization.offload_optimizer offloads to NVMe but names no folder; '
+                                  'add "nvme_path": "auto" to it and pass --nvme_path DIR')
+
+
+def test_cpu_offload_host_buffers_counted_by_hand():
+    """cpu_offload_host_bytes for one process of two, 6 MiB parameters (3 MiB each), by the docstring's list: Adam's
+    moments 8 bytes per parameter unpinned; each pinned buffer rounded up to a power of two."""
+    MiB, P, largest = 2**20, 6 * 2**20, 2**20 + 1
+
+    def host(stage, offload_param=False, **pins):
+        return mem.cpu_offload_host_bytes(P, stage, 2, largest, mem.DeepSpeedSettings(**pins), offload_param)
+
+    # ZeRO-1/2: moments 24 + fp32 master 12 -> 16 + 16-bit copy 6 -> 8 + fp32 gradients 12 -> 16 + staging 2 MiB + 2 -> 4
+    assert host(1) == host(2) == (24 + 16 + 8 + 16 + 4) * MiB
+    assert host(1, pin_optimizer=False) == (24 + 12 + 6 + 12) * MiB + 2 * largest
+    # ZeRO-3: moments 24 + fp32 master 12 unpinned + fp32 gradients in one sub-group 12 -> 16 + 16-bit gradients 6 -> 8
+    assert host(3) == (24 + 12 + 16 + 8) * MiB
+    # sub-groups of 2 MiB elements: gradients 8 + 4 MiB, each a power of two already
+    two = dict(sub_group_size=2 * MiB)
+    assert host(3, **two) == (24 + 12 + 8 + 4 + 8) * MiB
+    # parameter offload: the 16-bit parameters flat (6 -> 8 pinned) and tensor by tensor (6 x 1/ln 2 on average)
+    assert host(3, True, **two) == int((24 + 12 + 8 + 4 + 8 + 8) * MiB + 6 * MiB / math.log(2))
+    assert host(3, True, pin_param=False, **two) == (24 + 12 + 8 + 4 + 8 + 6 + 6) * MiB
+
+
+def test_a_pinned_allocation_of_a_power_of_two_is_not_rounded_up():
+    assert [mem.host_allocation_bytes(n, pinned=True) for n in (2**30 - 1, 2**30, 2**30 + 1)] == [2**30, 2**30, 2**31]
+    assert [mem.host_allocation_bytes(n, pinned=True) for n in (0, 1, 2, 3)] == [0, 1, 2, 4]
+
+
+def test_an_estimate_that_fills_the_card_exactly_fits_and_names_its_peak_phase():
+    shape = model_shape("gpt2-medium")
+    e = mem.predict(shape, mem.Settings(432, 16, 2))
+    assert e.fits(e.gpu_total_bytes) and not e.fits(e.gpu_total_bytes - 1)
+    # micro-batch 16: 6.6 GB of activations and 4.2 GB of logits outweigh the step's 8 bytes per parameter (2.8 GB)
+    assert e.gib()["peak_phase"] == "backward"
+    # the Trainer at micro-batch 1 x 8 tokens: the step's 16 bytes per parameter outweigh backward's 14 + a few MB
+    assert mem.predict(shape, mem.Settings(8, 1, None)).gib()["peak_phase"] == "optimizer step"

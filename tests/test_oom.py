@@ -42,6 +42,8 @@ def test_the_default_micro_batch_is_halved_until_the_estimate_fits_the_gpu(token
     assert memory.micro_batch_that_fits(shape, model_args, args, LONGEST, 2 * need[16]) == 16
     assert memory.micro_batch_that_fits(shape, model_args, args, LONGEST, (need[4] + need[8]) / 2 / 0.9) == 4
     assert memory.micro_batch_that_fits(shape, model_args, args, LONGEST, need[1] / 2) == 1  # nothing fits: 1
+    assert 0.9 * (need[8] / 0.9) == need[8]  # exactly the share of the card: fits
+    assert memory.micro_batch_that_fits(shape, model_args, args, LONGEST, need[8] / 0.9) == 8
 
     card = int(need[8] / 0.9) + 1
     assert train.fit_batch_to_gpu(argv, model_args, args, shape, LONGEST, card) == (8, 2)  # the same global batch 16
@@ -101,3 +103,53 @@ def test_workshop_train_fits_the_default_batch_before_training(tmp_path, monkeyp
     metrics = read_json(run_dir / "metrics.json")
     assert (metrics["per_device_train_batch_size"], metrics["gradient_accumulation_steps"]) == (8, 2)
     assert metrics["global_batch_size"] == 16
+
+
+# (DeepSpeed JSON or none, flags of both commands, `workshop estimate --zero_stage`, the micro-batch, what to try)
+NEXT_STEPS = [
+    (None, [], "none", 16, "try --per_device_train_batch_size 8 --gradient_accumulation_steps 2 (same global batch), "
+     "then --gradient_checkpointing, then ds_configs/zero2.json on several GPUs, then CPU offload "
+     "(ds_configs/zero3_offload.json)"),
+    ("zero1.json", ["--per_device_train_batch_size", "4"], "1", 4, "try --per_device_train_batch_size 2 "
+     "--gradient_accumulation_steps 2 (same global batch), then --gradient_checkpointing, then ds_configs/zero2.json, "
+     "then CPU offload"),
+    ("zero2.json", ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "3"], "2", 2,
+     "try --per_device_train_batch_size 1 --gradient_accumulation_steps 6 (same global batch), then "
+     "--gradient_checkpointing, then ds_configs/zero3.json, then CPU offload"),
+    ("zero3_offload_all.json", ["--per_device_train_batch_size", "1", "--gradient_checkpointing"], "3", 1,
+     "try --gradient_checkpointing (same global batch), then --gradient_checkpointing, then "
+     "ds_configs/zero3_offload_all.json, then CPU offload"),
+]
+
+
+def test_the_out_of_memory_line_gives_the_cards_figures_the_estimate_and_the_next_step_for_each_stage(monkeypatch, capsys):
+    """memory.oom_message on a pretend 80 GiB card that reserved 70.5 GiB; its prediction is what the
+    `workshop estimate` command prints for the same setup (fp32: the run's precision on a CPU)."""
+    from types import SimpleNamespace
+
+    from workshop import estimate
+    from workshop.shapes import model_shape
+
+    shape, batch = model_shape("gpt2-medium"), memory.LongestBatch(432, 100)  # 100 targets per sample at most
+    parsed, predicted = {}, {}
+    for file, flags, stage, micro, _ in NEXT_STEPS:
+        deepspeed = ["--deepspeed", str(REPO / "ds_configs" / file)] if file else []
+        model_args, _, _, args = config.parse(["--model_name_or_path", "gpt2-medium", "--from_config", *flags, *deepspeed])
+        parsed[file] = model_args, args
+        capsys.readouterr()
+        checkpointing = [flag for flag in flags if flag == "--gradient_checkpointing"]
+        assert estimate.main(["--model", "gpt2-medium", "--zero_stage", stage, "--micro_batch", str(micro),
+                              "--seq_len", "432", "--targets_per_sample", "100", "--precision", args.precision,
+                              *checkpointing, "--json", *deepspeed]) == 0
+        (row,) = json.loads(capsys.readouterr().out)["estimates"]
+        assert memory.predicted_memory(shape, model_args, args, batch, micro).gib() == row  # every figure, host too
+        predicted[file] = row["peak_allocated_gib"]
+    assert len(set(predicted.values())) == len(NEXT_STEPS)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: int(70.5 * GIB))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(total_memory=80 * GIB))
+    for file, flags, stage, micro, advice in NEXT_STEPS:
+        line = memory.oom_message(shape, *parsed[file], batch)
+        assert line.startswith(f"out of GPU memory (reserved 70.5 GiB of the card's 80.0 GiB; `workshop estimate` "
+                               f"predicts {predicted[file]:.1f} GiB allocated for this setup): {advice}"), (file, line)
+        assert line.endswith(" (ds_configs/zero3_offload.json)")

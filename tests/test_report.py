@@ -83,10 +83,11 @@ def test_train_samples_per_second_is_an_epochs_samples_over_the_time_per_epoch(r
 def test_prediction_beside_measurement(row):
     config = read_json(FIXTURE / "config.json")
     info = config["model_info"]
-    expected = mem.estimate(info["n_params"], info["n_layers"], info["hidden_size"], info["n_heads"],
-                            info["vocab_size"], 512, 4, 2, None, None, 1, "bf16", model_type="gpt2",
-                            attn_implementation="sdpa", fast_kernels=False,  # recorded before the flag existed
-                            deepspeed=mem.DeepSpeedSettings.from_config(config["deepspeed_config"], 1024))
+    shape = mem.ModelShape("", "gpt2", info["n_params"], info["vocab_size"] * info["hidden_size"], info["n_layers"],
+                           info["hidden_size"], info["n_heads"], info["vocab_size"], "sdpa")
+    expected = mem.predict(shape, mem.Settings(512, 4, 2, precision="bf16",
+                                               fast_kernels=False,  # recorded before the flag existed
+                                               deepspeed=mem.DeepSpeedSettings.from_config(config["deepspeed_config"], 1024)))
     assert row["predicted_peak_allocated_gib"] == expected.peak_allocated_bytes / GIB
     assert row["predicted_gpu_total_gib"] == expected.gpu_total_bytes / GIB
     # the fixture's peak is a real H100 measurement of this configuration

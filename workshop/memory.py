@@ -49,7 +49,6 @@ PyTorch's pinned-memory allocator (tests/test_scale.py holds the measurements). 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -198,7 +197,7 @@ MEAN_POWER_OF_TWO_ROUNDING = 1 / math.log(2)
 
 
 def cpu_offload_host_bytes(n_params: int, zero_stage: int, world_size: int, largest_layer_params: int,
-                           ds: "DeepSpeedSettings", offload_param: bool = False) -> int:
+                           ds: "DeepSpeedSettings", offload_param: bool) -> int:
     """Host memory of one process's buffers under DeepSpeed's CPU optimizer offload, as DeepSpeed 0.19 allocates them.
 
     Per parameter of the process's partition (P / GPUs), bf16/fp16 mixed precision, DeepSpeed's CPU Adam:
@@ -552,34 +551,6 @@ def offloaded_bytes(config: dict, n_params: int, half_precision: bool, num_nodes
                                 'add "nvme_path": "auto" to it and pass --nvme_path DIR')
         needed[where] = needed.get(where, 0) + bytes_per_param * n_params // num_nodes
     return needed
-
-
-# The same from loose values ------------------------------------------------------------------------------------
-def estimate(n_params: int, n_layers: int, hidden: int, heads: int, vocab: int, seq_len: int, micro_batch: int,
-             zero_stage: int | None = None, offload_optimizer: str | None = None, offload_param: str | None = None,
-             world_size: int = 1, precision: str = "bf16", *, num_nodes: int = 1, model_type: str = "gpt2",
-             attn_implementation: str = "sdpa", largest_layer_params: int | None = None,
-             deepspeed: DeepSpeedSettings | None = None, gradient_checkpointing: bool = False,
-             fast_kernels: bool = True) -> Estimate:
-    """``predict`` for a shape given by its numbers; the largest layer defaults to the embedding."""
-    settings = Settings(seq_len, micro_batch, zero_stage, offload_optimizer, offload_param, world_size, num_nodes,
-                        precision, gradient_checkpointing, fast_kernels, deepspeed or DeepSpeedSettings())
-    largest = largest_layer_params if largest_layer_params is not None else vocab * hidden
-    shape = ModelShape("", model_type, n_params, largest, n_layers, hidden, heads, vocab, attn_implementation)
-    return predict(shape, settings)
-
-
-def estimate_for_shape(shape: ModelShape, seq_len: int, micro_batch: int, zero_stage: int | None = None,
-                       offload_optimizer: str | None = None, offload_param: str | None = None, world_size: int = 1,
-                       precision: str = "bf16", num_nodes: int = 1, ds_config: dict | None = None,
-                       attn_implementation: str | None = None, gradient_checkpointing: bool = False,
-                       fast_kernels: bool = True) -> Estimate:
-    """``predict`` with DeepSpeed's bucket sizes taken from its JSON (or its defaults)."""
-    if attn_implementation:
-        shape = dataclasses.replace(shape, attn_implementation=attn_implementation)
-    return predict(shape, Settings(seq_len, micro_batch, zero_stage, offload_optimizer, offload_param, world_size,
-                                   num_nodes, precision, gradient_checkpointing, fast_kernels,
-                                   DeepSpeedSettings.from_config(ds_config, shape.hidden_size)))
 
 
 # workshop train: the micro-batch that fits, and the advice when memory runs out ---------------------------------
