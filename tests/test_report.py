@@ -394,6 +394,30 @@ def test_scaling_efficiency_only_against_runs_that_differ_in_gpu_count_alone_and
     assert report.scaling_notes(alone) == ["`two` (2 GPUs): no scaling efficiency: no one-GPU run among these runs"]
 
 
+def test_scaling_against_names_every_run_at_the_smallest_count_and_the_closest_one_gpu_run_is_the_nearest():
+    """Two one-GPU runs at the base (a folder name may hold spaces): the two-GPU run is measured against both
+    and needs no note; every row has scaling_against (a CSV column), None outside a group; a run after one with
+    an efficiency still gets its note; of several one-GPU runs the note names the one differing in fewest
+    settings; a run that recorded no GPU count is taken for one GPU and gets no note."""
+    rows = [
+        _row("other", 1, 12.0, precision="fp32", max_seq_length=1024),  # differs from 4730 in two settings
+        _row("4711", 1, 10.0), _row("4712 (rerun)", 1, 12.0),
+        _row("4720", 2, 18.0),  # against 4711 and 4712 (rerun)
+        _row("4730", 2, 20.0, precision="fp16"),  # in no group: 4711 differs from it in precision alone
+        _row("unknown", None, 15.0),
+    ]
+    report.add_scaling_efficiency(rows)
+    # 10 and 12 samples/s per GPU at one GPU, mean 11; 4720: 18 / 2 = 9 per GPU.
+    assert {r["run"]: r["scaling_efficiency"] for r in rows if r["scaling_efficiency"] is not None} == (
+        pytest.approx({"4711": 10 / 11, "4712 (rerun)": 12 / 11, "4720": 9 / 11}, rel=1e-12))
+    assert {r["run"]: r["scaling_against"] for r in rows} == {
+        "other": None, "4711": "4711, 4712 (rerun)", "4712 (rerun)": "4711, 4712 (rerun)",
+        "4720": "4711, 4712 (rerun)", "4730": None, "unknown": None}
+    assert report.scaling_notes(rows) == [
+        "`4730` (2 GPUs): no scaling efficiency: no one-GPU run differs from it in the GPU count alone; the "
+        "closest, `4711`, differs in precision bf16 vs fp16"]
+
+
 def test_csv_holds_every_key_of_every_row_in_first_seen_order_lists_as_json():
     rows = [{"run": "a", "loss": [1.5, 2.0]}, {"run": "b", "only_b": {"k": "v"}}, {"run": "c", "only_c": ["x"]}]
     assert report.to_csv(rows) == ('run,loss,only_b,only_c\n'
@@ -558,7 +582,7 @@ def test_where_the_time_went_one_row_per_run_one_column_per_phase(tmp_path, caps
     shutil.copytree(FIXTURE, logs / "4711")
     shutil.copytree(FIXTURE, logs / "4712")
     metrics = read_json(logs / "4712" / "metrics.json")
-    metrics.update(wall_time_s=37.04, time_breakdown_s={"launch_and_imports": 9.96, "training_steps": 6.14,
+    metrics.update(wall_time_s=37.24, time_breakdown_s={"launch_and_imports": 10.06, "training_steps": 6.14,
                                                         "evaluation": 21.04})
     (logs / "4712" / "metrics.json").write_text(json.dumps(metrics))
     assert report.main([str(tmp_path / "logs"), "--no_plots"]) == 0
@@ -566,5 +590,5 @@ def test_where_the_time_went_one_row_per_run_one_column_per_phase(tmp_path, caps
     section = printed.split("## Where the time went (s)\n\n")[1].split("\n\n")[0]
     assert section.splitlines() == [
         "| run | wall time | launch_and_imports | training_steps | evaluation |", "|---|---|---|---|---|",
-        "| deepspeed_single_gpu/4712 | 37 | 10 | 6.1 | 21 |"]
+        "| deepspeed_single_gpu/4712 | 37.2 | 10.1 | 6.1 | 21 |"]
     assert printed.index("## deepspeed_single_gpu") < printed.index("## Where the time went")
