@@ -394,6 +394,14 @@ def test_scaling_efficiency_only_against_runs_that_differ_in_gpu_count_alone_and
     assert report.scaling_notes(alone) == ["`two` (2 GPUs): no scaling efficiency: no one-GPU run among these runs"]
 
 
+def test_setting_label_names_stage_offloads_and_gpu_count():
+    """The rung tables' "setting" column, as the rung READMEs spell it; a row without a GPU count is one GPU."""
+    assert report.setting_label({"zero_stage": 3, "offload_optimizer": "cpu", "offload_param": "nvme",
+                                 "world_size": 8}) == "ZeRO-3 + opt cpu + params nvme x8 GPUs"
+    assert report.setting_label({"zero_stage": 2, "offload_optimizer": None, "world_size": None}) == "ZeRO-2"
+    assert report.setting_label({"zero_stage": None, "world_size": 1}) == "Trainer"
+
+
 def test_scaling_against_names_every_run_at_the_smallest_count_and_the_closest_one_gpu_run_is_the_nearest():
     """Two one-GPU runs at the base (a folder name may hold spaces): the two-GPU run is measured against both
     and needs no note; every row has scaling_against (a CSV column), None outside a group; a run after one with
