@@ -94,6 +94,23 @@ def test_prediction_beside_measurement(row):
     assert abs(row["allocated_over_predicted"] - 1) < 0.15 and abs(row["nvidia_smi_over_predicted"] - 1) < 0.15
 
 
+def test_the_prediction_uses_the_runs_attention(run_dir):
+    """Eager attention keeps the attention matrix: the report predicts with the attention config.json records
+    (sdpa where it records none, as in the fixture)."""
+    config = read_json(run_dir / "config.json")
+    config["model"]["attn_implementation"] = "eager"
+    (run_dir / "config.json").write_text(json.dumps(config))
+    info = config["model_info"]
+    ds = mem.DeepSpeedSettings.from_config(config["deepspeed_config"], 1024)
+    eager, sdpa = (mem.predict(mem.ModelShape("", "gpt2", info["n_params"], info["vocab_size"] * info["hidden_size"],
+                                              info["n_layers"], info["hidden_size"], info["n_heads"], info["vocab_size"],
+                                              attn),
+                               mem.Settings(512, 4, 2, precision="bf16", fast_kernels=False, deepspeed=ds))
+                   for attn in ("eager", "sdpa"))
+    row = report.summarize(report.load_run(run_dir))
+    assert row["predicted_peak_allocated_gib"] == eager.peak_allocated_bytes / GIB != sdpa.peak_allocated_bytes / GIB
+
+
 def test_the_prediction_assumes_the_runs_own_longest_batch(run_dir):
     """With --fast_kernels the output layer makes logits at the targets only: the report predicts for the
     most targets a sample of the run's data has (config.json's data_stats), not for every position."""
@@ -389,9 +406,10 @@ def test_scaling_efficiency_only_against_runs_that_differ_in_gpu_count_alone_and
         "`eight_z3` (8 GPUs): against two_z3, its smallest GPU count: no comparable one-GPU run",
     ]
     assert "- `four_h200` (4 GPUs): no scaling efficiency" in report.comparison_markdown(rows)
-    alone = [_row("two", 2, 10.0)]
+    alone = [_row("two", 2, 10.0), _row("four_z3", 4, 30.0, zero_stage=3)]  # each its own group: no efficiency
     report.add_scaling_efficiency(alone)
-    assert report.scaling_notes(alone) == ["`two` (2 GPUs): no scaling efficiency: no one-GPU run among these runs"]
+    assert report.scaling_notes(alone) == ["`two` (2 GPUs): no scaling efficiency: no one-GPU run among these runs",
+                                           "`four_z3` (4 GPUs): no scaling efficiency: no one-GPU run among these runs"]
 
 
 def test_setting_label_names_stage_offloads_and_gpu_count():
