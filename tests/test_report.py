@@ -111,6 +111,25 @@ def test_the_prediction_uses_the_runs_attention(run_dir):
     assert row["predicted_peak_allocated_gib"] == eager.peak_allocated_bytes / GIB != sdpa.peak_allocated_bytes / GIB
 
 
+def test_the_model_type_recorded_in_model_info_wins_for_a_model_outside_the_shapes_table(run_dir):
+    """A model from a local folder: the shapes table does not know it, config.json's model_info says BLOOM, and
+    the prediction uses BLOOM's activation figures, not the fallback's."""
+    config, metrics_json = read_json(run_dir / "config.json"), read_json(run_dir / "metrics.json")
+    config["model_info"]["model_type"] = "bloom"
+    metrics_json["model"] = config["model"]["model_name_or_path"] = "my_models/bloom_variant"
+    (run_dir / "config.json").write_text(json.dumps(config))
+    (run_dir / "metrics.json").write_text(json.dumps(metrics_json))
+    info = config["model_info"]
+    ds = mem.DeepSpeedSettings.from_config(config["deepspeed_config"], 1024)
+    bloom, unknown = (mem.predict(mem.ModelShape("", kind, info["n_params"], info["vocab_size"] * info["hidden_size"],
+                                                 info["n_layers"], info["hidden_size"], info["n_heads"],
+                                                 info["vocab_size"], "sdpa"),
+                                  mem.Settings(512, 4, 2, precision="bf16", fast_kernels=False, deepspeed=ds))
+                      for kind in ("bloom", "unknown"))
+    row = report.summarize(report.load_run(run_dir))
+    assert row["predicted_peak_allocated_gib"] == bloom.peak_allocated_bytes / GIB != unknown.peak_allocated_bytes / GIB
+
+
 def test_the_prediction_assumes_the_runs_own_longest_batch(run_dir):
     """With --fast_kernels the output layer makes logits at the targets only: the report predicts for the
     most targets a sample of the run's data has (config.json's data_stats), not for every position."""
