@@ -592,16 +592,25 @@ def oom_message(shape: ModelShape, model_args, training_args, batch: LongestBatc
     """One line: how far memory got, what this setup should need, and the next things to try."""
     import torch
 
-    stage = deepspeed_choices(training_args.deepspeed or None)[0]
+    stage, offload_optimizer, offload_param = deepspeed_choices(training_args.deepspeed or None)
     micro, accum = training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps
     predicted = predicted_memory(shape, model_args, training_args, batch, micro)
     peak = torch.cuda.max_memory_reserved() / GIB if torch.cuda.is_available() else float("nan")
     card = torch.cuda.get_device_properties(0).total_memory / GIB if torch.cuda.is_available() else float("nan")
-    smaller = (f"--per_device_train_batch_size {micro // 2} --gradient_accumulation_steps {accum * 2}"
-               if micro > 1 else "--gradient_checkpointing")
-    next_stage = f"ds_configs/{stages.REGISTRY[NEXT_STAGE[stage]].ds_json}" + (" on several GPUs" if stage is None
-                                                                                 else "")
-    offload = f"ds_configs/{stages.REGISTRY['zero3_offload'].ds_json}"
+    # what this setup does not do yet, cheapest first
+    steps = []
+    if micro > 1:
+        steps.append(f"--per_device_train_batch_size {micro // 2} --gradient_accumulation_steps {accum * 2} "
+                     "(same global batch)")
+    if not training_args.gradient_checkpointing:
+        steps.append("--gradient_checkpointing")
+    following = stages.REGISTRY[NEXT_STAGE[stage]]
+    if (following.zero_stage, following.offload_optimizer, following.offload_param) != (
+            stage, offload_optimizer, offload_param):
+        steps.append(f"ds_configs/{following.ds_json}" + (" on several GPUs" if stage is None else ""))
+    if not offload_optimizer:
+        steps.append(f"CPU offload (ds_configs/{stages.REGISTRY['zero3_offload'].ds_json})")
+    if not steps:
+        steps.append("more GPUs (multi_node/: ZeRO-3 divides the model states over them)")
     return (f"out of GPU memory (reserved {peak:.1f} GiB of the card's {card:.1f} GiB; `workshop estimate` predicts "
-            f"{predicted.peak_allocated_bytes / GIB:.1f} GiB allocated for this setup): try {smaller} (same global "
-            f"batch), then --gradient_checkpointing, then {next_stage}, then CPU offload ({offload})")
+            f"{predicted.peak_allocated_bytes / GIB:.1f} GiB allocated for this setup): try {', then '.join(steps)}")
