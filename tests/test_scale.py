@@ -119,6 +119,19 @@ def test_predictions_grow_with_size_along_the_ladder(tmp_path):
             assert values == sorted(values), (stage, key)
 
 
+def test_the_table_puts_each_measured_peak_beside_its_prediction():
+    """The estimator is checked against PyTorch's peak: the ratio is measured over predicted, 7.5 / 6.0."""
+    row = {"stage": "zero3_nvme", "model": "bloom-3b", "params": 3.0e9, "predicted_fits": True, "status": "completed",
+           "tokens_per_second": 8.0, "peak_gpu_allocated_gib": 7.5, "predicted_peak_allocated_gib": 6.0,
+           "nvidia_smi_peak_gib": 19.0, "predicted_gpu_gib": 9.0, "peak_host_rss_gib": 31.8, "predicted_host_gib": 5.1,
+           "nvme_used_gib": 51.7, "predicted_nvme_gib": 50.3}
+    refused = {**row, "status": "refused", "error": "no room", "peak_gpu_allocated_gib": None, "tokens_per_second": None}
+    lines = scale.table([row, refused]).splitlines()
+    assert lines[2] == ("| zero3_nvme | bloom-3b | 3.00B | yes | completed | 8 | 7.5 | 6.0 | 125.0% | 19.0 | 9.0 | 31.8 | "
+                        "5.1 | 51.7 | 50.3 |")
+    assert "| - | 6.0 | - |" in lines[3]
+
+
 def fake_attempts(monkeypatch, trains):
     """attempt_row without training: a size trains when trains(stage, model) says so."""
     def attempt_row(out, stage, name, *args):

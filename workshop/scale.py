@@ -101,7 +101,8 @@ def fits(e: memory.Estimate, resources: Resources) -> bool:
 
 def prediction_fields(e: memory.Estimate, resources: Resources) -> dict:
     """An attempt row's predicted columns."""
-    return {"predicted_gpu_gib": e.gpu_total_bytes / GIB, "predicted_host_gib": e.host_bytes / GIB,
+    return {"predicted_peak_allocated_gib": e.peak_allocated_bytes / GIB, "predicted_gpu_gib": e.gpu_total_bytes / GIB,
+            "predicted_host_gib": e.host_bytes / GIB,
             "predicted_nvme_gib": e.nvme_bytes / GIB, "predicted_fits": fits(e, resources)}
 
 
@@ -265,9 +266,11 @@ def _params(n: float) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = ["stage", "model", "parameters", "predicted GPU GiB", "predicted host GiB", "predicted NVMe GiB",
-            "predicted fits", "status", "tokens/s", "peak alloc GiB", "nvidia-smi GiB", "peak host GiB",
-            "NVMe used GiB"]
+    """One row per attempt, each measurement beside its prediction: PyTorch's peak allocated (what the
+    estimator is checked against), nvidia-smi's peak, host memory, NVMe."""
+    head = ["stage", "model", "parameters", "predicted fits", "status", "tokens/s", "peak alloc GiB",
+            "predicted alloc GiB", "alloc / predicted", "nvidia-smi GiB", "predicted nvidia-smi GiB",
+            "peak host GiB", "predicted host GiB", "NVMe used GiB", "predicted NVMe GiB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def f(value, spec):
@@ -275,12 +278,14 @@ def table(rows: list[dict]) -> str:
 
     for r in rows:
         status = r["status"] if r["status"] == "completed" else f"{r['status']}: {str(r.get('error'))[:90]}"
+        measured, predicted = r.get("peak_gpu_allocated_gib"), r.get("predicted_peak_allocated_gib")
+        ratio = measured / predicted if measured is not None and predicted else None
         lines.append("| " + " | ".join([
-            r["stage"], r["model"], _params(r["params"]), f(r["predicted_gpu_gib"], ".1f"),
-            f(r["predicted_host_gib"], ".1f"), f(r["predicted_nvme_gib"], ".1f"),
-            "yes" if r["predicted_fits"] else "no", status, f(r.get("tokens_per_second"), ",.0f"),
-            f(r.get("peak_gpu_allocated_gib"), ".1f"), f(r.get("nvidia_smi_peak_gib"), ".1f"),
-            f(r.get("peak_host_rss_gib"), ".1f"), f(r.get("nvme_used_gib"), ".1f")]) + " |")
+            r["stage"], r["model"], _params(r["params"]), "yes" if r["predicted_fits"] else "no", status,
+            f(r.get("tokens_per_second"), ",.0f"), f(measured, ".1f"), f(predicted, ".1f"), f(ratio, ".1%"),
+            f(r.get("nvidia_smi_peak_gib"), ".1f"), f(r["predicted_gpu_gib"], ".1f"),
+            f(r.get("peak_host_rss_gib"), ".1f"), f(r["predicted_host_gib"], ".1f"),
+            f(r.get("nvme_used_gib"), ".1f"), f(r["predicted_nvme_gib"], ".1f")]) + " |")
     return "\n".join(lines)
 
 
