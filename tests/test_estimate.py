@@ -4,6 +4,7 @@ import dataclasses
 import itertools
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -288,8 +289,6 @@ H200_MEASURED = {
 
 def stage_json(file: str) -> dict:
     """A ds_configs/ file, or a bench lever's copy of one (``<lever>_<stage>.json``, as `workshop bench` writes it)."""
-    from pathlib import Path
-
     from workshop import bench
 
     folder = Path(__file__).parents[1] / "ds_configs"
@@ -322,6 +321,53 @@ def test_zero1_gradients_from_the_json():
     fp16 = [predict(shape, 432, 4, 1, precision="fp16", ds_config=config).backward_peak_bytes
             for config in (as_shipped, bf16_grads)]
     assert fp16[0] == fp16[1]  # "auto" is fp16 there: the ZeRO optimizer either way
+
+
+def as_deepspeed_reads_it(ds_config: dict, hidden_size: int):
+    """The ZeRO section as DeepSpeed parses it, after the Trainer filled its hidden-size 'auto' values: the
+    reference for DeepSpeedSettings.from_config, made by transformers' and DeepSpeed's own code."""
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    hf = HfTrainerDeepSpeedConfig(json.loads(json.dumps(ds_config)))
+    hf.trainer_config_finalize(SimpleNamespace(get_warmup_steps=lambda steps: 1),
+                               SimpleNamespace(config=SimpleNamespace(hidden_size=hidden_size)), 10)
+    zero = hf.config.get("zero_optimization", {})
+    for part in ("offload_optimizer", "offload_param"):  # the job fills these from --nvme_path and the model
+        zero.get(part, {}).update({k: v for k, v in (("nvme_path", "/tmp"), ("buffer_size", 10**8))
+                                   if zero.get(part, {}).get(k) == "auto"})
+    return DeepSpeedZeroConfig(**zero)
+
+
+@pytest.mark.parametrize("ds_config", [
+    *[stage_json(path.name) for path in sorted((Path(__file__).parents[1] / "ds_configs").glob("*.json"))],
+    {},  # no ZeRO section
+    {"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+                           "stage3_max_live_parameters": 3e8, "sub_group_size": 2e8, "contiguous_gradients": False,
+                           "overlap_comm": False, "offload_optimizer": {"device": "cpu", "pin_memory": True},
+                           "offload_param": {"device": "cpu", "pin_memory": True}}},
+    {"zero_optimization": {"stage": 2, "reduce_bucket_size": 2e8, "overlap_comm": True, "contiguous_gradients": True,
+                           "offload_optimizer": {"device": "cpu", "pin_memory": False}}},
+    {"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 123456, "stage3_max_live_parameters": 1e8,
+                           "sub_group_size": 5e8, "offload_param": {"device": "cpu"}}},
+    # 'auto' where the Trainer fills nothing: DeepSpeed drops it and takes its default
+    {"zero_optimization": {"stage": 3, "stage3_max_live_parameters": "auto", "sub_group_size": "auto",
+                           "contiguous_gradients": "auto", "overlap_comm": "auto"}},
+], ids=lambda c: json.dumps(c.get("zero_optimization", {}))[:60])
+def test_deepspeed_settings_are_what_deepspeed_reads_from_the_json(ds_config):
+    hidden = 1024
+    ours, theirs = mem.DeepSpeedSettings.from_config(ds_config, hidden), as_deepspeed_reads_it(ds_config, hidden)
+    assert ours.reduce_bucket_size == theirs.reduce_bucket_size
+    assert ours.contiguous_gradients == theirs.contiguous_gradients
+    assert ours.prefetch_bucket_size == theirs.prefetch_bucket_size
+    assert ours.max_live_parameters == theirs.max_live_parameters
+    assert ours.sub_group_size == theirs.sub_group_size
+    stage3_default = (ds_config.get("zero_optimization") or {}).get("stage") == 3
+    assert (stage3_default if ours.overlap_comm is None else ours.overlap_comm) == theirs.overlap_comm
+    assert ours.pin_optimizer == bool(theirs.offload_optimizer and theirs.offload_optimizer.pin_memory)
+    assert ours.pin_param == bool(theirs.offload_param and theirs.offload_param.pin_memory)
 
 
 def test_deepspeed_buckets_from_the_json():

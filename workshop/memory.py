@@ -119,9 +119,12 @@ STOCK_GELU_BYTES = {"amp": 48, "16bit": 23, "fp32": 48}
 CHECKPOINT_INPUT_BYTES = {"amp": 4, "16bit": 2, "fp32": 4}
 LOSS_BYTES_PER_LOGIT = 12  # fp32 log-softmax output + its gradient + the logits' gradient
 
-# DeepSpeed's defaults where a JSON leaves a key out (deepspeed/runtime/zero/config.py).
-DS_DEFAULTS = {"reduce_bucket_size": int(5e8), "contiguous_gradients": True, "stage3_prefetch_bucket_size": int(5e7),
-               "stage3_max_live_parameters": int(1e9), "sub_group_size": int(1e9)}
+# DeepSpeed's defaults where a JSON leaves a key out, or sets 'auto' where the Trainer fills nothing
+# (deepspeed/runtime/zero/config.py and offload_config.py; offloaded buffers are pinned by default since
+# deepspeed 0.19, the versions requirements.txt names).
+DS_DEFAULTS = {"reduce_bucket_size": int(5e8), "overlap_comm": None, "contiguous_gradients": True,
+               "stage3_prefetch_bucket_size": int(5e7), "stage3_max_live_parameters": int(1e9),
+               "sub_group_size": int(1e9), "pin_memory": True}
 
 
 # DeepSpeed's own convention ----------------------------------------------------------------------------------
@@ -284,15 +287,14 @@ FP32_NAMES = {"fp32", "float32", "float", "torch.float32"}  # DeepSpeed's names 
 
 @dataclass(frozen=True)
 class DeepSpeedSettings:
-    """The few keys of a DeepSpeed JSON that move memory; 'auto' is resolved as the Trainer does."""
+    """The few keys of a DeepSpeed JSON that move memory, as DeepSpeed reads them (from_config)."""
     reduce_bucket_size: int = DS_DEFAULTS["reduce_bucket_size"]
     overlap_comm: bool | None = None  # DeepSpeed's default: on for stage 3 only
     contiguous_gradients: bool = True
     prefetch_bucket_size: int = DS_DEFAULTS["stage3_prefetch_bucket_size"]
     max_live_parameters: int = DS_DEFAULTS["stage3_max_live_parameters"]
     sub_group_size: int = DS_DEFAULTS["sub_group_size"]
-    # Whether offloaded buffers are page-locked: ds_configs/ pins (these defaults, for estimates without a JSON);
-    # DeepSpeed's own default, where a JSON leaves pin_memory out, is not to (from_config).
+    # Whether offloaded buffers are page-locked: ds_configs/ pins, and so does DeepSpeed by default.
     pin_optimizer: bool = True
     pin_param: bool = True
     # data_types.grad_accum_dtype: "auto" as in ds_configs/zero1.json (grad_accum_dtype()), None for DeepSpeed's
@@ -301,23 +303,30 @@ class DeepSpeedSettings:
 
     @classmethod
     def from_config(cls, ds_config: dict | None, hidden_size: int) -> "DeepSpeedSettings":
+        """The settings DeepSpeed runs with: an 'auto' the Trainer fills takes its value from the hidden size
+        (transformers.integrations.deepspeed, trainer_config_finalize); DeepSpeed drops any other 'auto', and
+        a key left out or dropped takes DeepSpeed's default."""
         zero = (ds_config or {}).get("zero_optimization") or {}
+        filled = {"reduce_bucket_size": hidden_size**2}
+        if zero.get("stage") == 3:
+            filled["stage3_prefetch_bucket_size"] = 0.9 * hidden_size**2
 
-        def value(key, auto, default):
-            v = zero.get(key, default)
-            return int(auto) if v == "auto" else int(float(v))
+        def value(key, section=zero):
+            v = section.get(key)
+            v = filled.get(key) if v == "auto" else v
+            return DS_DEFAULTS[key] if v is None else v
 
-        # The Trainer fills these 'auto' values from the hidden size (transformers.integrations.deepspeed).
-        return cls(reduce_bucket_size=value("reduce_bucket_size", hidden_size**2, DS_DEFAULTS["reduce_bucket_size"]),
-                   overlap_comm=zero.get("overlap_comm"),
-                   contiguous_gradients=bool(zero.get("contiguous_gradients", True)),
-                   prefetch_bucket_size=value("stage3_prefetch_bucket_size", 0.9 * hidden_size**2,
-                                              DS_DEFAULTS["stage3_prefetch_bucket_size"]),
-                   max_live_parameters=value("stage3_max_live_parameters", 1e9,
-                                             DS_DEFAULTS["stage3_max_live_parameters"]),
-                   sub_group_size=value("sub_group_size", 1e9, DS_DEFAULTS["sub_group_size"]),
-                   pin_optimizer=bool((zero.get("offload_optimizer") or {}).get("pin_memory", False)),
-                   pin_param=bool((zero.get("offload_param") or {}).get("pin_memory", False)),
+        def pinned(part: str) -> bool:
+            section = zero.get(part)
+            return bool(section) and bool(value("pin_memory", section))
+
+        return cls(reduce_bucket_size=int(float(value("reduce_bucket_size"))),
+                   overlap_comm=value("overlap_comm"),
+                   contiguous_gradients=bool(value("contiguous_gradients")),
+                   prefetch_bucket_size=int(float(value("stage3_prefetch_bucket_size"))),
+                   max_live_parameters=int(float(value("stage3_max_live_parameters"))),
+                   sub_group_size=int(float(value("sub_group_size"))),
+                   pin_optimizer=pinned("offload_optimizer"), pin_param=pinned("offload_param"),
                    grad_accum_dtype=(ds_config.get("data_types") or {}).get("grad_accum_dtype") if ds_config
                    else cls.grad_accum_dtype)
 
