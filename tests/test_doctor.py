@@ -10,6 +10,7 @@ tests/test_offline.py's do: fresh processes, caches in temporary folders, the hu
 
 import re
 import stat
+import sys
 from pathlib import Path
 
 import pytest
@@ -301,3 +302,26 @@ def test_free_space_below_a_run_of_the_model_fails(tmp_path, monkeypatch, capsys
     assert rc == 1 and checks["logs"].startswith("FAIL")
     assert "1000000000.0 GiB needed (--min_free_gib)" in checks["logs"]
 
+
+
+def test_modules_without_bytecode_are_counted_with_the_command_that_compiles_them(tmp_path, monkeypatch):
+    """A module imported where Python may not write its bytecode is compiled again at every start: it is
+    counted, and the warning names compileall for its folder; once compiled, it is not counted."""
+    import importlib.util
+    import py_compile
+
+    source = tmp_path / "workshop_uncached_probe.py"
+    source.write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    try:
+        importlib.import_module(source.stem)
+        assert str(source) in doctor.uncached_modules()
+        monkeypatch.setattr(doctor, "UNCACHED_MODULES_WARN", 1)
+        check = doctor.check_bytecode()
+        assert check.status == doctor.WARN and "PYTHONDONTWRITEBYTECODE is set" in check.detail
+        assert f"{sys.executable} -m compileall -q -j 0 " in check.detail and str(tmp_path) in check.detail.split()
+        py_compile.compile(str(source), cfile=importlib.util.cache_from_source(str(source)))
+        assert str(source) not in doctor.uncached_modules()
+    finally:
+        sys.modules.pop(source.stem, None)

@@ -316,6 +316,19 @@ def test_without_metrics_json_no_time_or_throughput_and_peaks_from_steps(run_dir
     assert row["peak_host_rss_gib"] == max(s["host_rss_gib"] for s in steps)
 
 
+def test_the_set_up_peak_is_shown_beside_the_runs_peak(run_dir):
+    """metrics.json's peak before the first step goes to the memory table, next to the run's peak; older runs
+    without it show a dash."""
+    metrics = read_json(run_dir / "metrics.json")
+    (run_dir / "metrics.json").write_text(json.dumps({**metrics, "peak_gpu_allocated_setup_gib": 1.25}))
+    row = report.summarize(report.load_run(run_dir))
+    assert row["peak_gpu_allocated_setup_gib"] == 1.25
+    table = report.markdown_table([row], report.MEMORY).splitlines()
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    cells = [c.strip() for c in table[2].strip("|").split("|")]
+    assert cells[header.index("set-up peak")] == "1.25"
+
+
 # The fill-in tables of the rung READMEs, column for column: what a participant checks their table against.
 FILL_IN = ["run", "setting", "final train loss", "eval loss per epoch", "train samples/s", "eval samples/s",
            "steps/epoch", "time/epoch (s)", "peak allocated (GiB)", "peak nvidia-smi (GiB)"]

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 from safetensors.torch import load_file
 
 from conftest import REPO, read_json
+from workshop.units import GIB
 
 METRIC_KEYS = [
     "run_id", "stage", "model", "dataset", "precision", "deepspeed", "world_size", "num_nodes",
@@ -142,6 +143,35 @@ def test_peak_host_memory_covers_what_no_step_saw(monkeypatch):
     measure.process, measure.cuda, measure.peak_host_rss = psutil.Process(), False, 0
     monkeypatch.setattr(resource, "getrusage", lambda who: types.SimpleNamespace(ru_maxrss=64 * 1024**2))
     assert measure.peaks()["peak_host_rss_gib"] == 64
+
+
+@pytest.mark.parametrize("setup_gib, training_gib", [(3, 2), (3, 5)])
+def test_gpu_peak_keeps_the_set_up_apart_from_the_training(monkeypatch, setup_gib, training_gib):
+    """The set-up's peak (before the first step) and the training's are kept apart; the run's peak is the larger.
+    The reference: a fake allocator whose high-water marks the test sets by hand."""
+    import types
+
+    import psutil
+
+    from workshop.trainer import JobClock, MeasureCallback
+
+    high = {"allocated": setup_gib * GIB, "reserved": setup_gib * GIB + 1}
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: high["allocated"])
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda: high["reserved"])
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: high.update(allocated=0, reserved=0))
+
+    measure = MeasureCallback.__new__(MeasureCallback)
+    measure.process, measure.cuda, measure.peak_host_rss, measure.setup_peak = psutil.Process(), True, 0, (0, 0)
+    measure.trainer, measure.is_main = types.SimpleNamespace(clock=JobClock(), tokens_seen=torch.tensor(0)), False
+    measure.on_train_begin(None, types.SimpleNamespace(global_step=0), None)
+    high.update(allocated=training_gib * GIB, reserved=training_gib * GIB)  # the steps
+    peaks = measure.peaks()
+    assert peaks["peak_gpu_allocated_setup_gib"] == setup_gib
+    assert peaks["peak_gpu_allocated_training_gib"] == training_gib
+    assert peaks["peak_gpu_allocated_gib"] == max(setup_gib, training_gib)
+    assert peaks["peak_gpu_reserved_gib"] == max(setup_gib + 1 / GIB, training_gib)
 
 
 @pytest.mark.parametrize("schedule", ["epoch", "steps"])

@@ -20,6 +20,10 @@ here, but something a later rung or a compute node needs is missing; the line sa
   (about a minute) and later jobs load it;
 * the Hugging Face cache and offline state for the job's model and data set, through
   ``workshop prefetch --check_only``'s own check, naming the ``workshop prefetch`` command to run;
+* the bytecode of what a job imports: where Python finds no compiled cache (``__pycache__``) and may
+  not write one (PYTHONDONTWRITEBYTECODE, a read-only environment: common in containers), every job
+  compiles torch and transformers again as it starts, seconds each time; the line names the
+  ``compileall`` command that does it once;
 * the SLURM commands, where this looks like a SLURM cluster (sbatch on PATH, or inside a job);
 * free space under logs/ for a run of the model: its checkpoints and the saved model.
 
@@ -66,6 +70,9 @@ MIN_FREE_BYTES = 2 * GIB  # any run: logs, memory CSVs, tokenised data, a tiny m
 UNKNOWN_MODEL_FREE_BYTES = 10 * GIB  # a model whose size is not known here (not cached yet)
 
 SLURM_GPU_VARIABLES = ("SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS")
+# Modules a job imports without cached bytecode, above which the start-up pays for compiling them: a
+# module is a few milliseconds; torch alone is some 2,800 of them.
+UNCACHED_MODULES_WARN = 50
 
 
 @dataclass
@@ -566,6 +573,33 @@ def check_hf_cache(args) -> Check:
 
 
 # ---------------------------------------------------------------------------------------- SLURM
+def uncached_modules() -> list[str]:
+    """Source files of the imported modules whose bytecode cache (``__pycache__/*.pyc``) does not exist:
+    Python compiles them at every start (after an import, where it may write the cache, none is left)."""
+    specs = [getattr(module, "__spec__", None) for module in list(sys.modules.values())]
+    return sorted(spec.origin for spec in specs if spec and spec.cached and not os.path.exists(spec.cached))
+
+
+def _import_root(path: str) -> str:
+    """The sys.path entry a module's file lies under (the longest that holds it)."""
+    roots = [entry for entry in sys.path if entry and path.startswith(os.path.join(os.path.abspath(entry), ""))]
+    return os.path.abspath(max(roots, key=len)) if roots else os.path.dirname(path)
+
+
+def check_bytecode() -> Check:
+    train, error = _import("workshop.train")
+    if train is None:
+        return _not_importable("bytecode", "workshop.train", error)
+    uncached = uncached_modules()
+    if len(uncached) < UNCACHED_MODULES_WARN:
+        return Check("bytecode", OK, f"what a job imports has its bytecode cached ({len(uncached)} modules without)")
+    roots = sorted({_import_root(path) for path in uncached})
+    why = "PYTHONDONTWRITEBYTECODE is set" if sys.dont_write_bytecode else "Python may not write their __pycache__"
+    return Check("bytecode", WARN, f"{len(uncached)} modules a job imports have no compiled bytecode and {why}: "
+                 "every job compiles them again as it starts (seconds each launch); compile them once: "
+                 f"{sys.executable} -m compileall -q -j 0 {' '.join(roots)}")
+
+
 def check_slurm() -> Check:
     """Skipped off a cluster (no sbatch, not in a job); on one, the commands the job scripts use and
     a controller that answers."""
@@ -647,6 +681,7 @@ def run_checks(args, needs: dict[str, str | None]):
                     "(see the packages above)")
     else:
         yield check_hf_cache(args)
+    yield check_bytecode()
     yield check_slurm()
     yield check_logs(args.logs_root, args.model_name_or_path or "none", args.min_free_gib)
 

@@ -353,6 +353,7 @@ def summarize(run: Run) -> dict:
     row["peak_gpu_allocated_gib"] = _first(m.get("peak_gpu_allocated_gib"),
                                            _max(steps, "gpu_peak_allocated_gib"))
     row["peak_gpu_reserved_gib"] = _first(m.get("peak_gpu_reserved_gib"), _max(steps, "gpu_peak_reserved_gib"))
+    row["peak_gpu_allocated_setup_gib"] = m.get("peak_gpu_allocated_setup_gib")  # before the first step
     smi = nvidia_smi_peaks(run.gpu_csv)
     row["peak_nvidia_smi_gib"] = max(smi.values()) if smi else None
     row["nvidia_smi_peak_by_host"] = smi
@@ -451,7 +452,8 @@ COMPARISON = [
 MEMORY = [
     ("run", "run"), ("setting", "setting"), ("GPU", "gpu_name"),
     ("peak allocated (PyTorch)", "peak_gpu_allocated_gib"), ("predicted", "predicted_peak_allocated_gib"),
-    ("measured / predicted", "allocated_over_predicted"), ("peak reserved (PyTorch)", "peak_gpu_reserved_gib"),
+    ("measured / predicted", "allocated_over_predicted"), ("set-up peak", "peak_gpu_allocated_setup_gib"),
+    ("peak reserved (PyTorch)", "peak_gpu_reserved_gib"),
     ("peak nvidia-smi", "peak_nvidia_smi_gib"), ("predicted nvidia-smi", "predicted_gpu_total_gib"),
     ("peak host used", "peak_host_used_gib"), ("peak host RSS", "peak_host_rss_gib"),
     ("predicted host", "predicted_host_gib"),
@@ -517,7 +519,8 @@ def comparison_markdown(rows: list[dict]) -> str:
         "## Training", "", markdown_table(rows, COMPARISON), "",
         *([timing, ""] if timing else []),
         "## Memory (GiB per GPU; host: per node)", "", markdown_table(rows, MEMORY), "",
-        "Peak allocated/reserved: torch.cuda.max_memory_allocated/reserved on rank 0. nvidia-smi: the largest "
+        "Peak allocated/reserved: torch.cuda.max_memory_allocated/reserved on rank 0; set-up: the peak allocated "
+        "before the first step (the model's build, DeepSpeed's engine and optimizer). nvidia-smi: the largest "
         "memory.used of any GPU in gpu_memory-<host>.csv, which adds the allocator's cache and the CUDA context. "
         "Predicted: `workshop estimate` for the run's model, stage, offload, micro-batch, longest batch and GPU count.",
     ])

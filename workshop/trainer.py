@@ -228,6 +228,7 @@ class MeasureCallback(TrainerCallback):
         self.epoch_times: list[float] = []
         self.first_step_s = None  # this run's first optimizer step: kernels loaded, optimizer state allocated
         self.peak_host_rss = 0
+        self.setup_peak = (0, 0)  # GPU bytes (allocated, reserved) before the first step, kept at on_train_begin
         self.eval_samples_per_second: list[float] = []
 
     # -- helpers
@@ -237,25 +238,36 @@ class MeasureCallback(TrainerCallback):
         row = {"host_rss_gib": rss / GIB, "gpu_allocated_gib": None, "gpu_reserved_gib": None,
                "gpu_peak_allocated_gib": None, "gpu_peak_reserved_gib": None}
         if self.cuda:
+            allocated, reserved = self._gpu_peaks()
             row.update(gpu_allocated_gib=torch.cuda.memory_allocated() / GIB,
                        gpu_reserved_gib=torch.cuda.memory_reserved() / GIB,
-                       gpu_peak_allocated_gib=torch.cuda.max_memory_allocated() / GIB,
-                       gpu_peak_reserved_gib=torch.cuda.max_memory_reserved() / GIB)
+                       gpu_peak_allocated_gib=allocated / GIB, gpu_peak_reserved_gib=reserved / GIB)
         return row
+
+    def _gpu_peaks(self) -> tuple[int, int]:
+        """The run's GPU high-water marks so far (allocated, reserved): the set-up's, or the training's since."""
+        return (max(self.setup_peak[0], torch.cuda.max_memory_allocated()),
+                max(self.setup_peak[1], torch.cuda.max_memory_reserved()))
 
     def peaks(self) -> dict:
         self._memory()
         # The kernel's high-water mark also covers what no step saw: loading the model, DeepSpeed's set-up.
         max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-        return {
-            "peak_gpu_allocated_gib": torch.cuda.max_memory_allocated() / GIB if self.cuda else None,
-            "peak_gpu_reserved_gib": torch.cuda.max_memory_reserved() / GIB if self.cuda else None,
-            "peak_host_rss_gib": max(self.peak_host_rss, max_rss) / GIB,
-        }
+        gpu = {"peak_gpu_allocated_gib": None, "peak_gpu_reserved_gib": None, "peak_gpu_allocated_setup_gib": None,
+               "peak_gpu_allocated_training_gib": None}
+        if self.cuda:
+            allocated, reserved = self._gpu_peaks()
+            gpu.update(peak_gpu_allocated_gib=allocated / GIB, peak_gpu_reserved_gib=reserved / GIB,
+                       peak_gpu_allocated_setup_gib=self.setup_peak[0] / GIB,
+                       peak_gpu_allocated_training_gib=torch.cuda.max_memory_allocated() / GIB)
+        return {**gpu, "peak_host_rss_gib": max(self.peak_host_rss, max_rss) / GIB}
 
     # -- events
     def on_train_begin(self, args, state, control, **kwargs):
         self.trainer.clock.switch("training_steps")
+        if self.cuda:  # the set-up's peak (the model's build, DeepSpeed's engine and optimizer), then the training's
+            self.setup_peak = (torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved())
+            torch.cuda.reset_peak_memory_stats()
         self.start = self.last_time = time.perf_counter()
         self.last_tokens = all_ranks_sum(self.trainer.tokens_seen)
         self.last_step = self.first_step = state.global_step
