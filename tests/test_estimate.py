@@ -492,3 +492,38 @@ def test_an_estimate_that_fills_the_card_exactly_fits_and_names_its_peak_phase()
     assert e.gib()["peak_phase"] == "backward"
     # the Trainer at micro-batch 1 x 8 tokens: the step's 16 bytes per parameter outweigh backward's 14 + a few MB
     assert mem.predict(shape, mem.Settings(8, 1, None)).gib()["peak_phase"] == "optimizer step"
+
+
+def test_settings_take_none_as_no_offload_and_refuse_an_offload_its_stage_cannot_do():
+    settings = mem.Settings(512, 1, 3, "none", "none")  # as `workshop estimate --offload none` passes it
+    assert (settings.offload_optimizer, settings.offload_param) == (None, None)
+    for stage, optimizer, param, message in (
+            (None, "cpu", None, "--offload needs DeepSpeed: give --zero_stage 1, 2 or 3"),
+            (None, None, "cpu", "--offload needs DeepSpeed: give --zero_stage 1, 2 or 3"),
+            (2, None, "cpu", "--offload_param needs --zero_stage 3 (only stage 3 partitions the parameters)")):
+        with pytest.raises(mem.WorkshopError) as refused:
+            mem.Settings(512, 1, stage, optimizer, param)
+        assert str(refused.value) == message
+
+
+def test_deepspeeds_own_figure_for_the_run_and_the_trainers_host_memory_per_node():
+    """Estimate.deepspeed_gpu_bytes is DeepSpeed's own estimate for the run's stage, offload and GPUs per node
+    (None in fp32, which it does not cover); a Trainer run's host memory is each of the node's processes with
+    the fp32 model loaded, 1.5 GiB + 4 bytes a parameter (by hand)."""
+    shape = model_shape("gpt2-medium")
+    P, largest = shape.n_params, shape.largest_layer_params
+    for gpus, nodes in ((1, 1), (4, 2)):
+        per_node = gpus // nodes
+
+        def run(*stage_and_offload, **kw):
+            return mem.predict(shape, mem.Settings(512, 1, *stage_and_offload, world_size=gpus, num_nodes=nodes, **kw))
+
+        trainer = run(None)
+        assert trainer.host_bytes == per_node * (1.5 * GIB + 4 * P) and trainer.deepspeed_gpu_bytes is None
+        _, gpu = stage_1_and_2.estimate_zero2_model_states_mem_needs(P, per_node, nodes, cpu_offload=True)
+        assert run(2, "cpu").deepspeed_gpu_bytes == gpu
+        for offload_param in (False, True):
+            _, gpu, _ = stage3.estimate_zero3_model_states_mem_needs(P, largest, per_node, nodes, cpu_offload=True,
+                                                                     cpu_offload_params=offload_param)
+            assert run(3, "cpu", "cpu" if offload_param else None).deepspeed_gpu_bytes == gpu, (gpus, offload_param)
+        assert run(2, precision="fp32").deepspeed_gpu_bytes is None

@@ -66,6 +66,19 @@ def test_host_prediction_counts_deepspeeds_offload_buffers_and_the_pinned_roundi
     assert memory.host_allocation_bytes(2**30 + 1, pinned=False) == 2**30 + 1
 
 
+def test_nvme_prediction_is_what_zero_infinity_wrote(tmp_path):
+    """bloom-3b's swap files on the H200 node (BENCHMARKS.md, the scale ladder) took 51.7 GiB. By hand: the
+    optimizer's fp32 master, two moments and gradients, 4 bytes each, and the 16-bit parameters, 2; a node
+    holds its share."""
+    configs = scale.write_configs(tmp_path, ["bigscience/bloom-3b"])
+    predicted = scale.predict(model_shape(str(configs["bigscience/bloom-3b"])), "zero3_nvme", 512, "bf16", False)
+    assert abs(predicted.nvme_bytes / scale.GIB / 51.7 - 1) < 0.03
+    for optimizer, param, per_param in (("nvme", "nvme", 18), ("nvme", None, 16), ("cpu", "nvme", 2), ("cpu", "cpu", 0)):
+        for nodes in (1, 2):
+            settings = memory.Settings(512, 1, 3, optimizer, param, world_size=2 * nodes, num_nodes=nodes)
+            assert memory.nvme_bytes(1000, settings) == per_param * 1000 // nodes, (optimizer, param, nodes)
+
+
 def test_offload_moves_the_predicted_ceiling_until_host_memory_is_the_wall(tmp_path):
     configs = scale.write_configs(tmp_path, scale.LADDER)
     shapes = [model_shape(str(configs[name])) for name in scale.LADDER]
