@@ -527,3 +527,13 @@ def test_deepspeeds_own_figure_for_the_run_and_the_trainers_host_memory_per_node
                                                                      cpu_offload_params=offload_param)
             assert run(3, "cpu", "cpu" if offload_param else None).deepspeed_gpu_bytes == gpu, (gpus, offload_param)
         assert run(2, precision="fp32").deepspeed_gpu_bytes is None
+
+
+def test_an_estimate_says_which_run_it_is_for():
+    """What `workshop estimate --json` and the report print beside the figures: the run's own settings."""
+    shape = dataclasses.replace(model_shape("gpt2-medium"), attn_implementation="eager")
+    e = mem.predict(shape, mem.Settings(256, 2, 3, "cpu", world_size=4, num_nodes=2, precision="fp16",
+                                        fast_kernels=False, targets_per_sample=40))
+    assert (e.zero_stage, e.offload_optimizer, e.offload_param, e.world_size, e.num_nodes) == (3, "cpu", None, 4, 2)
+    assert (e.micro_batch, e.seq_len, e.logit_positions, e.precision) == (2, 256, 256, "fp16")  # stock: every logit
+    assert e.formula == "per layer s*b*h*62 + b*a*s^2*4.5 bytes (16bit, measured for gpt2/eager)"

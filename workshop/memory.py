@@ -248,7 +248,7 @@ def precision_mode(zero_stage: int | None, precision: str) -> str:
     return "amp" if zero_stage is None else "16bit"
 
 
-def coefficients(model_type: str, attn_implementation: str, mode: str, fast_kernels: bool = True):
+def coefficients(model_type: str, attn_implementation: str, mode: str, fast_kernels: bool):
     """(c1, c2) of the activation formula, and whether they were measured for this architecture."""
     attention = "eager" if attn_implementation == "eager" else "sdpa"
     known = (model_type, attention) in ACTIVATION_COEFFICIENTS
@@ -258,8 +258,8 @@ def coefficients(model_type: str, attn_implementation: str, mode: str, fast_kern
     return c1, c2, known
 
 
-def activation_bytes(n_layers: int, hidden: int, heads: int, seq_len: int, micro_batch: int, mode: str = "16bit",
-                     model_type: str = "gpt2", attn_implementation: str = "sdpa",
+def activation_bytes(n_layers: int, hidden: int, heads: int, seq_len: int, micro_batch: int, mode: str,
+                     model_type: str, attn_implementation: str,
                      gradient_checkpointing: bool = False, fast_kernels: bool = True) -> int:
     """Activations saved for backward on one GPU (see ACTIVATION_COEFFICIENTS for the formula)."""
     c1, c2, _ = coefficients(model_type, attn_implementation, mode, fast_kernels)
