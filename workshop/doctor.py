@@ -587,6 +587,7 @@ def _import_root(path: str) -> str:
 
 
 def check_bytecode() -> Check:
+    """Whether a job compiles what it imports at every start (workshop.train imported here, as a job does)."""
     train, error = _import("workshop.train")
     if train is None:
         return _not_importable("bytecode", "workshop.train", error)
