@@ -504,6 +504,9 @@ def test_settings_take_none_as_no_offload_and_refuse_an_offload_its_stage_cannot
         with pytest.raises(mem.WorkshopError) as refused:
             mem.Settings(512, 1, stage, optimizer, param)
         assert str(refused.value) == message
+    with pytest.raises(mem.WorkshopError) as refused:
+        mem.Settings(512, 1, 2, world_size=3, num_nodes=2)
+    assert str(refused.value) == "--num_gpus 3 is not a multiple of --num_nodes 2"
 
 
 def test_deepspeeds_own_figure_for_the_run_and_the_trainers_host_memory_per_node():
@@ -537,3 +540,5 @@ def test_an_estimate_says_which_run_it_is_for():
     assert (e.zero_stage, e.offload_optimizer, e.offload_param, e.world_size, e.num_nodes) == (3, "cpu", None, 4, 2)
     assert (e.micro_batch, e.seq_len, e.logit_positions, e.precision) == (2, 256, 256, "fp16")  # stock: every logit
     assert e.formula == "per layer s*b*h*62 + b*a*s^2*4.5 bytes (16bit, measured for gpt2/eager)"
+    fast = mem.predict(shape, mem.Settings(256, 2, 3, precision="fp16"))
+    assert fast.formula == "per layer s*b*h*39 + b*a*s^2*4.5 bytes (16bit, measured for gpt2/eager)"
