@@ -320,7 +320,7 @@ def test_modules_without_bytecode_are_counted_with_the_command_that_compiles_the
         monkeypatch.setattr(doctor, "UNCACHED_MODULES_WARN", 1)
         check = doctor.check_bytecode()
         assert check.status == doctor.WARN and "PYTHONDONTWRITEBYTECODE is set" in check.detail
-        assert f"{sys.executable} -m compileall -q -j 0 " in check.detail and str(tmp_path) in check.detail.split()
+        assert f"{sys.executable} -m compileall -qq -j 0 " in check.detail and str(tmp_path) in check.detail.split()
         py_compile.compile(str(source), cfile=importlib.util.cache_from_source(str(source)))
         assert str(source) not in doctor.uncached_modules()
     finally:

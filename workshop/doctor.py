@@ -598,7 +598,7 @@ def check_bytecode() -> Check:
     why = "PYTHONDONTWRITEBYTECODE is set" if sys.dont_write_bytecode else "Python may not write their __pycache__"
     return Check("bytecode", WARN, f"{len(uncached)} modules a job imports have no compiled bytecode and {why}: "
                  "every job compiles them again as it starts (seconds each launch); compile them once: "
-                 f"{sys.executable} -m compileall -q -j 0 {' '.join(roots)}")
+                 f"{sys.executable} -m compileall -qq -j 0 {' '.join(roots)}")
 
 
 def check_slurm() -> Check:
