@@ -596,7 +596,7 @@ def check_bytecode() -> Check:
         return Check("bytecode", OK, f"what a job imports has its bytecode cached ({len(uncached)} modules without)")
     roots = sorted({_import_root(path) for path in uncached})
     why = "PYTHONDONTWRITEBYTECODE is set" if sys.dont_write_bytecode else "Python may not write their __pycache__"
-    return Check("bytecode", WARN, f"{len(uncached)} modules a job imports have no compiled bytecode and {why}: "
+    return Check("bytecode", WARN, f"{len(uncached)} modules the jobs import have no compiled bytecode and {why}: "
                  "every job compiles them again as it starts (seconds each launch); compile them once: "
                  f"{sys.executable} -m compileall -qq -j 0 {' '.join(roots)}")
 
