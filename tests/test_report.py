@@ -31,7 +31,7 @@ def run_dir(tmp_path):
     return target
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture  # made for each test: mutmut counts a test as reaching summarize only where it calls it
 def row():
     return report.summarize(report.load_run(FIXTURE))
 
@@ -90,6 +90,7 @@ def test_prediction_beside_measurement(row):
                                                deepspeed=mem.DeepSpeedSettings.from_config(config["deepspeed_config"], 1024)))
     assert row["predicted_peak_allocated_gib"] == expected.peak_allocated_bytes / GIB
     assert row["predicted_gpu_total_gib"] == expected.gpu_total_bytes / GIB
+    assert row["predicted_host_gib"] == expected.host_bytes / GIB
     # the fixture's peak is a real H100 measurement of this configuration
     assert abs(row["allocated_over_predicted"] - 1) < 0.15 and abs(row["nvidia_smi_over_predicted"] - 1) < 0.15
 
@@ -313,6 +314,7 @@ def test_without_metrics_json_no_time_or_throughput_and_peaks_from_steps(run_dir
         assert row[key] is None, key
     assert row["final_train_loss"] == [e["loss"] for e in history if "loss" in e][-1]
     assert row["peak_gpu_allocated_gib"] == max(s["gpu_peak_allocated_gib"] for s in steps)
+    assert row["peak_gpu_reserved_gib"] == max(s["gpu_peak_reserved_gib"] for s in steps)
     assert row["peak_host_rss_gib"] == max(s["host_rss_gib"] for s in steps)
 
 
