@@ -331,6 +331,43 @@ def test_the_set_up_peak_is_shown_beside_the_runs_peak(run_dir):
     assert cells[header.index("set-up peak")] == "1.25"
 
 
+def test_metrics_json_peaks_win_over_the_logged_steps_and_the_folder_is_named(run_dir):
+    """metrics.json's peaks also cover what no logged step saw (the set-up, the last steps): they win over
+    steps.jsonl's. Made larger than every step's here, by hand."""
+    metrics = read_json(run_dir / "metrics.json")
+    peaks = {"peak_gpu_allocated_gib": 99.0, "peak_gpu_reserved_gib": 98.0, "peak_host_rss_gib": 97.0}
+    (run_dir / "metrics.json").write_text(json.dumps({**metrics, **peaks}))
+    row = report.summarize(report.load_run(run_dir))
+    assert {k: row[k] for k in peaks} == peaks
+    assert row["run_dir"] == str(run_dir)
+
+
+def test_a_failed_runs_error_and_the_epochs_it_did(run_dir):
+    """No epoch count recorded (a run stopped before metrics.json, its config without it): the epochs the log
+    history reached; status.json's error beside it."""
+    (run_dir / "metrics.json").unlink()
+    config = read_json(run_dir / "config.json")
+    config["training"].pop("num_train_epochs", None)
+    (run_dir / "config.json").write_text(json.dumps(config))
+    (run_dir / "status.json").write_text(json.dumps({"status": "failed", "error": "RuntimeError: boom"}))
+    history = read_json(run_dir / "log_history.json")
+    row = report.summarize(report.load_run(run_dir))
+    assert row["epochs"] == max(e["epoch"] for e in history if "epoch" in e)
+    assert (row["status"], row["error"]) == ("failed", "RuntimeError: boom")
+
+
+def test_no_prediction_where_the_run_folder_lacks_the_models_shape(run_dir):
+    config = read_json(run_dir / "config.json")
+    config.pop("model_info", None)
+    config["model"] = {**config.get("model", {}), "model_name_or_path": "my-own-model"}
+    (run_dir / "config.json").write_text(json.dumps(config))
+    row = report.summarize(report.load_run(run_dir))
+    assert row["peak_gpu_allocated_gib"] is not None
+    for key in ("predicted_peak_allocated_gib", "predicted_gpu_total_gib", "predicted_host_gib",
+                "allocated_over_predicted", "nvidia_smi_over_predicted"):
+        assert row[key] is None, key
+
+
 # The fill-in tables of the rung READMEs, column for column: what a participant checks their table against.
 FILL_IN = ["run", "setting", "final train loss", "eval loss per epoch", "train samples/s", "eval samples/s",
            "steps/epoch", "time/epoch (s)", "peak allocated (GiB)", "peak nvidia-smi (GiB)"]
@@ -549,12 +586,17 @@ def test_steps_and_host_rows_after_a_cut_line_are_kept(tmp_path):
                     "2026/11/23 14:02:06.117,[N/A],515773,491703\n"
                     "2026/11/23 14:02:07.117,21000 MiB,515773,[N/A]\n"
                     "timestamp,used_mib,total_mib\n"  # restarted by an older logger without available_mib
-                    "2026/11/23 14:03:00.000,22000,515773\n")
+                    "2026/11/23 14:03:00.000,22000,515773\n"
+                    "timestamp,used_mib\n"  # ... one without total_mib
+                    "2026/11/23 14:04:00.000,23000\n"
+                    "timestamp,total_mib\n"  # ... and one without used_mib: nothing to read
+                    "2026/11/23 14:05:00.000,515773\n")
     t = report.parse_time
     assert report.read_host_csv(host) == [
         {"time": t("2026/11/23 14:02:05.121"), "used_mib": 20950.0, "total_mib": 515773.0, "available_mib": 491703.0},
         {"time": t("2026/11/23 14:02:07.117"), "used_mib": 21000.0, "total_mib": 515773.0, "available_mib": None},
-        {"time": t("2026/11/23 14:03:00"), "used_mib": 22000.0, "total_mib": 515773.0, "available_mib": None}]
+        {"time": t("2026/11/23 14:03:00"), "used_mib": 22000.0, "total_mib": 515773.0, "available_mib": None},
+        {"time": t("2026/11/23 14:04:00"), "used_mib": 23000.0, "total_mib": None, "available_mib": None}]
 
 
 def test_bad_paths_and_cut_json_are_one_line_errors_that_name_the_file(tmp_path, capsys, run_dir):
