@@ -368,6 +368,33 @@ def test_no_prediction_where_the_run_folder_lacks_the_models_shape(run_dir):
         assert row[key] is None, key
 
 
+SOURCES_METRICS = {"stage": "m_stage", "run_id": "m_id", "model": "m_model", "dataset": "m_data", "precision": "fp16",
+                   "deepspeed": "m.json", "zero_stage": 3, "offload_optimizer": "cpu", "offload_param": "cpu"}
+SOURCES_LABELS = {"stage": "l_stage", "run_id": "l_id", "model": "l_model", "dataset": "l_data", "deepspeed": "l.json"}
+SOURCES_CONFIG = {"workshop": {"stage": "c_stage"}, "model": {"model_name_or_path": "c_model"},
+                  "data": {"dataset_name": "c_data"}, "training": {"precision": "bf16"},
+                  "deepspeed_config": {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "nvme"}}}}
+
+
+@pytest.mark.parametrize("has, expected", [
+    ("metrics", {"status": "completed", **SOURCES_METRICS}),
+    ("labels", {"status": None, **SOURCES_LABELS, "precision": "bf16", "zero_stage": 2, "offload_optimizer": "nvme",
+                "offload_param": None}),
+    ("config", {"status": None, "stage": "c_stage", "run_id": "folder_id", "model": "c_model", "dataset": "c_data",
+                "deepspeed": None}),
+    ("folder", {"stage": "folder_stage", "run_id": "folder_id"}),
+])
+def test_settings_come_from_metrics_json_then_config_jsons_labels_then_its_sections(tmp_path, has, expected):
+    """The sources disagree on purpose: each key from the first that has it (metrics.json; config.json's
+    labels, where a run failed before metrics.json; config.json's own sections; the folder's names)."""
+    config = {"labels": SOURCES_LABELS, **SOURCES_CONFIG} if has in ("metrics", "labels") else \
+        SOURCES_CONFIG if has == "config" else {}
+    run = report.Run(path=tmp_path / "folder_stage" / "folder_id", config=config,
+                     metrics=SOURCES_METRICS if has == "metrics" else {})
+    found = report.settings(run)
+    assert {k: found[k] for k in expected} == expected
+
+
 # The fill-in tables of the rung READMEs, column for column: what a participant checks their table against.
 FILL_IN = ["run", "setting", "final train loss", "eval loss per epoch", "train samples/s", "eval samples/s",
            "steps/epoch", "time/epoch (s)", "peak allocated (GiB)", "peak nvidia-smi (GiB)"]
