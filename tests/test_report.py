@@ -369,20 +369,22 @@ def test_no_prediction_where_the_run_folder_lacks_the_models_shape(run_dir):
 
 
 SOURCES_METRICS = {"stage": "m_stage", "run_id": "m_id", "model": "m_model", "dataset": "m_data", "precision": "fp16",
-                   "deepspeed": "m.json", "zero_stage": 3, "offload_optimizer": "cpu", "offload_param": "cpu"}
+                   "deepspeed": "m.json", "zero_stage": 1, "offload_optimizer": "cpu", "offload_param": None,
+                   "num_nodes": 4}
 SOURCES_LABELS = {"stage": "l_stage", "run_id": "l_id", "model": "l_model", "dataset": "l_data", "deepspeed": "l.json"}
 SOURCES_CONFIG = {"workshop": {"stage": "c_stage"}, "model": {"model_name_or_path": "c_model"},
-                  "data": {"dataset_name": "c_data"}, "training": {"precision": "bf16"},
-                  "deepspeed_config": {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "nvme"}}}}
+                  "data": {"dataset_name": "c_data"}, "training": {"precision": "bf16"}, "environment": {"num_nodes": 2},
+                  "deepspeed_config": {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme"},
+                                                             "offload_param": {"device": "nvme"}}}}
 
 
 @pytest.mark.parametrize("has, expected", [
     ("metrics", {"status": "completed", **SOURCES_METRICS}),
-    ("labels", {"status": None, **SOURCES_LABELS, "precision": "bf16", "zero_stage": 2, "offload_optimizer": "nvme",
-                "offload_param": None}),
+    ("labels", {"status": None, **SOURCES_LABELS, "precision": "bf16", "zero_stage": 3, "offload_optimizer": "nvme",
+                "offload_param": "nvme", "num_nodes": 2}),
     ("config", {"status": None, "stage": "c_stage", "run_id": "folder_id", "model": "c_model", "dataset": "c_data",
                 "deepspeed": None}),
-    ("folder", {"stage": "folder_stage", "run_id": "folder_id"}),
+    ("folder", {"stage": "folder_stage", "run_id": "folder_id", "num_nodes": 1}),
 ])
 def test_settings_come_from_metrics_json_then_config_jsons_labels_then_its_sections(tmp_path, has, expected):
     """The sources disagree on purpose: each key from the first that has it (metrics.json; config.json's
