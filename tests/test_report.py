@@ -369,11 +369,14 @@ def test_no_prediction_where_the_run_folder_lacks_the_models_shape(run_dir):
 
 
 SOURCES_METRICS = {"stage": "m_stage", "run_id": "m_id", "model": "m_model", "dataset": "m_data", "precision": "fp16",
-                   "deepspeed": "m.json", "zero_stage": 1, "offload_optimizer": "cpu", "offload_param": None,
-                   "num_nodes": 4}
+                   "deepspeed": "m.json", "zero_stage": 1, "offload_optimizer": "cpu", "offload_param": "cpu",
+                   "num_nodes": 4, "global_batch_size": 64, "max_seq_length": 256, "epochs": 3, "train_samples": 100}
 SOURCES_LABELS = {"stage": "l_stage", "run_id": "l_id", "model": "l_model", "dataset": "l_data", "deepspeed": "l.json"}
 SOURCES_CONFIG = {"workshop": {"stage": "c_stage"}, "model": {"model_name_or_path": "c_model"},
-                  "data": {"dataset_name": "c_data"}, "training": {"precision": "bf16"}, "environment": {"num_nodes": 2},
+                  "data": {"dataset_name": "c_data", "max_seq_length": 128}, "data_stats": {"train_samples": 50},
+                  "training": {"precision": "bf16", "per_device_train_batch_size": 2, "gradient_accumulation_steps": 3,
+                               "num_train_epochs": 5},
+                  "environment": {"num_nodes": 2, "world_size": 2},
                   "deepspeed_config": {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme"},
                                                              "offload_param": {"device": "nvme"}}}}
 
@@ -381,16 +384,19 @@ SOURCES_CONFIG = {"workshop": {"stage": "c_stage"}, "model": {"model_name_or_pat
 @pytest.mark.parametrize("has, expected", [
     ("metrics", {"status": "completed", **SOURCES_METRICS}),
     ("labels", {"status": None, **SOURCES_LABELS, "precision": "bf16", "zero_stage": 3, "offload_optimizer": "nvme",
-                "offload_param": "nvme", "num_nodes": 2}),
+                "offload_param": "nvme", "num_nodes": 2, "global_batch_size": 2 * 3 * 2, "max_seq_length": 128,
+                "epochs": 5, "train_samples": 50}),
     ("config", {"status": None, "stage": "c_stage", "run_id": "folder_id", "model": "c_model", "dataset": "c_data",
-                "deepspeed": None}),
+                "deepspeed": None, "global_batch_size": None}),  # no accumulation recorded: no global batch
     ("folder", {"stage": "folder_stage", "run_id": "folder_id", "num_nodes": 1}),
 ])
 def test_settings_come_from_metrics_json_then_config_jsons_labels_then_its_sections(tmp_path, has, expected):
     """The sources disagree on purpose: each key from the first that has it (metrics.json; config.json's
     labels, where a run failed before metrics.json; config.json's own sections; the folder's names)."""
-    config = {"labels": SOURCES_LABELS, **SOURCES_CONFIG} if has in ("metrics", "labels") else \
-        SOURCES_CONFIG if has == "config" else {}
+    config = {"labels": SOURCES_LABELS, **SOURCES_CONFIG} if has in ("metrics", "labels") else {}
+    if has == "config":
+        config = {**SOURCES_CONFIG, "training": {k: v for k, v in SOURCES_CONFIG["training"].items()
+                                                 if k != "gradient_accumulation_steps"}}
     run = report.Run(path=tmp_path / "folder_stage" / "folder_id", config=config,
                      metrics=SOURCES_METRICS if has == "metrics" else {})
     found = report.settings(run)
