@@ -131,6 +131,33 @@ def test_the_model_type_recorded_in_model_info_wins_for_a_model_outside_the_shap
     assert row["predicted_peak_allocated_gib"] == bloom.peak_allocated_bytes / GIB != unknown.peak_allocated_bytes / GIB
 
 
+def test_the_prediction_follows_the_runs_offload_precision_and_largest_layer(run_dir):
+    """A ZeRO-3 run with its optimizer and parameters on the CPU, in fp32, whose model_info records its largest
+    layer: the report predicts for exactly that (memory.predict with those settings, made here by hand); a
+    run whose precision or micro-batch is unknown gets no prediction."""
+    config, metrics_json = read_json(run_dir / "config.json"), read_json(run_dir / "metrics.json")
+    ds_json = json.loads((Path(__file__).parents[1] / "ds_configs" / "zero3_offload_all.json").read_text())
+    config["deepspeed_config"] = ds_json
+    config["model_info"]["largest_layer_params"] = 12_345_678
+    metrics_json.update(zero_stage=3, offload_optimizer="cpu", offload_param="cpu", precision="fp32")
+    (run_dir / "config.json").write_text(json.dumps(config))
+    (run_dir / "metrics.json").write_text(json.dumps(metrics_json))
+    info = config["model_info"]
+    shape = mem.ModelShape("", "gpt2", info["n_params"], 12_345_678, info["n_layers"], info["hidden_size"],
+                           info["n_heads"], info["vocab_size"], "sdpa")
+    expected = mem.predict(shape, mem.Settings(512, 4, 3, "cpu", "cpu", precision="fp32", fast_kernels=False,
+                                               deepspeed=mem.DeepSpeedSettings.from_config(ds_json, 1024)))
+    row = report.summarize(report.load_run(run_dir))
+    assert row["predicted_peak_allocated_gib"] == expected.peak_allocated_bytes / GIB
+    assert row["predicted_host_gib"] == expected.host_bytes / GIB
+
+    for unknown in ({"precision": "int8"}, {"per_device_train_batch_size": None}):
+        (run_dir / "metrics.json").write_text(json.dumps({**metrics_json, **unknown}))
+        config["training"].update(unknown)
+        (run_dir / "config.json").write_text(json.dumps(config))
+        assert report.summarize(report.load_run(run_dir))["predicted_peak_allocated_gib"] is None, unknown
+
+
 def test_the_prediction_assumes_the_runs_own_longest_batch(run_dir):
     """With --fast_kernels the output layer makes logits at the targets only: the report predicts for the
     most targets a sample of the run's data has (config.json's data_stats), not for every position."""
