@@ -131,21 +131,22 @@ def test_the_model_type_recorded_in_model_info_wins_for_a_model_outside_the_shap
     assert row["predicted_peak_allocated_gib"] == bloom.peak_allocated_bytes / GIB != unknown.peak_allocated_bytes / GIB
 
 
-def test_the_prediction_follows_the_runs_offload_precision_and_largest_layer(run_dir):
-    """A ZeRO-3 run with its optimizer and parameters on the CPU, in fp32, whose model_info records its largest
-    layer: the report predicts for exactly that (memory.predict with those settings, made here by hand); a
-    run whose precision or micro-batch is unknown gets no prediction."""
+@pytest.mark.parametrize("ds_file, offload", [("zero3_offload_all.json", ("cpu", "cpu")), ("zero3.json", (None, None))])
+def test_the_prediction_follows_the_runs_offload_precision_and_largest_layer(run_dir, ds_file, offload):
+    """A ZeRO-3 run in fp32 whose model_info records its largest layer (it sets the host memory of ZeRO-3 in fp32):
+    the report predicts for exactly that, offload included (memory.predict with those settings, made here by
+    hand); a run whose precision or micro-batch is unknown gets no prediction."""
     config, metrics_json = read_json(run_dir / "config.json"), read_json(run_dir / "metrics.json")
-    ds_json = json.loads((Path(__file__).parents[1] / "ds_configs" / "zero3_offload_all.json").read_text())
+    ds_json = json.loads((Path(__file__).parents[1] / "ds_configs" / ds_file).read_text())
     config["deepspeed_config"] = ds_json
     config["model_info"]["largest_layer_params"] = 12_345_678
-    metrics_json.update(zero_stage=3, offload_optimizer="cpu", offload_param="cpu", precision="fp32")
+    metrics_json.update(zero_stage=3, offload_optimizer=offload[0], offload_param=offload[1], precision="fp32")
     (run_dir / "config.json").write_text(json.dumps(config))
     (run_dir / "metrics.json").write_text(json.dumps(metrics_json))
     info = config["model_info"]
     shape = mem.ModelShape("", "gpt2", info["n_params"], 12_345_678, info["n_layers"], info["hidden_size"],
                            info["n_heads"], info["vocab_size"], "sdpa")
-    expected = mem.predict(shape, mem.Settings(512, 4, 3, "cpu", "cpu", precision="fp32", fast_kernels=False,
+    expected = mem.predict(shape, mem.Settings(512, 4, 3, *offload, precision="fp32", fast_kernels=False,
                                                deepspeed=mem.DeepSpeedSettings.from_config(ds_json, 1024)))
     row = report.summarize(report.load_run(run_dir))
     assert row["predicted_peak_allocated_gib"] == expected.peak_allocated_bytes / GIB

@@ -316,19 +316,18 @@ def predict(run: Run, row: dict) -> memory.Estimate | None:
     shape = _model_shape(run, row.get("model"))
     seq = _seq_len_at_peak(run)
     micro = row.get("per_device_train_batch_size")
-    precision = row.get("precision") if row.get("precision") in ("bf16", "fp16", "fp32") else None
-    if shape is None or not seq or not micro or precision is None:
+    if shape is None or not seq or not micro:
         return None
     model_settings = run.config.get("model") or {}
     try:
         return memory.predict(shape, memory.Settings(
             seq, micro, row.get("zero_stage"), row.get("offload_optimizer"), row.get("offload_param"),
-            row.get("world_size") or 1, row.get("num_nodes") or 1, precision,
+            row.get("world_size") or 1, row.get("num_nodes") or 1, row.get("precision"),
             bool((run.config.get("training") or {}).get("gradient_checkpointing")),
             model_settings.get("fast_kernels", False),  # not recorded: the library's own modules
             memory.DeepSpeedSettings.from_config(_ds_config(run), shape.hidden_size),
             (run.config.get("data_stats") or {}).get("targets_max")))  # not recorded: every position
-    except WorkshopError:
+    except WorkshopError:  # a precision or setting the estimator does not cover
         return None
 
 
