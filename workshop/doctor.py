@@ -572,7 +572,7 @@ def check_hf_cache(args) -> Check:
                  f"node, then export {exports}")
 
 
-# ---------------------------------------------------------------------------------------- SLURM
+# ------------------------------------------------------------------------------------- bytecode
 def uncached_modules() -> list[str]:
     """Source files of the imported modules whose bytecode cache (``__pycache__/*.pyc``) does not exist:
     Python compiles them at every start (after an import, where it may write the cache, none is left)."""
@@ -601,6 +601,7 @@ def check_bytecode() -> Check:
                  f"{sys.executable} -m compileall -qq -j 0 {' '.join(roots)}")
 
 
+# ---------------------------------------------------------------------------------------- SLURM
 def check_slurm() -> Check:
     """Skipped off a cluster (no sbatch, not in a job); on one, the commands the job scripts use and
     a controller that answers."""
