@@ -138,8 +138,9 @@ def format_estimates(shape: ModelShape, estimates: list[Estimate], gpu_gib: floa
         "keeps its gradients in fp32 (2 + 4 + 12, ds_configs/zero1.json).",
         f"Activations: {first.formula}. "
         "Logits: 12 bytes x batch x positions x vocabulary (fp32 loss and its gradients).",
-        "Peak (PyTorch) predicts torch.cuda.max_memory_allocated: the start of backward or the optimizer step, "
-        "whichever is larger, DeepSpeed's buckets included. GPU total adds the allocator's cache and the CUDA "
+        "Peak (PyTorch) predicts torch.cuda.max_memory_allocated: the start of backward, the optimizer step or, with "
+        "optimizer offload, DeepSpeed handing the gradients to the offloaded optimizer, whichever is largest, "
+        "DeepSpeed's buckets included. GPU total adds the allocator's cache and the CUDA "
         f"context ({CUDA_CONTEXT_BYTES / GIB:.2f} GiB, +{NCCL_BYTES / GIB:.1f} with NCCL): compare it with nvidia-smi.",
     ]
     return "\n".join(lines)
@@ -176,9 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     if args.json:
-        print(json.dumps({"model": shape.__dict__, "estimates": [e.gib() for e in estimates]}, indent=2))
+        print(json.dumps({"model": predicted.__dict__, "estimates": [e.gib() for e in estimates]}, indent=2))
     else:
-        print(format_estimates(shape, estimates, args.gpu_memory_gib))
+        print(format_estimates(predicted, estimates, args.gpu_memory_gib))
     return 0
 
 

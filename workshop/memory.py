@@ -25,12 +25,16 @@ What is predicted, per GPU (all figures in bytes inside, GiB on screen):
   report take from the run's data (the most targets any sample has) and `workshop estimate` from
   ``--targets_per_sample`` (default: every position a target, the most a batch can need).
 * **DeepSpeed buffers**: gradient reduction buckets (``reduce_bucket_size`` 16-bit elements, twice
-  with ``overlap_comm``), ZeRO-3 gathered layers, and the optimizer step's temporary copies.
+  with ``overlap_comm``), ZeRO-3 gathered layers, the optimizer step's temporary copies, and with
+  optimizer offload what handing the gradients to the CPU takes (``gpu_peaks``).
+* **The rest**: 64 MiB allocated at every stage besides the model states and DeepSpeed's buffers,
+  measured (``LIBRARY_WORKSPACE_BYTES``).
 
-The peak is the larger of two moments: the start of backward (parameters, optimizer state,
+The peak is the largest of three moments: the start of backward (parameters, optimizer state,
 all activations and the loss buffers; gradients do not exist yet, the Trainer frees them each
-step) and the optimizer step (every state plus the flattened gradient copies). This predicts
-``torch.cuda.max_memory_allocated``. ``nvidia-smi`` shows more: the allocator's cache (reserved
+step), with optimizer offload the end of backward, where DeepSpeed hands the gradients to the
+offloaded optimizer, and the optimizer step (every state plus the flattened gradient copies).
+This predicts ``torch.cuda.max_memory_allocated``. ``nvidia-smi`` shows more: the allocator's cache (reserved
 minus allocated: 2-6 % without DeepSpeed, 15-27 % with it, at one sequence length; with dynamic
 padding every batch has its own length, and at micro-batch 16 the cache reaches 0.6-1.1 times the
 allocated peak, so the nvidia-smi prediction is then low) plus the CUDA context, cuBLAS workspaces
@@ -86,6 +90,11 @@ CHECKPOINT_BYTES_PER_PARAM = {mode: weights + optim for mode, (weights, _, optim
 CUDA_CONTEXT_BYTES = int(1.75 * GIB)
 NCCL_BYTES = int(0.4 * GIB)  # DeepSpeed always starts torch.distributed; so does the Trainer on several GPUs
 HOST_PROCESS_BYTES = int(1.5 * GIB)  # RSS of one training process before the model: Python, torch, CUDA libraries
+# Allocated between steps beyond the model states and DeepSpeed's buffers, the same at every stage
+# (BENCHMARKS.md's memory sweep on an H100, gpt2-medium: 0.063-0.066 GiB in steps.jsonl's gpu_allocated_gib).
+LIBRARY_WORKSPACE_BYTES = 64 * 2**20
+# DeepSpeed's stage 3 takes a gradient's norm in fp64 this many elements at a time (_constant_buffered_norm2).
+NORM_CHUNK = 250_000_000
 # torch.cuda.memory_reserved / max_memory_allocated at the peak, measured: 1.03-1.06 (Trainer), 1.15-1.27 (DeepSpeed).
 RESERVED_FACTOR = {"trainer": 1.05, "deepspeed": 1.2}
 
@@ -349,8 +358,9 @@ class Estimate:
     activations_bytes: int
     logits_bytes: int
     backward_peak_bytes: int         # at the start of backward
+    reduce_peak_bytes: int           # as the gradients go to an offloaded optimizer (0 without offload)
     step_peak_bytes: int             # during the optimizer step
-    peak_allocated_bytes: int        # the larger: predicts torch.cuda.max_memory_allocated
+    peak_allocated_bytes: int        # the largest: predicts torch.cuda.max_memory_allocated
     reserved_bytes: int              # predicts torch.cuda.max_memory_reserved
     cuda_context_bytes: int
     gpu_total_bytes: int             # predicts the nvidia-smi peak: reserved + context
@@ -365,7 +375,9 @@ class Estimate:
 
     @property
     def peak_phase(self) -> str:
-        return "backward" if self.backward_peak_bytes >= self.step_peak_bytes else "optimizer step"
+        phases = {"backward": self.backward_peak_bytes, "gradients to the offloaded optimizer": self.reduce_peak_bytes,
+                  "optimizer step": self.step_peak_bytes}
+        return max(phases, key=phases.get)
 
     def fits(self, gpu_bytes: float) -> bool:
         """Whether the nvidia-smi peak (allocator cache and CUDA context included) fits a GPU of that size."""
@@ -436,8 +448,8 @@ def predict(shape: ModelShape, s: Settings) -> Estimate:
                             shape.model_type, shape.attn_implementation, s.gradient_checkpointing, s.fast_kernels)
     loss = logits_bytes(s.micro_batch, s.logit_positions, shape.vocab_size)
     params, grads, optim = paper_model_states(shape.n_params, s)
-    backward, step = gpu_peaks(shape, s, acts, loss)
-    peak = max(backward, step)
+    phases = gpu_peaks(shape, s, acts, loss)
+    peak = max(phases)
     uses_deepspeed = s.zero_stage is not None
     reserved = int(peak * RESERVED_FACTOR["deepspeed" if uses_deepspeed else "trainer"])
     context = CUDA_CONTEXT_BYTES + (NCCL_BYTES if uses_deepspeed or s.world_size > 1 else 0)
@@ -446,7 +458,8 @@ def predict(shape: ModelShape, s: Settings) -> Estimate:
         zero_stage=s.zero_stage, offload_optimizer=s.offload_optimizer, offload_param=s.offload_param,
         world_size=s.world_size, num_nodes=s.num_nodes, micro_batch=s.micro_batch, seq_len=s.seq_len,
         logit_positions=s.logit_positions, precision=s.precision, params_bytes=int(params), grads_bytes=int(grads), optimizer_bytes=int(optim),
-        activations_bytes=acts, logits_bytes=loss, backward_peak_bytes=backward, step_peak_bytes=step,
+        activations_bytes=acts, logits_bytes=loss, backward_peak_bytes=phases.backward,
+        reduce_peak_bytes=phases.reduce, step_peak_bytes=phases.step,
         peak_allocated_bytes=peak, reserved_bytes=reserved, cuda_context_bytes=context,
         gpu_total_bytes=reserved + context, host_bytes=int(host), nvme_bytes=int(nvme_bytes(shape.n_params, s)),
         deepspeed_gpu_bytes=ds_states,
@@ -466,20 +479,32 @@ def paper_model_states(n_params: int, s: Settings) -> tuple[float, float, float]
     return (0 if s.offload_param else params), grads, (0 if s.offload_optimizer else optim)
 
 
-def gpu_peaks(shape: ModelShape, s: Settings, acts: int, loss: int) -> tuple[int, int]:
-    """What is allocated at the start of backward and during the optimizer step, in bytes per GPU."""
-    P, N, ds = shape.n_params, s.world_size, s.deepspeed
+class Phases(NamedTuple):
+    """GPU bytes allocated at the three moments that can set a run's peak."""
+    backward: int  # the start of backward
+    reduce: int    # optimizer offload: the gradients handed to the offloaded optimizer (0 without offload)
+    step: int      # the optimizer step
+
+
+def gpu_peaks(shape: ModelShape, s: Settings, acts: int, loss: int) -> Phases:
+    """What is allocated at the start of backward, as DeepSpeed hands the gradients to an offloaded
+    optimizer, and during the optimizer step, in bytes per GPU (LIBRARY_WORKSPACE_BYTES included)."""
+    P, N, L, ds = shape.n_params, s.world_size, shape.largest_layer_params, s.deepspeed
     mixed = s.mode != "fp32"
+    base = LIBRARY_WORKSPACE_BYTES
     if s.zero_stage is None:
         # Backward starts with fp32 weights, Adam's moments and autocast's 16-bit weight copies (2 bytes);
         # the gradients are freed at every step (zero_grad set_to_none). The fused AdamW adds no copies.
-        return int(12 * P + (2 * P if mixed else 0) + acts + loss), int(16 * P)
+        return Phases(int(base + 12 * P + (2 * P if mixed else 0) + acts + loss), 0, int(base + 16 * P))
     w = 2 if mixed else 4                      # bytes of a working parameter / gradient
     master = 4 if mixed else 0                 # fp32 master copy
     fp32_grad = 4 if mixed else 0              # fp32 gradient partition the optimizer steps on
     partitions = N if s.zero_stage >= 1 else 1  # stage 0 is plain data parallelism
     optimizer_state = 0 if s.offload_optimizer else (master + 8) * P / partitions
-    bucket = ds.reduce_bucket_size * w if ds.contiguous_gradients else 0
+    # ZeRO-1/2 keep their gradients contiguous whenever they offload the optimizer, whatever the JSON says
+    contiguous = ds.contiguous_gradients or (bool(s.offload_optimizer) and s.zero_stage < 3)
+    bucket = ds.reduce_bucket_size * w if contiguous else 0
+    oversized = L > ds.reduce_bucket_size  # a layer larger than the bucket is reduced on its own
     if s.zero_stage == 3:
         if s.offload_param:
             # One GPU keeps the whole 16-bit model anyway (prefetch); DeepSpeed caps the gathered
@@ -492,25 +517,48 @@ def gpu_peaks(shape: ModelShape, s: Settings, acts: int, loss: int) -> tuple[int
         resident = weights + grad_buffer + optimizer_state + bucket + gathered
         backward = resident + acts + loss
         step = resident + (0 if s.offload_optimizer else (w + fp32_grad) * min(P / N, ds.sub_group_size))
+        reduce = 0
+        if s.offload_optimizer:
+            # stage3.partition_grads, at the end of backward (the activations freed): each gradient's
+            # partition copied back to the GPU (w), kept until the bucket is done; its norm in fp64 (8,
+            # in chunks of NORM_CHUNK), then its fp32 copy for the CPU (4), kept for the bucket when the
+            # optimizer swaps to NVMe. A layer larger than the bucket goes alone, its gradient whole beside
+            # it. With the parameters offloaded, the layer just reduced is still gathered.
+            part = L / N
+            per_layer = max(8 * min(part, NORM_CHUNK), fp32_grad * part)
+            largest = w * L + w * part + per_layer if oversized else 0
+            b = min(P - (L if oversized else 0), ds.reduce_bucket_size) / N
+            if s.offload_optimizer == "nvme":
+                rest = (w + fp32_grad) * b + (8 - fp32_grad) * min(part, NORM_CHUNK)
+            else:
+                rest = w * b + per_layer
+            on_gpu = 0 if s.offload_param else w * P / N
+            reduce = on_gpu + bucket + gathered + (w * L if s.offload_param else 0) + max(largest, rest)
     elif s.bf16_optimizer:
         resident = w * P + 4 * P + optimizer_state  # the fp32 gradients live from the start
         backward = resident + acts + loss
         # After backward: the 16-bit gradients, and the all-reduce's flat copy of the fp32 ones in the
         # communication dtype (engine.allreduce_bucket; on one GPU too), at most.
         step = resident + w * P + (4 + w) * P
+        reduce = 0
     else:
         # Stages 0-2 allocate the reduction bucket(s) at the first gradient, after the loss's
         # buffers are gone: whichever is larger counts.
         buckets = bucket * (2 if ds.overlap_comm else 1) if s.zero_stage > 0 else 0
-        resident = w * P + optimizer_state
+        # With optimizer offload, a 16-bit buffer of the largest layer on the GPU (temp_grad_buffer_for_gpu_offload).
+        resident = w * P + optimizer_state + (w * L if s.offload_optimizer else 0)
         backward = resident + acts + max(loss, buckets)
+        reduce = 0
         if s.offload_optimizer:
             step = resident + buckets
+            # stage_1_and_2.copy_grads_in_partition, gradient by gradient: its norm in fp64, whole (8), then
+            # its fp32 copy for the CPU (4). A layer larger than the bucket keeps its 16-bit gradient beside it.
+            reduce = resident + buckets + (w * L if oversized else 0) + 8 * L
         else:
             grads16 = w * P if s.zero_stage < 2 else w * P / N
             flat_copies = (w + fp32_grad) * P / partitions
             step = resident + grads16 + flat_copies
-    return int(backward), int(step)
+    return Phases(int(base + backward), int(base + reduce) if reduce else 0, int(base + step))
 
 
 def host_bytes(shape: ModelShape, s: Settings) -> tuple[float, int | None]:
