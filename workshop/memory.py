@@ -505,6 +505,7 @@ def gpu_peaks(shape: ModelShape, s: Settings, acts: int, loss: int) -> Phases:
     contiguous = ds.contiguous_gradients or (bool(s.offload_optimizer) and s.zero_stage < 3)
     bucket = ds.reduce_bucket_size * w if contiguous else 0
     oversized = L > ds.reduce_bucket_size  # a layer larger than the bucket is reduced on its own
+    reduce = 0
     if s.zero_stage == 3:
         if s.offload_param:
             # One GPU keeps the whole 16-bit model anyway (prefetch); DeepSpeed caps the gathered
@@ -512,12 +513,11 @@ def gpu_peaks(shape: ModelShape, s: Settings, acts: int, loss: int) -> Phases:
             weights = min(w * P / N, w * ds.max_live_parameters)
         else:
             weights = w * P / N
-        gathered = 4 * shape.largest_layer_params + w * ds.prefetch_bucket_size if N > 1 else 0
+        gathered = 4 * L + w * ds.prefetch_bucket_size if N > 1 else 0
         grad_buffer = 0 if s.offload_optimizer else w * P / N  # allocated at init, on the CPU with offload
         resident = weights + grad_buffer + optimizer_state + bucket + gathered
         backward = resident + acts + loss
         step = resident + (0 if s.offload_optimizer else (w + fp32_grad) * min(P / N, ds.sub_group_size))
-        reduce = 0
         if s.offload_optimizer:
             # stage3.partition_grads, at the end of backward (the activations freed): each gradient's
             # partition copied back to the GPU (w), kept until the bucket is done; its norm in fp64 (8,
@@ -540,7 +540,6 @@ def gpu_peaks(shape: ModelShape, s: Settings, acts: int, loss: int) -> Phases:
         # After backward: the 16-bit gradients, and the all-reduce's flat copy of the fp32 ones in the
         # communication dtype (engine.allreduce_bucket; on one GPU too), at most.
         step = resident + w * P + (4 + w) * P
-        reduce = 0
     else:
         # Stages 0-2 allocate the reduction bucket(s) at the first gradient, after the loss's
         # buffers are gone: whichever is larger counts.
@@ -548,7 +547,6 @@ def gpu_peaks(shape: ModelShape, s: Settings, acts: int, loss: int) -> Phases:
         # With optimizer offload, a 16-bit buffer of the largest layer on the GPU (temp_grad_buffer_for_gpu_offload).
         resident = w * P + optimizer_state + (w * L if s.offload_optimizer else 0)
         backward = resident + acts + max(loss, buckets)
-        reduce = 0
         if s.offload_optimizer:
             step = resident + buckets
             # stage_1_and_2.copy_grads_in_partition, gradient by gradient: its norm in fp64, whole (8), then
