@@ -176,6 +176,8 @@ def test_the_peaks_of_each_stage_by_hand():
     assert peaks(2, offload_optimizer="cpu") == (resident + acts["16bit"] + loss, resident + 2_000 + 10 * L,
                                                  resident + 2_000)
     assert peaks(2, offload_optimizer="cpu", contiguous_gradients=False) == peaks(2, offload_optimizer="cpu")
+    # a layer of exactly the bucket's size still goes through the bucket (DeepSpeed: numel > reduce_bucket_size)
+    assert peaks(2, offload_optimizer="cpu", reduce_bucket_size=L)[1] == resident + 2 * L + 8 * L
     # a bucket larger than the logits' buffers counts at backward; without contiguous_gradients there is none
     assert peaks(2, reduce_bucket_size=50_000) == (5 * P + acts["16bit"] + 100_000, 0, 7 * P)
     assert peaks(2, reduce_bucket_size=50_000, contiguous_gradients=False) == (5 * P + acts["16bit"] + loss, 0, 7 * P)
@@ -194,6 +196,9 @@ def test_the_peaks_of_each_stage_by_hand():
     # bucket's partitions copied back, 2 x 1,000/4, with the fp64 norm of the largest layer's partition: 13,300
     resident = P // 2 + 2_000 + 26_600
     assert peaks(3, offload_optimizer="cpu") == (resident + acts["16bit"] + loss, resident + 28_800, resident)
+    # ZeRO-3 keeps contiguous_gradients as the JSON says: without it, no bucket
+    assert peaks(3, offload_optimizer="cpu", contiguous_gradients=False) == (
+        resident - 2_000 + acts["16bit"] + loss, resident - 2_000 + 28_800, resident - 2_000)
     # to NVMe the fp32 copies (4) of a bucket's partitions wait for the swap: 6 x 1,000/4 + (8 - 4) L/4 = 7,900;
     # the largest layer still wins
     assert peaks(3, offload_optimizer="nvme") == peaks(3, offload_optimizer="cpu")
