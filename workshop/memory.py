@@ -523,11 +523,12 @@ def gpu_peaks(shape: ModelShape, s: Settings, acts: int, loss: int) -> Phases:
             # partition copied back to the GPU (w), kept until the bucket is done; its norm in fp64 (8,
             # in chunks of NORM_CHUNK), then its fp32 copy for the CPU (4), kept for the bucket when the
             # optimizer swaps to NVMe. A layer larger than the bucket goes alone, its gradient whole beside
-            # it. With the parameters offloaded, the layer just reduced is still gathered.
+            # it (which outweighs any bucket). With the parameters offloaded, the layer just reduced is still
+            # gathered.
             part = L / N
             per_layer = max(8 * min(part, NORM_CHUNK), fp32_grad * part)
             largest = w * L + w * part + per_layer if oversized else 0
-            b = min(P - (L if oversized else 0), ds.reduce_bucket_size) / N
+            b = min(P, ds.reduce_bucket_size) / N  # one bucket's elements on this rank
             if s.offload_optimizer == "nvme":
                 rest = (w + fp32_grad) * b + (8 - fp32_grad) * min(part, NORM_CHUNK)
             else:
