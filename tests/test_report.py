@@ -159,6 +159,33 @@ def test_the_prediction_follows_the_runs_offload_precision_and_largest_layer(run
         assert report.summarize(report.load_run(run_dir))["predicted_peak_allocated_gib"] is None, unknown
 
 
+def test_the_prediction_follows_the_runs_gpu_and_node_count_and_gradient_checkpointing(run_dir):
+    """8 GPUs on 2 nodes with --gradient_checkpointing: ZeRO-2 splits gradients and optimizer states 8 ways (GPU),
+    a node hosts 4 processes (host), the activations are the layers' inputs (GPU); memory.predict with exactly
+    those settings, made here by hand. Each setting moves the prediction: a report that dropped one is wrong."""
+    config, metrics_json = read_json(run_dir / "config.json"), read_json(run_dir / "metrics.json")
+    config["training"]["gradient_checkpointing"] = True
+    metrics_json.update(world_size=8, num_nodes=2)
+    (run_dir / "config.json").write_text(json.dumps(config))
+    (run_dir / "metrics.json").write_text(json.dumps(metrics_json))
+    info = config["model_info"]
+    shape = mem.ModelShape("", "gpt2", info["n_params"], info["vocab_size"] * info["hidden_size"], info["n_layers"],
+                           info["hidden_size"], info["n_heads"], info["vocab_size"], "sdpa")
+    ds = mem.DeepSpeedSettings.from_config(config["deepspeed_config"], 1024)
+
+    def predicted(world, nodes, checkpointing):
+        return mem.predict(shape, mem.Settings(512, 4, 2, None, None, world, nodes, "bf16", checkpointing,
+                                               fast_kernels=False, deepspeed=ds))
+
+    expected = predicted(8, 2, True)
+    row = report.summarize(report.load_run(run_dir))
+    assert row["predicted_peak_allocated_gib"] == expected.peak_allocated_bytes / GIB
+    assert row["predicted_host_gib"] == expected.host_bytes / GIB
+    for other in (predicted(1, 1, True), predicted(8, 2, False)):
+        assert other.peak_allocated_bytes != expected.peak_allocated_bytes
+    assert predicted(8, 1, True).host_bytes != expected.host_bytes
+
+
 def test_the_prediction_assumes_the_runs_own_longest_batch(run_dir):
     """With --fast_kernels the output layer makes logits at the targets only: the report predicts for the
     most targets a sample of the run's data has (config.json's data_stats), not for every position."""

@@ -322,7 +322,7 @@ def predict(run: Run, row: dict) -> memory.Estimate | None:
     try:
         return memory.predict(shape, memory.Settings(
             seq, micro, row.get("zero_stage"), row.get("offload_optimizer"), row.get("offload_param"),
-            row.get("world_size") or 1, row.get("num_nodes") or 1, row.get("precision"),
+            row.get("world_size"), row.get("num_nodes"), row.get("precision"),  # settings(): 1 where unrecorded
             bool((run.config.get("training") or {}).get("gradient_checkpointing")),
             model_settings.get("fast_kernels", False),  # not recorded: the library's own modules
             memory.DeepSpeedSettings.from_config(_ds_config(run), shape.hidden_size),
