@@ -186,6 +186,29 @@ def test_the_prediction_follows_the_runs_gpu_and_node_count_and_gradient_checkpo
     assert predicted(8, 1, True).host_bytes != expected.host_bytes
 
 
+def test_without_a_recorded_largest_layer_the_prediction_takes_the_embedding(run_dir):
+    """A run folder from before model_info recorded the largest layer: ZeRO-3 on 2 GPUs gathers the largest layer
+    (4 bytes a parameter), which the report then takes to be the embedding, 50257 x 1024 for GPT-2 medium."""
+    config, metrics_json = read_json(run_dir / "config.json"), read_json(run_dir / "metrics.json")
+    assert "largest_layer_params" not in config["model_info"]
+    ds_json = json.loads((Path(__file__).parents[1] / "ds_configs" / "zero3.json").read_text())
+    config["deepspeed_config"] = ds_json
+    metrics_json.update(zero_stage=3, world_size=2)
+    (run_dir / "config.json").write_text(json.dumps(config))
+    (run_dir / "metrics.json").write_text(json.dumps(metrics_json))
+    info = config["model_info"]
+
+    def predicted(largest):
+        shape = mem.ModelShape("", "gpt2", info["n_params"], largest, info["n_layers"], info["hidden_size"],
+                               info["n_heads"], info["vocab_size"], "sdpa")
+        return mem.predict(shape, mem.Settings(512, 4, 3, world_size=2, precision="bf16", fast_kernels=False,
+                                               deepspeed=mem.DeepSpeedSettings.from_config(ds_json, 1024)))
+
+    row = report.summarize(report.load_run(run_dir))
+    assert row["predicted_peak_allocated_gib"] == predicted(50257 * 1024).peak_allocated_bytes / GIB
+    assert predicted(50257 * 1024).peak_allocated_bytes - predicted(0).peak_allocated_bytes == 4 * 50257 * 1024
+
+
 def test_the_prediction_assumes_the_runs_own_longest_batch(run_dir):
     """With --fast_kernels the output layer makes logits at the targets only: the report predicts for the
     most targets a sample of the run's data has (config.json's data_stats), not for every position."""
@@ -317,6 +340,7 @@ def test_the_peak_batch_length_follows_the_padding_the_run_recorded(tmp_path):
     assert seq({"pad_to_multiple_of": None}, device="cpu") == 426
     assert seq({}) == 432                          # a run folder from before the flag: 8 on a GPU
     assert seq({"pad_to_max_length": True}) == 512
+
 
 
 def _rewrite_csv(source: Path, target: Path, column: str, change) -> list[dict]:
