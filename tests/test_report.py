@@ -342,6 +342,21 @@ def test_the_peak_batch_length_follows_the_padding_the_run_recorded(tmp_path):
     assert seq({"pad_to_max_length": True}) == 512
 
 
+def test_the_peak_batch_length_from_metrics_json_and_where_the_run_folder_says_nothing(tmp_path):
+    """Where config.json lacks the data's numbers, metrics.json's; where no device is recorded, a CPU run's collator
+    (no multiple), as for a CPU run from before --pad_to_multiple_of; where neither the longest sample nor the
+    longest allowed is recorded, none (and no prediction)."""
+    def seq(metrics, config):
+        return report._seq_len_at_peak(report.Run(tmp_path, config=config, metrics=metrics))
+
+    gpu = {"environment": {"device": "NVIDIA H100 80GB HBM3"}}
+    assert seq({"max_seq_length": 512, "length_max": 426}, gpu) == 432  # 426 up to a multiple of 8
+    assert seq({"max_seq_length": 512}, gpu) == 512                     # longest sample unknown: the longest allowed
+    assert seq({"length_max": 426}, gpu) == 432                         # longest allowed unknown
+    assert seq({"length_max": 426}, {"data": {}}) == 426
+    assert seq({"length_max": 426}, {"environment": {"device": "cpu"}}) == 426
+    assert seq({}, {}) is None
+
 
 def _rewrite_csv(source: Path, target: Path, column: str, change) -> list[dict]:
     """A copy of a logger's CSV with ``column`` changed row by row; the rows written, as the csv module reads them."""

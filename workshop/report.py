@@ -285,7 +285,7 @@ def _seq_len_at_peak(run: Run) -> int | None:
     longest = _first(m.get("length_max"), stats.get("length_max"))
     if data.get("pad_to_max_length") or longest is None:
         return int(max_len) if max_len else None
-    seq = min(longest, max_len) if max_len else longest
+    seq = longest  # never above max_len: prepare() keeps no sample longer than --max_seq_length
     # the multiple the collator rounded to; where config.json does not say, its default: 8 on a GPU
     on_gpu = (cfg.get("environment") or {}).get("device", "cpu") != "cpu"
     multiple = data["pad_to_multiple_of"] if "pad_to_multiple_of" in data else (8 if on_gpu else None)
