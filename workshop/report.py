@@ -562,12 +562,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def write_report(runs: list[Run], out: Path, plots: bool = True) -> dict:
+def write_report(runs: list[Run], out: Path, plots: bool) -> dict:
     """Writes report.md, report.csv and the plots into out; returns {"rows": ..., "files": [...]}."""
     rows = [summarize(run) for run in runs]
     add_scaling_efficiency(rows)
     out.mkdir(parents=True, exist_ok=True)
-    files = []
     images = []
     if plots:
         from workshop import plots as plotting
@@ -580,7 +579,7 @@ def write_report(runs: list[Run], out: Path, plots: bool = True) -> dict:
     parts += [""] + [f"![{p.stem}]({p.name})" for p in images]
     write_text(out / "report.md", "\n".join(parts) + "\n")
     write_text(out / "report.csv", to_csv(rows))
-    files += [out / "report.md", out / "report.csv", *images]
+    files = [out / "report.md", out / "report.csv", *images]
     return {"rows": rows, "files": files, "markdown": comparison_markdown(rows)}
 
 
