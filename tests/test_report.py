@@ -5,6 +5,7 @@ import csv
 import math
 import json
 import shutil
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -727,6 +728,25 @@ def test_steps_and_host_rows_after_a_cut_line_are_kept(tmp_path):
         {"time": t("2026/11/23 14:03:00"), "used_mib": 22000.0, "total_mib": 515773.0, "available_mib": None},
         {"time": t("2026/11/23 14:04:00"), "used_mib": 23000.0, "total_mib": None, "available_mib": None}]
 
+
+def test_gpu_csv_samples_by_hand(tmp_path):
+    """nvidia-smi's CSV as numbers: a unit after the number dropped, '[N/A]' and '[Not Supported]' none, a sample
+    without memory.used skipped, and an older logger without the later columns read as far as it goes (GPU 0)."""
+    gpu = tmp_path / "gpu_memory-n1.csv"
+    gpu.write_text("timestamp, index, name, memory.used [MiB], memory.total [MiB], utilization.gpu [%], power.draw [W]\n"
+                   "2026/11/23 14:02:05.121, 1, NVIDIA H100 80GB HBM3, 12253 MiB, 81559 MiB, 97 %, 512.25 W\n"
+                   "2026/11/23 14:02:06.117, 0, NVIDIA H100 80GB HBM3, [N/A], 81559, 0, 69.38\n"
+                   "2026/11/23 14:02:07.117, 0, NVIDIA H100 80GB HBM3, 700, 81559, [N/A], [Not Supported]\n"
+                   "timestamp, memory.used [MiB]\n"
+                   "2026/11/23 14:03:00.000, 800\n")
+    h100 = "NVIDIA H100 80GB HBM3"
+    assert report.read_gpu_csv(gpu) == [
+        {"time": datetime(2026, 11, 23, 14, 2, 5, 121000), "index": 1, "name": h100, "memory_used_mib": 12253.0,
+         "memory_total_mib": 81559.0, "utilization_pct": 97.0, "power_w": 512.25},
+        {"time": datetime(2026, 11, 23, 14, 2, 7, 117000), "index": 0, "name": h100, "memory_used_mib": 700.0,
+         "memory_total_mib": 81559.0, "utilization_pct": None, "power_w": None},
+        {"time": datetime(2026, 11, 23, 14, 3), "index": 0, "name": "", "memory_used_mib": 800.0,
+         "memory_total_mib": None, "utilization_pct": None, "power_w": None}]
 
 def test_bad_paths_and_cut_json_are_one_line_errors_that_name_the_file(tmp_path, capsys, run_dir):
     assert report.main([str(tmp_path / "nowhere")]) == 2
