@@ -738,7 +738,9 @@ def test_gpu_csv_samples_by_hand(tmp_path):
                    "2026/11/23 14:02:06.117, 0, NVIDIA H100 80GB HBM3, [N/A], 81559, 0, 69.38\n"
                    "2026/11/23 14:02:07.117, 0, NVIDIA H100 80GB HBM3, 700, 81559, [N/A], [Not Supported]\n"
                    "timestamp, memory.used [MiB]\n"
-                   "2026/11/23 14:03:00.000, 800\n")
+                   "2026/11/23 14:03:00.000, 800\n"
+                   "timestamp, memory.total [MiB]\n"  # a logger without memory.used: nothing to read
+                   "2026/11/23 14:04:00.000, 81559\n")
     h100 = "NVIDIA H100 80GB HBM3"
     assert report.read_gpu_csv(gpu) == [
         {"time": datetime(2026, 11, 23, 14, 2, 5, 121000), "index": 1, "name": h100, "memory_used_mib": 12253.0,
