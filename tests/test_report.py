@@ -598,7 +598,7 @@ def test_scaling_efficiency_only_against_runs_that_differ_in_gpu_count_alone_and
     # four: 36/4 = 9 per GPU against 10; eight_z3: 32/8 = 4 against 10/2 = 5.
     assert {k: v for k, v in got.items() if v is not None} == pytest.approx(
         {"one": 1.0, "four": 0.9, "two_z3": 1.0, "eight_z3": 0.8}, rel=1e-12)
-    assert report.scaling_notes(rows) == [
+    notes = [
         "`four_short` (4 GPUs): no scaling efficiency: no one-GPU run differs from it in the GPU count alone; the "
         "closest, `one`, differs in train_samples 500 vs 64, epochs 3.0 vs 2.0",
         "`four_h200` (4 GPUs): no scaling efficiency: no one-GPU run differs from it in the GPU count alone; the "
@@ -606,7 +606,10 @@ def test_scaling_efficiency_only_against_runs_that_differ_in_gpu_count_alone_and
         "`two_z3` (2 GPUs): against two_z3, its smallest GPU count: no comparable one-GPU run",
         "`eight_z3` (8 GPUs): against two_z3, its smallest GPU count: no comparable one-GPU run",
     ]
-    assert "- `four_h200` (4 GPUs): no scaling efficiency" in report.comparison_markdown(rows)
+    assert report.scaling_notes(rows) == notes
+    # Between the rung tables and the Training section: a heading line, then the notes as a list, blank lines around.
+    assert ("|\n\nScaling efficiency compares runs that differ in their GPU count alone:\n\n"
+            + "\n".join(f"- {n}" for n in notes) + "\n\n## Training\n") in report.comparison_markdown(rows)
     alone = [_row("two", 2, 10.0), _row("four_z3", 4, 30.0, zero_stage=3)]  # each its own group: no efficiency
     report.add_scaling_efficiency(alone)
     assert report.scaling_notes(alone) == ["`two` (2 GPUs): no scaling efficiency: no one-GPU run among these runs",
@@ -675,7 +678,7 @@ def test_report_md_layout_title_and_metrics_table(tmp_path, run_dir):
                           "", "", "## Memory (GiB per GPU; host: per node)", "", ""]
     assert prose[11].startswith("Peak allocated/reserved:") and prose[12:] == ["", "## Metrics", "", "", ""]
     metrics = text.split("## Metrics\n", 1)[1]
-    for key in ("run", "run_dir", "setting", "nvidia_smi_peak_by_host", "host_used_peak_by_host"):
+    for key in ("run", "run_dir", "setting", "nvidia_smi_peak_by_host", "host_used_peak_by_host", "time_breakdown_s"):
         assert key in row and f"| {key} |" not in metrics, key  # in the CSV, not in the one-run metrics table
     assert "| final_train_loss |" in metrics
     report.write_report([run, run], out, plots=False)
@@ -733,7 +736,8 @@ def test_gpu_csv_samples_by_hand(tmp_path):
     """nvidia-smi's CSV as numbers: a unit after the number dropped, '[N/A]' and '[Not Supported]' none, a sample
     without memory.used skipped, and an older logger without the later columns read as far as it goes (GPU 0)."""
     gpu = tmp_path / "gpu_memory-n1.csv"
-    gpu.write_text("timestamp, index, name, memory.used [MiB], memory.total [MiB], utilization.gpu [%], power.draw [W]\n"
+    gpu.write_text("timestamp, index, name, memory.used [MiB], memory.total [MiB], utilization.gpu [%], "
+                   "power.draw [W]\n"
                    "2026/11/23 14:02:05.121, 1, NVIDIA H100 80GB HBM3, 12253 MiB, 81559 MiB, 97 %, 512.25 W\n"
                    "2026/11/23 14:02:06.117, 0, NVIDIA H100 80GB HBM3, [N/A], 81559, 0, 69.38\n"
                    "2026/11/23 14:02:07.117, 0, NVIDIA H100 80GB HBM3, 700, 81559, [N/A], [Not Supported]\n"
@@ -845,3 +849,7 @@ def test_where_the_time_went_one_row_per_run_one_column_per_phase(tmp_path, caps
         "| run | wall time | launch_and_imports | training_steps | evaluation |", "|---|---|---|---|---|",
         "| deepspeed_single_gpu/4712 | 37.2 | 10.1 | 6.1 | 21 |"]
     assert printed.index("## deepspeed_single_gpu") < printed.index("## Where the time went")
+    # After the table, a blank line, the one-line note, a blank line, then the Memory section.
+    after = printed.split("## Where the time went (s)\n\n")[1].splitlines()[3:7]
+    assert after[0] == after[2] == "" and after[1][:1] not in ("", "|", "#")
+    assert after[3] == "## Memory (GiB per GPU; host: per node)"
