@@ -5,6 +5,7 @@ import csv
 import math
 import json
 import shutil
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -159,6 +160,56 @@ def test_the_prediction_follows_the_runs_offload_precision_and_largest_layer(run
         assert report.summarize(report.load_run(run_dir))["predicted_peak_allocated_gib"] is None, unknown
 
 
+def test_the_prediction_follows_the_runs_gpu_and_node_count_and_gradient_checkpointing(run_dir):
+    """8 GPUs on 2 nodes with --gradient_checkpointing: ZeRO-2 splits gradients and optimizer states 8 ways (GPU),
+    a node hosts 4 processes (host), the activations are the layers' inputs (GPU); memory.predict with exactly
+    those settings, made here by hand. Each setting moves the prediction: a report that dropped one is wrong."""
+    config, metrics_json = read_json(run_dir / "config.json"), read_json(run_dir / "metrics.json")
+    config["training"]["gradient_checkpointing"] = True
+    metrics_json.update(world_size=8, num_nodes=2)
+    (run_dir / "config.json").write_text(json.dumps(config))
+    (run_dir / "metrics.json").write_text(json.dumps(metrics_json))
+    info = config["model_info"]
+    shape = mem.ModelShape("", "gpt2", info["n_params"], info["vocab_size"] * info["hidden_size"], info["n_layers"],
+                           info["hidden_size"], info["n_heads"], info["vocab_size"], "sdpa")
+    ds = mem.DeepSpeedSettings.from_config(config["deepspeed_config"], 1024)
+
+    def predicted(world, nodes, checkpointing):
+        return mem.predict(shape, mem.Settings(512, 4, 2, None, None, world, nodes, "bf16", checkpointing,
+                                               fast_kernels=False, deepspeed=ds))
+
+    expected = predicted(8, 2, True)
+    row = report.summarize(report.load_run(run_dir))
+    assert row["predicted_peak_allocated_gib"] == expected.peak_allocated_bytes / GIB
+    assert row["predicted_host_gib"] == expected.host_bytes / GIB
+    for other in (predicted(1, 1, True), predicted(8, 2, False)):
+        assert other.peak_allocated_bytes != expected.peak_allocated_bytes
+    assert predicted(8, 1, True).host_bytes != expected.host_bytes
+
+
+def test_without_a_recorded_largest_layer_the_prediction_takes_the_embedding(run_dir):
+    """A run folder from before model_info recorded the largest layer: ZeRO-3 on 2 GPUs gathers the largest layer
+    (4 bytes a parameter), which the report then takes to be the embedding, 50257 x 1024 for GPT-2 medium."""
+    config, metrics_json = read_json(run_dir / "config.json"), read_json(run_dir / "metrics.json")
+    assert "largest_layer_params" not in config["model_info"]
+    ds_json = json.loads((Path(__file__).parents[1] / "ds_configs" / "zero3.json").read_text())
+    config["deepspeed_config"] = ds_json
+    metrics_json.update(zero_stage=3, world_size=2)
+    (run_dir / "config.json").write_text(json.dumps(config))
+    (run_dir / "metrics.json").write_text(json.dumps(metrics_json))
+    info = config["model_info"]
+
+    def predicted(largest):
+        shape = mem.ModelShape("", "gpt2", info["n_params"], largest, info["n_layers"], info["hidden_size"],
+                               info["n_heads"], info["vocab_size"], "sdpa")
+        return mem.predict(shape, mem.Settings(512, 4, 3, world_size=2, precision="bf16", fast_kernels=False,
+                                               deepspeed=mem.DeepSpeedSettings.from_config(ds_json, 1024)))
+
+    row = report.summarize(report.load_run(run_dir))
+    assert row["predicted_peak_allocated_gib"] == predicted(50257 * 1024).peak_allocated_bytes / GIB
+    assert predicted(50257 * 1024).peak_allocated_bytes - predicted(0).peak_allocated_bytes == 4 * 50257 * 1024
+
+
 def test_the_prediction_assumes_the_runs_own_longest_batch(run_dir):
     """With --fast_kernels the output layer makes logits at the targets only: the report predicts for the
     most targets a sample of the run's data has (config.json's data_stats), not for every position."""
@@ -290,6 +341,22 @@ def test_the_peak_batch_length_follows_the_padding_the_run_recorded(tmp_path):
     assert seq({"pad_to_multiple_of": None}, device="cpu") == 426
     assert seq({}) == 432                          # a run folder from before the flag: 8 on a GPU
     assert seq({"pad_to_max_length": True}) == 512
+
+
+def test_the_peak_batch_length_from_metrics_json_and_where_the_run_folder_says_nothing(tmp_path):
+    """Where config.json lacks the data's numbers, metrics.json's; where no device is recorded, a CPU run's collator
+    (no multiple), as for a CPU run from before --pad_to_multiple_of; where neither the longest sample nor the
+    longest allowed is recorded, none (and no prediction)."""
+    def seq(metrics, config):
+        return report._seq_len_at_peak(report.Run(tmp_path, config=config, metrics=metrics))
+
+    gpu = {"environment": {"device": "NVIDIA H100 80GB HBM3"}}
+    assert seq({"max_seq_length": 512, "length_max": 426}, gpu) == 432  # 426 up to a multiple of 8
+    assert seq({"max_seq_length": 512}, gpu) == 512                     # longest sample unknown: the longest allowed
+    assert seq({"length_max": 426}, gpu) == 432                         # longest allowed unknown
+    assert seq({"length_max": 426}, {"data": {}}) == 426
+    assert seq({"length_max": 426}, {"environment": {"device": "cpu"}}) == 426
+    assert seq({}, {}) is None
 
 
 def _rewrite_csv(source: Path, target: Path, column: str, change) -> list[dict]:
@@ -531,7 +598,7 @@ def test_scaling_efficiency_only_against_runs_that_differ_in_gpu_count_alone_and
     # four: 36/4 = 9 per GPU against 10; eight_z3: 32/8 = 4 against 10/2 = 5.
     assert {k: v for k, v in got.items() if v is not None} == pytest.approx(
         {"one": 1.0, "four": 0.9, "two_z3": 1.0, "eight_z3": 0.8}, rel=1e-12)
-    assert report.scaling_notes(rows) == [
+    notes = [
         "`four_short` (4 GPUs): no scaling efficiency: no one-GPU run differs from it in the GPU count alone; the "
         "closest, `one`, differs in train_samples 500 vs 64, epochs 3.0 vs 2.0",
         "`four_h200` (4 GPUs): no scaling efficiency: no one-GPU run differs from it in the GPU count alone; the "
@@ -539,7 +606,10 @@ def test_scaling_efficiency_only_against_runs_that_differ_in_gpu_count_alone_and
         "`two_z3` (2 GPUs): against two_z3, its smallest GPU count: no comparable one-GPU run",
         "`eight_z3` (8 GPUs): against two_z3, its smallest GPU count: no comparable one-GPU run",
     ]
-    assert "- `four_h200` (4 GPUs): no scaling efficiency" in report.comparison_markdown(rows)
+    assert report.scaling_notes(rows) == notes
+    # Between the rung tables and the Training section: a heading line, then the notes as a list, blank lines around.
+    assert ("|\n\nScaling efficiency compares runs that differ in their GPU count alone:\n\n"
+            + "\n".join(f"- {n}" for n in notes) + "\n\n## Training\n") in report.comparison_markdown(rows)
     alone = [_row("two", 2, 10.0), _row("four_z3", 4, 30.0, zero_stage=3)]  # each its own group: no efficiency
     report.add_scaling_efficiency(alone)
     assert report.scaling_notes(alone) == ["`two` (2 GPUs): no scaling efficiency: no one-GPU run among these runs",
@@ -608,7 +678,7 @@ def test_report_md_layout_title_and_metrics_table(tmp_path, run_dir):
                           "", "", "## Memory (GiB per GPU; host: per node)", "", ""]
     assert prose[11].startswith("Peak allocated/reserved:") and prose[12:] == ["", "## Metrics", "", "", ""]
     metrics = text.split("## Metrics\n", 1)[1]
-    for key in ("run", "run_dir", "setting", "nvidia_smi_peak_by_host", "host_used_peak_by_host"):
+    for key in ("run", "run_dir", "setting", "nvidia_smi_peak_by_host", "host_used_peak_by_host", "time_breakdown_s"):
         assert key in row and f"| {key} |" not in metrics, key  # in the CSV, not in the one-run metrics table
     assert "| final_train_loss |" in metrics
     report.write_report([run, run], out, plots=False)
@@ -661,6 +731,28 @@ def test_steps_and_host_rows_after_a_cut_line_are_kept(tmp_path):
         {"time": t("2026/11/23 14:03:00"), "used_mib": 22000.0, "total_mib": 515773.0, "available_mib": None},
         {"time": t("2026/11/23 14:04:00"), "used_mib": 23000.0, "total_mib": None, "available_mib": None}]
 
+
+def test_gpu_csv_samples_by_hand(tmp_path):
+    """nvidia-smi's CSV as numbers: a unit after the number dropped, '[N/A]' and '[Not Supported]' none, a sample
+    without memory.used skipped, and an older logger without the later columns read as far as it goes (GPU 0)."""
+    gpu = tmp_path / "gpu_memory-n1.csv"
+    gpu.write_text("timestamp, index, name, memory.used [MiB], memory.total [MiB], utilization.gpu [%], "
+                   "power.draw [W]\n"
+                   "2026/11/23 14:02:05.121, 1, NVIDIA H100 80GB HBM3, 12253 MiB, 81559 MiB, 97 %, 512.25 W\n"
+                   "2026/11/23 14:02:06.117, 0, NVIDIA H100 80GB HBM3, [N/A], 81559, 0, 69.38\n"
+                   "2026/11/23 14:02:07.117, 0, NVIDIA H100 80GB HBM3, 700, 81559, [N/A], [Not Supported]\n"
+                   "timestamp, memory.used [MiB]\n"
+                   "2026/11/23 14:03:00.000, 800\n"
+                   "timestamp, memory.total [MiB]\n"  # a logger without memory.used: nothing to read
+                   "2026/11/23 14:04:00.000, 81559\n")
+    h100 = "NVIDIA H100 80GB HBM3"
+    assert report.read_gpu_csv(gpu) == [
+        {"time": datetime(2026, 11, 23, 14, 2, 5, 121000), "index": 1, "name": h100, "memory_used_mib": 12253.0,
+         "memory_total_mib": 81559.0, "utilization_pct": 97.0, "power_w": 512.25},
+        {"time": datetime(2026, 11, 23, 14, 2, 7, 117000), "index": 0, "name": h100, "memory_used_mib": 700.0,
+         "memory_total_mib": 81559.0, "utilization_pct": None, "power_w": None},
+        {"time": datetime(2026, 11, 23, 14, 3), "index": 0, "name": "", "memory_used_mib": 800.0,
+         "memory_total_mib": None, "utilization_pct": None, "power_w": None}]
 
 def test_bad_paths_and_cut_json_are_one_line_errors_that_name_the_file(tmp_path, capsys, run_dir):
     assert report.main([str(tmp_path / "nowhere")]) == 2
@@ -757,3 +849,7 @@ def test_where_the_time_went_one_row_per_run_one_column_per_phase(tmp_path, caps
         "| run | wall time | launch_and_imports | training_steps | evaluation |", "|---|---|---|---|---|",
         "| deepspeed_single_gpu/4712 | 37.2 | 10.1 | 6.1 | 21 |"]
     assert printed.index("## deepspeed_single_gpu") < printed.index("## Where the time went")
+    # After the table, a blank line, the one-line note, a blank line, then the Memory section.
+    after = printed.split("## Where the time went (s)\n\n")[1].splitlines()[3:7]
+    assert after[0] == after[2] == "" and after[1][:1] not in ("", "|", "#")
+    assert after[3] == "## Memory (GiB per GPU; host: per node)"

@@ -285,7 +285,7 @@ def _seq_len_at_peak(run: Run) -> int | None:
     longest = _first(m.get("length_max"), stats.get("length_max"))
     if data.get("pad_to_max_length") or longest is None:
         return int(max_len) if max_len else None
-    seq = min(longest, max_len) if max_len else longest
+    seq = longest  # never above max_len: prepare() keeps no sample longer than --max_seq_length
     # the multiple the collator rounded to; where config.json does not say, its default: 8 on a GPU
     on_gpu = (cfg.get("environment") or {}).get("device", "cpu") != "cpu"
     multiple = data["pad_to_multiple_of"] if "pad_to_multiple_of" in data else (8 if on_gpu else None)
@@ -322,7 +322,7 @@ def predict(run: Run, row: dict) -> memory.Estimate | None:
     try:
         return memory.predict(shape, memory.Settings(
             seq, micro, row.get("zero_stage"), row.get("offload_optimizer"), row.get("offload_param"),
-            row.get("world_size") or 1, row.get("num_nodes") or 1, row.get("precision"),
+            row.get("world_size"), row.get("num_nodes"), row.get("precision"),  # settings(): 1 where unrecorded
             bool((run.config.get("training") or {}).get("gradient_checkpointing")),
             model_settings.get("fast_kernels", False),  # not recorded: the library's own modules
             memory.DeepSpeedSettings.from_config(_ds_config(run), shape.hidden_size),
@@ -562,12 +562,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def write_report(runs: list[Run], out: Path, plots: bool = True) -> dict:
+def write_report(runs: list[Run], out: Path, plots: bool) -> dict:
     """Writes report.md, report.csv and the plots into out; returns {"rows": ..., "files": [...]}."""
     rows = [summarize(run) for run in runs]
     add_scaling_efficiency(rows)
     out.mkdir(parents=True, exist_ok=True)
-    files = []
     images = []
     if plots:
         from workshop import plots as plotting
@@ -580,7 +579,7 @@ def write_report(runs: list[Run], out: Path, plots: bool = True) -> dict:
     parts += [""] + [f"![{p.stem}]({p.name})" for p in images]
     write_text(out / "report.md", "\n".join(parts) + "\n")
     write_text(out / "report.csv", to_csv(rows))
-    files += [out / "report.md", out / "report.csv", *images]
+    files = [out / "report.md", out / "report.csv", *images]
     return {"rows": rows, "files": files, "markdown": comparison_markdown(rows)}
 
 
