@@ -150,6 +150,8 @@ def test_the_peaks_of_each_stage_by_hand():
                                             precision=precision, deepspeed=mem.DeepSpeedSettings(**{**zero, **ds})))
         phases = (e.backward_peak_bytes, e.reduce_peak_bytes, e.step_peak_bytes)
         assert e.peak_allocated_bytes == max(phases)
+        if not offload_optimizer:  # no hand-over phase, not even the workspace
+            assert e.reduce_peak_bytes == 0
         return tuple(b - WORKSPACE if b else 0 for b in phases)
 
     # Trainer: fp32 weights 4 + Adam 8 (+ autocast's 16-bit copies 2) at backward; weights, gradients, Adam at the step
