@@ -108,6 +108,7 @@ def test_local_files_through_prepare(tmp_path, tokenizer):
     text.write_text("\n".join(builtin_data.text_lines(50)))
     prepared = data_loader.prepare(DataArguments(train_file=str(text), max_seq_length=32), tokenizer, seed=0)
     assert prepared.task == "text" and all(len(s["input_ids"]) == 32 for s in prepared.train)
+    assert prepared.stats["dropped_too_long"] == 0  # text is cut into blocks: nothing is too long
 
 
 def test_hub_loading_code_on_a_local_dataset_folder(tmp_path):
@@ -121,15 +122,46 @@ def test_hub_loading_code_on_a_local_dataset_folder(tmp_path):
     assert len(validation) == 10
 
 
-@pytest.mark.parametrize("content, message", [
-    ('{"question": "q", "context": "c"}\n', "lacks answers"),
-    ('{"question": \n', "line 1 is not valid JSON"),
+@pytest.mark.parametrize("name, content, message", [
+    ("bad.jsonl", '{"question": "q", "context": "c"}\n', "lacks answers"),
+    ("bad.jsonl", json.dumps(RECORD) + '\n{"question": "q"}\n',
+     r"^record 2 of .*bad\.jsonl lacks context, answers: SQuAD format needs question, context and answers "
+     r"\{text: \[\.\.\.\], answer_start: \[\.\.\.\]\}$"),
+    ("bad.jsonl", '{"question": "q", "context": "c", "answers": {"text": [], "answer_start": []}}\n',
+     r"^record 1 of .*bad\.jsonl has no answer text: every question needs at least one answer$"),
+    ("bad.jsonl", '{"question": \n', "line 1 is not valid JSON"),
+    ("bad.json", '[{"question": "q",]', r"bad\.json is not valid JSON \(.* at line 1\): fix the file$"),
+    ("bad.json", '{"version": "1.1"}', r"expected a list of SQuAD records or the official \{'data': \[...\]\} layout"),
+    ("bad.jsonl", b'{"question": "caf\xe9"}\n', r"bad\.jsonl is not UTF-8 text: convert it or give another file$"),
+    ("bad.txt", b"caf\xe9\n", r"bad\.txt is not UTF-8 text: convert it or give another file$"),
 ])
-def test_malformed_local_files_name_the_problem(tmp_path, content, message):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(content)
+def test_malformed_local_files_name_the_problem(tmp_path, name, content, message):
+    bad = tmp_path / name
+    bad.write_bytes(content if isinstance(content, bytes) else content.encode())  # b"\xe9": Latin-1's é
+    reader = data_loader.read_text_file if name.endswith(".txt") else data_loader.read_squad_file
     with pytest.raises(WorkshopError, match=message):
-        data_loader.read_squad_file(str(bad))
+        reader(str(bad))
+
+
+@pytest.mark.parametrize("files, max_seq_length, message", [
+    # one record: the validation split takes it and leaves training nothing, though nothing was too long
+    ({"train.jsonl": json.dumps(RECORD)}, 128,
+     "no samples left after tokenisation (--max_train_samples / the training data): give a data set with samples in it"),
+    # validation text shorter than one block of --max_seq_length 32
+    ({"train.txt": "\n".join(builtin_data.text_lines(20)), "val.txt": "a few words"}, 32,
+     "no samples left after tokenisation (--max_eval_samples / the validation data): raise --max_seq_length or use "
+     "more data"),
+])
+def test_no_samples_left_names_the_split_and_the_fix(tmp_path, tokenizer, files, max_seq_length, message):
+    paths = []
+    for name, text in files.items():
+        paths.append(str(tmp_path / name))
+        (tmp_path / name).write_text(text)
+    args = DataArguments(train_file=paths[0], validation_file=(paths[1:] or [None])[0],
+                         max_seq_length=max_seq_length)
+    with pytest.raises(WorkshopError) as error:
+        data_loader.prepare(args, tokenizer, seed=0)
+    assert str(error.value) == message
 
 
 def test_wikitext_loading_code_on_a_local_dataset_folder(tmp_path, tokenizer):
@@ -166,7 +198,7 @@ def test_prepare_masks_the_prompt_of_every_sample_it_returns(tokenizer):
     assert [s["input_ids"] for s in sequence.train] == [s["input_ids"] for s in prepared.train]
 
 
-def test_prepare_is_a_function_of_the_seed_and_counts_what_it_drops(tokenizer, tmp_path):
+def test_prepare_is_a_function_of_the_seed_and_counts_what_it_drops(tokenizer, tmp_path, caplog):
     records = builtin_data.squad_records(40, seed=0)
     lengths = [len(tokenizer(prompt_text(r) + " " + r["answers"]["text"][0], add_special_tokens=False)["input_ids"])
                + 1 for r in records]
@@ -176,6 +208,8 @@ def test_prepare_is_a_function_of_the_seed_and_counts_what_it_drops(tokenizer, t
     args = DataArguments(train_file=str(train), max_train_samples=30, max_eval_samples=40, answer_eval_samples=0,
                          max_seq_length=limit)
     first, again, other = (data_loader.prepare(args, tokenizer, seed=s) for s in (1, 1, 2))
+    assert caplog.messages[0] == (f"dropped {first.stats['dropped_too_long']} samples longer than --max_seq_length "
+                                  f"{limit} (raise it to keep them)")
     assert first.train == again.train and first.eval == again.eval
     assert first.train != other.train
     # by hand: the 10 % held out (4 records), then 30 of the 36 others drawn, then the long ones dropped
@@ -188,9 +222,10 @@ def test_prepare_is_a_function_of_the_seed_and_counts_what_it_drops(tokenizer, t
     # the loss is on the answer: every label of the prompt, the first token included, is ignored
     answers = [len(s["input_ids"]) - s["labels"].count(-100) for s in first.train]
     assert {k: first.stats[k] for k in ("length_mean", "length_max", "length_min", "train_samples", "eval_samples",
-                                        "targets_max")} \
+                                        "targets_max", "train_tokens")} \
         == {"length_mean": sum(lengths) / len(lengths), "length_max": max(lengths), "length_min": min(lengths),
-            "train_samples": len(first.train), "eval_samples": len(first.eval), "targets_max": max(answers)}
+            "train_samples": len(first.train), "eval_samples": len(first.eval), "targets_max": max(answers),
+            "train_tokens": sum(lengths)}
     assert 0 < max(answers) < min(lengths)
 
 
@@ -230,3 +265,77 @@ def test_text_blocks_at_the_edges_of_a_whole_block(tokenizer):
     for residue in (15, 0):  # the first text (a prefix of the lines) whose token count leaves this residue
         k = next(k for k in range(2, len(totals)) if totals[k] % 16 == residue)
         assert len(tokenize_text(lines[:k], tokenizer, block_size=16)) == totals[k] // 16, residue
+
+
+def test_a_validation_file_is_read_as_given_and_both_files_must_hold_samples_of_one_kind(tmp_path):
+    train, same, text, empty = (tmp_path / n for n in ("train.jsonl", "val.jsonl", "val.txt", "empty.jsonl"))
+    train.write_text(json.dumps(RECORD))
+    same.write_text("\n".join(json.dumps(dict(RECORD, id=i)) for i in ("v1", "v2")))
+    text.write_text("a line of text\n")
+    empty.write_text("\n")
+
+    def raw(train_file, validation_file):
+        return data_loader.load_raw(DataArguments(train_file=str(train_file), validation_file=str(validation_file)), 0)
+
+    assert raw(train, same) == ("qa", [RECORD], [dict(RECORD, id="v1"), dict(RECORD, id="v2")])  # no split
+    with pytest.raises(WorkshopError, match=r"^--validation_file must be the same kind \(QA .json/.jsonl or .txt\) "
+                                            "as --train_file$"):
+        raw(train, text)
+    with pytest.raises(WorkshopError, match="^--validation_file must be the same kind"):
+        raw(text, same)
+    assert raw(text, text) == ("text", ["a line of text"], ["a line of text"])
+    with pytest.raises(WorkshopError, match=f"^--validation_file {empty} holds no samples: give a file with data in "
+                                            "it$"):
+        raw(train, empty)
+    with pytest.raises(WorkshopError, match=f"^--train_file {empty} holds no samples: give a file with data in it$"):
+        raw(empty, same)
+
+
+def test_builtin_text_trains_and_validates_on_paragraphs_of_other_seeds():
+    task, train, evaluation = data_loader.load_raw(DataArguments(dataset_name="builtin_text"), seed=3)
+    assert task == "text"
+    assert train == builtin_data.text_lines(2000, seed=3)
+    assert evaluation == builtin_data.text_lines(200, seed=4)  # like builtin's: other paragraphs than training's
+
+
+def test_hub_data_sets_are_asked_for_by_their_ids_and_wikitext_by_its_configuration(monkeypatch):
+    """The hub's answers faked: which repository and configuration each --dataset_name asks for."""
+    asked = []
+
+    def load_dataset(path, name=None):
+        asked.append((path, name))
+        if path == "rajpurkar/squad":
+            return {"train": [RECORD], "validation": [dict(RECORD, id="v")]}
+        return {"train": {"text": ["t1", "t2"]}, "validation": {"text": ["v1"]}}
+
+    monkeypatch.setattr("datasets.load_dataset", load_dataset)
+
+    def raw(**flags):
+        return data_loader.load_raw(DataArguments(**flags), seed=0)
+
+    assert raw(dataset_name="squad") == ("qa", [RECORD], [dict(RECORD, id="v")])
+    assert raw(dataset_name="wikitext") == ("text", ["t1", "t2"], ["v1"])
+    assert raw(dataset_name="wikitext", dataset_config_name="wikitext-103-raw-v1") == ("text", ["t1", "t2"], ["v1"])
+    assert asked == [("rajpurkar/squad", None), ("Salesforce/wikitext", "wikitext-2-raw-v1"),
+                     ("Salesforce/wikitext", "wikitext-103-raw-v1")]
+    with pytest.raises(WorkshopError, match="^--dataset_name imagenet is not known$"):
+        raw(dataset_name="imagenet")  # workshop train refuses it earlier, in config.validate
+
+
+@pytest.mark.parametrize("offline", [False, True])
+def test_a_hub_data_set_that_does_not_load_names_the_prefetch_command(monkeypatch, offline):
+    """Online, the error's first line (cut at 160 characters) is quoted; offline, the cache is named instead."""
+    import datasets
+
+    def load_dataset(path, name=None):
+        raise ConnectionError("x" * 200 + "\nsecond line")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", offline)
+    fetch = ("run `workshop prefetch --model_name_or_path none --dataset_name wikitext --dataset_config_name "
+             "wikitext-103-raw-v1` on a login node with internet, or use --train_file with local data")
+    expected = ("--dataset_name wikitext is not in the local cache and the hub is offline: " if offline else
+                f"--dataset_name wikitext: could not load Salesforce/wikitext ({'x' * 160}): ") + fetch
+    with pytest.raises(WorkshopError) as error:
+        data_loader.load_hub_dataset("Salesforce/wikitext", "wikitext-103-raw-v1")
+    assert str(error.value) == expected

@@ -5,7 +5,7 @@ import csv
 import math
 import json
 import shutil
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -709,13 +709,16 @@ def test_finding_run_folders_skips_logs_models_checkpoints_and_hidden_folders_so
 
 
 def test_steps_and_host_rows_after_a_cut_line_are_kept(tmp_path):
-    # A job killed mid-line and requeued appends after the cut line: the rows after it count.
+    # A job killed mid-line and requeued appends after the cut line: the rows after it count. A cut line
+    # (fewer fields than the header: its used_mib "21" is a cut "21000") and a blank line are skipped.
     steps = tmp_path / "steps.jsonl"
     steps.write_text('{"step": 4}\n{"step": 8, "lo\n{"step": 8}\n{"step": 12}\n')
     assert report.read_steps(steps) == [{"step": 4}, {"step": 8}, {"step": 12}]
     host = tmp_path / "host_memory-n1.csv"
     host.write_text("timestamp,used_mib,total_mib,available_mib\n"
                     "2026/11/23 14:02:05.121,20950,515773,491703\n"
+                    "2026/11/23 14:02:05.621,21\n"
+                    "\n"
                     "2026/11/23 14:02:06.117,[N/A],515773,491703\n"
                     "2026/11/23 14:02:07.117,21000 MiB,515773,[N/A]\n"
                     "timestamp,used_mib,total_mib\n"  # restarted by an older logger without available_mib
@@ -730,6 +733,15 @@ def test_steps_and_host_rows_after_a_cut_line_are_kept(tmp_path):
         {"time": t("2026/11/23 14:02:07.117"), "used_mib": 21000.0, "total_mib": 515773.0, "available_mib": None},
         {"time": t("2026/11/23 14:03:00"), "used_mib": 22000.0, "total_mib": 515773.0, "available_mib": None},
         {"time": t("2026/11/23 14:04:00"), "used_mib": 23000.0, "total_mib": None, "available_mib": None}]
+
+
+def test_times_in_nvidia_smis_format_iso_8601_or_seconds_since_the_epoch():
+    assert report.parse_time(" 2026/11/23 14:02:05.121 ") == datetime(2026, 11, 23, 14, 2, 5, 121000)
+    assert report.parse_time("2026/11/23 14:02:05") == datetime(2026, 11, 23, 14, 2, 5)
+    assert report.parse_time("2026-11-23T14:02:05.121") == datetime(2026, 11, 23, 14, 2, 5, 121000)
+    # seconds since the epoch are local times: compared by their distance (mid-November, no clock change)
+    assert report.parse_time("1795432925.5") - report.parse_time("1795429325") == timedelta(hours=1, seconds=0.5)
+    assert report.parse_time("[N/A]") is None and report.parse_time("") is None
 
 
 def test_gpu_csv_samples_by_hand(tmp_path):
