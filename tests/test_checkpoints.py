@@ -9,11 +9,13 @@ these are the ones mutmut runs (pyproject.toml ``[tool.mutmut]``), so every trai
 test, never in a shared fixture (CONTRIBUTING.md: a fixture made once hides later tests from mutmut).
 """
 
+import errno
 import json
 import logging
 import os
 import signal
 import time
+import types
 from pathlib import Path
 
 import psutil
@@ -21,7 +23,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
-from transformers import (GPT2Config, GPT2LMHeadModel, TrainerCallback, TrainerControl, TrainerState,
+from transformers import (GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainerControl, TrainerState,
                           TrainingArguments, default_data_collator)
 
 from workshop import trainer as trainer_module
@@ -47,24 +49,28 @@ def one_thread():
 
 
 def _samples(n: int, seed: int) -> list[dict]:
+    """Sample i has SEQ - i % 4 tokens, then padding: 8 + 7 + 6 + 5 = 26 tokens in every 4 samples."""
     ids = torch.randint(0, VOCAB, (n, SEQ), generator=torch.Generator().manual_seed(seed))
-    return [{"input_ids": x, "attention_mask": torch.ones(SEQ, dtype=torch.long), "labels": x} for x in ids]
+    mask = torch.tensor([[int(position < SEQ - i % 4) for position in range(SEQ)] for i in range(n)])
+    return [{"input_ids": x * m, "attention_mask": m, "labels": torch.where(m == 1, x, -100)}
+            for x, m in zip(ids, mask)]
 
 
-def _trainer(tmp_path, samples: int, callbacks=(), eval_samples: int = 0, compute_metrics=None,
+def _trainer(tmp_path, samples: int, callbacks=(), eval_samples: int = 0, compute_metrics=None, clock=None,
              **training) -> WorkshopTrainer:
     """A WorkshopTrainer writing to tmp_path/checkpoints, ``samples // 4`` steps an epoch, one epoch unless told."""
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=8, n_positions=SEQ, vocab_size=VOCAB,
                                        bos_token_id=0, eos_token_id=0))
-    settings = dict(num_train_epochs=1, save_strategy="no", eval_strategy="no", logging_strategy="no")
-    args = TrainingArguments(output_dir=str(tmp_path / "checkpoints"), per_device_train_batch_size=BATCH,
-                             per_device_eval_batch_size=BATCH, use_cpu=True, report_to="none", disable_tqdm=True,
-                             **{**settings, **training})
-    return WorkshopTrainer(model=model, args=args, data_collator=default_data_collator,
+    settings = dict(num_train_epochs=1, save_strategy="no", eval_strategy="no", logging_strategy="no",
+                    per_device_train_batch_size=BATCH)
+    args = TrainingArguments(output_dir=str(tmp_path / "checkpoints"), per_device_eval_batch_size=BATCH, use_cpu=True,
+                             report_to="none", disable_tqdm=True, **{**settings, **training})
+    # model and args by place, as the stock Trainer takes them
+    return WorkshopTrainer(model, args, data_collator=default_data_collator,
                            train_dataset=_samples(samples, seed=1),
                            eval_dataset=_samples(eval_samples, seed=2) if eval_samples else None,
-                           compute_metrics=compute_metrics, callbacks=list(callbacks), clock=JobClock())
+                           compute_metrics=compute_metrics, callbacks=list(callbacks), clock=clock)
 
 
 def _listing(folder) -> list[str]:
@@ -124,12 +130,44 @@ def test_each_checkpoint_is_written_in_staging_and_renamed_to_checkpoint_N_once_
 
 
 def test_checkpoints_are_timed_as_a_phase_inside_the_training_and_the_clock_goes_back(tmp_path):
-    trainer = _trainer(tmp_path, samples=8, save_strategy="steps", save_steps=1)
-    trainer.clock.switch("training_steps")
+    clock = JobClock()
+    trainer = _trainer(tmp_path, samples=8, save_strategy="steps", save_steps=1, clock=clock)
+    assert trainer.clock is clock  # the job's own, not one of the trainer's
+    clock.switch("training_steps")
     trainer.train()
-    assert trainer.clock.current == "training_steps"
-    assert trainer.clock.seconds["checkpoints"] > 0
+    assert clock.current == "training_steps"
+    assert clock.seconds["checkpoints"] > 0
     assert _listing(tmp_path / "checkpoints") == [".incomplete", "checkpoint-1", "checkpoint-2"]
+
+
+def test_evaluation_is_timed_as_a_phase_and_takes_the_stock_trainers_arguments(tmp_path):
+    clock = JobClock()
+    trainer = _trainer(tmp_path, samples=4, eval_samples=4, clock=clock)
+    clock.switch("training_steps")
+    assert "test_loss" in trainer.evaluate(eval_dataset=_samples(4, seed=3), metric_key_prefix="test")
+    assert "held_out_loss" in trainer.evaluate(None, None, "held_out")  # eval_dataset, ignore_keys, metric_key_prefix
+    assert clock.current == "training_steps"
+    assert clock.seconds["evaluation"] > 0
+
+
+def test_the_trainer_counts_the_tokens_it_trained_on_not_the_padding(tmp_path):
+    trainer = _trainer(tmp_path, samples=16)  # 4 steps of 4 samples
+    trainer.train()
+    assert trainer.tokens_seen.item() == 4 * (8 + 7 + 6 + 5)
+    assert trainer.tokens_seen.dtype == torch.int64  # a float32 count is exact only up to 2**24 = 16.8M tokens
+
+
+def test_counting_tokens_leaves_the_training_as_the_stock_trainers(tmp_path):
+    """Micro-batches of 2 samples, 2 a step: their targets differ in number (7 + 6, 5 + 4), so the loss is scaled by
+    the step's count that the Trainer hands to training_step; lose it and the weights move differently."""
+    workshop = _trainer(tmp_path / "workshop", samples=8, per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    workshop.train()
+    stock = _trainer(tmp_path / "stock", samples=8, per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    stock.training_step = types.MethodType(Trainer.training_step, stock)
+    stock.train()
+    assert workshop.state.global_step == stock.state.global_step == 2
+    for (name, mine), theirs in zip(workshop.model.state_dict().items(), stock.model.state_dict().values()):
+        assert torch.equal(mine, theirs), name
 
 
 def test_rotation_keeps_the_newest_save_total_limit_by_step_number_not_by_name(tmp_path):
@@ -138,6 +176,24 @@ def test_rotation_keeps_the_newest_save_total_limit_by_step_number_not_by_name(t
     trainer = _trainer(tmp_path, samples=40, save_strategy="steps", save_steps=1, save_total_limit=2)
     trainer.train()
     assert _listing(tmp_path / "checkpoints") == [".incomplete", "checkpoint-10", "checkpoint-9"]
+
+
+def test_a_checkpoint_the_file_system_will_not_delete_does_not_stop_the_training(tmp_path, monkeypatch):
+    """On NFS a folder holding a file still open elsewhere cannot be removed ("Directory not empty": the .nfs files
+    stay); the rotation leaves it and trains on. Here the removal of checkpoint-1's folder fails: 16 samples, 4
+    steps, a checkpoint each, 2 kept: checkpoint-2 goes, checkpoint-1 stays (emptied), with checkpoint-3 and -4."""
+    rmdir = os.rmdir
+
+    def refuse_checkpoint_1(path, *args, **kwargs):
+        if os.path.basename(os.fsdecode(path)) == "checkpoint-1":
+            raise OSError(errno.ENOTEMPTY, "Directory not empty", os.fsdecode(path))
+        return rmdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rmdir", refuse_checkpoint_1)
+    trainer = _trainer(tmp_path, samples=16, save_strategy="steps", save_steps=1, save_total_limit=2)
+    trainer.train()
+    assert trainer.state.global_step == 4
+    assert _listing(tmp_path / "checkpoints") == [".incomplete", "checkpoint-1", "checkpoint-3", "checkpoint-4"]
 
 
 class ScriptedScores:
