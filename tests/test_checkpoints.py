@@ -9,11 +9,13 @@ these are the ones mutmut runs (pyproject.toml ``[tool.mutmut]``), so every trai
 test, never in a shared fixture (CONTRIBUTING.md: a fixture made once hides later tests from mutmut).
 """
 
+import ctypes
 import errno
 import json
 import logging
 import os
 import signal
+import sys
 import time
 import types
 from pathlib import Path
@@ -332,6 +334,23 @@ def test_without_workshop_job_start_the_clock_starts_at_the_process_start(monkey
     assert clock.seconds["launch_and_imports"] == pytest.approx(clock.elapsed(), abs=0.01)
     assert (clock.seconds["launch_and_imports"] - 1.02 <= time.time() - started
             <= clock.seconds["launch_and_imports"] + 1.02)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and prctl are Linux's")
+def test_the_process_start_is_read_from_proc_even_under_a_name_with_a_parenthesis(monkeypatch):
+    """/proc/self/stat gives the name in parentheses, then the fields: a name may hold ") " itself, so the fields
+    start after the last ")". Read from /proc, not from psutil (up to a second early), which is made to fail here."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    PR_SET_NAME = 15
+    name = Path("/proc/self/comm").read_text().rstrip("\n").encode()
+    monkeypatch.setattr(trainer_module, "psutil", None)
+    started = psutil.Process().create_time()
+    assert libc.prctl(PR_SET_NAME, b"a) 1 2 3 4 5 6", 0, 0, 0) == 0
+    try:
+        assert Path("/proc/self/comm").read_text() == "a) 1 2 3 4 5 6\n"
+        assert started - 0.02 <= trainer_module._process_start() <= started + 1.02
+    finally:
+        libc.prctl(PR_SET_NAME, name, 0, 0, 0)
 
 
 # --------------------------------------------------------------------------------------------------
