@@ -11,13 +11,11 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import TrainerControl, TrainerState
 
 from conftest import REPO, read_json
 from workshop import train
 from workshop.errors import STOPPED
-from workshop.trainer import (JOB_START, STAGING, STOP_SIGNALS, JobClock, SaveOnTimeOrSignal, WorkshopTrainer,
-                              complete_checkpoints)
+from workshop.trainer import JOB_START, STAGING, SaveOnTimeOrSignal, WorkshopTrainer, complete_checkpoints
 
 # 256 samples / micro-batch 8 = 32 steps an epoch, 2 epochs, a loss logged every step.
 RUN = ["--preset", "tiny", "--logging_steps", "1", "--answer_eval_samples", "0"]
@@ -180,68 +178,6 @@ def test_resume_with_dropout_continues_exactly_from_the_newest_complete_checkpoi
     want = _weights(reference)
     for name, tensor in _weights(interrupted).items():
         torch.testing.assert_close(tensor, want[name], rtol=1e-6, atol=0)
-
-
-@pytest.mark.parametrize("sig", STOP_SIGNALS, ids=lambda s: signal.Signals(s).name)
-def test_every_signal_the_job_scripts_send_stops_at_the_next_step_with_a_checkpoint(sig):
-    """SIGUSR1 (SLURM's warning before the time limit) and SIGTERM (preemption, scancel); handlers put back after."""
-    assert {signal.SIGUSR1, signal.SIGTERM} <= set(STOP_SIGNALS)
-    before = signal.getsignal(sig)
-    stop = SaveOnTimeOrSignal(60 * 30, JobClock())
-    try:
-        control = TrainerControl()
-        state = TrainerState(global_step=7)
-        assert not stop.on_step_end(None, state, control).should_training_stop  # nothing received yet
-        signal.raise_signal(sig)
-        control = stop.on_step_end(None, state, control)
-        assert (control.should_save, control.should_training_stop) == (True, True)
-        assert (stop.received, stop.stopped_at) == (signal.Signals(sig).name, 7)
-        control.should_evaluate = True
-        control = stop.on_epoch_end(None, state, control)  # the checkpoint is the step's; no epoch-end work
-        assert (control.should_evaluate, control.should_save) == (False, False)
-    finally:
-        stop.restore_handlers()
-    assert signal.getsignal(sig) == before
-
-
-def test_the_newest_complete_checkpoint_is_the_highest_step_not_the_last_name(tmp_path):
-    for name in ("checkpoint-9", "checkpoint-10", "checkpoint-100", "checkpoint-2", "runs", "checkpoint-7x",
-                 f"{STAGING}/checkpoint-200"):
-        (tmp_path / name).mkdir(parents=True)
-    (tmp_path / "checkpoint-300").write_text("a file, not a checkpoint folder")
-    assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-9", "checkpoint-10",
-                                                                "checkpoint-100"]
-    assert complete_checkpoints(tmp_path / "missing") == []
-
-
-class FakeClock:
-    elapsed_s = 0.0
-
-    def elapsed(self):
-        return self.elapsed_s
-
-
-def test_a_checkpoint_is_due_save_minutes_after_training_began_then_after_the_last_one_ended():
-    clock = FakeClock()
-    every_minute, never = SaveOnTimeOrSignal(60, clock), SaveOnTimeOrSignal(0, clock)
-    try:
-        clock.elapsed_s = 5.0  # the job's start-up
-        for saver in (every_minute, never):
-            saver.on_train_begin(None, TrainerState(), TrainerControl())
-        decided = []
-        for elapsed, event in [(64.9, "step"), (65.0, "step"), (70.0, "saved"), (129.9, "step"), (130.0, "step")]:
-            clock.elapsed_s = elapsed
-            if event == "saved":  # that checkpoint took 5 s; the next is a minute after it
-                every_minute.on_save(None, TrainerState(), TrainerControl())
-                continue
-            control = every_minute.on_step_end(None, TrainerState(global_step=int(elapsed)), TrainerControl())
-            decided.append((elapsed, control.should_save, control.should_training_stop))
-            assert not never.on_step_end(None, TrainerState(global_step=1), TrainerControl()).should_save
-        assert decided == [(64.9, False, False), (65.0, True, False), (129.9, False, False), (130.0, True, False)]
-        assert every_minute.stopped_at is None
-    finally:
-        every_minute.restore_handlers()
-        never.restore_handlers()
 
 
 def test_checkpoints_by_time_survive_a_kill_while_saving_and_the_next_launch_resumes(tmp_path, monkeypatch, capsys):

@@ -410,7 +410,6 @@ class SaveOnTimeOrSignal(TrainerCallback):
 
     def __init__(self, save_every_s: float, clock: JobClock):
         self.save_every_s, self.clock = save_every_s, clock
-        self.last_save = 0.0  # on the job's clock
         self.received: str | None = None
         self.stopped_at: int | None = None
         # The job scripts start training with SIGUSR1 ignored, so that a late signal (SLURM signals
@@ -437,7 +436,7 @@ class SaveOnTimeOrSignal(TrainerCallback):
         return bool(flags[0]), bool(flags[1])
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.last_save = self.clock.elapsed()
+        self.last_save = self.clock.elapsed()  # on the job's clock; the Trainer calls this before any step
 
     def on_save(self, args, state, control, **kwargs):
         self.last_save = self.clock.elapsed()
